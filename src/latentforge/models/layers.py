@@ -1,0 +1,239 @@
+"""Building blocks shared by the U-Net and the VAE: norms, ResNet blocks, attention, embeddings.
+
+Module names follow the Stable Diffusion / diffusers layout (resnets, attentions, to_q, ...)
+so that outside checkpoints map onto these modules with a plain key rename.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int, groups: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels, eps=eps)
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0
+) -> torch.Tensor:
+    """Sinusoidal embedding of (fractional) timesteps (Vaswani et al. 2017; DDPM), (B,) -> (B, dim).
+
+    Frequencies exp(-ln(10000) * i / (half - freq_shift)) as in SD; flip_sin_to_cos puts cos first.
+    """
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with an additive embedding projection (DDPM / SD ResnetBlock2D)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        temb_dim: int | None,
+        groups: int = 32,
+        eps: float = 1e-5,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = group_norm(in_ch, groups, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch) if temb_dim else None
+        self.norm2 = group_norm(out_ch, groups, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention through torch SDPA; context=None means self-attention."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        kv_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        ctx = x if context is None else context
+        # (B, tokens, C) -> (B, heads, tokens, C // heads)
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
+        k = self.to_k(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, keys)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, tokens, C)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020), the SD transformer feed-forward input."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList(
+            [GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN self-attention, optional cross-attention to a context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim) if context_dim else None
+        self.attn2 = Attention(dim, heads, context_dim=context_dim) if context_dim else None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None and context is not None:
+            x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """SD's Transformer2DModel: GroupNorm, project in, transformer blocks over HW tokens, out."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        *,
+        context_dim: int | None,
+        depth: int = 1,
+        groups: int = 32,
+        linear_projection: bool = False,
+    ):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = group_norm(channels, groups, eps=1e-6)
+        if linear_projection:  # SD 2.x
+            self.proj_in = nn.Linear(channels, channels)
+            self.proj_out = nn.Linear(channels, channels)
+        else:  # SD 1.x
+            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, heads, context_dim) for _ in range(depth)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear_projection:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+        if self.linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        if self.linear_projection:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.linear_projection:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, *, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:  # SD's VAE pads right/bottom only
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)

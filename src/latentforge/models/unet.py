@@ -1,0 +1,152 @@
+"""One U-Net (Ronneberger 2015; DDPM; LDM), from 1M-parameter CPU models to the exact SD U-Net.
+
+The network sees only (x, t, class_labels, context): noise-level maths live in `denoisers.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import (
+    Downsample,
+    ResnetBlock,
+    SpatialTransformer,
+    TimestepEmbedding,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+)
+from .presets import UNetConfig
+
+
+class _Level(nn.Module):
+    """One resolution of the encoder or decoder: ResNet blocks, optional attention, resampler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        chans = c.block_out_channels
+        n_levels = len(chans)
+        if len(c.attention_levels) != n_levels:
+            raise ValueError("attention_levels needs one flag per entry of block_out_channels")
+        temb_dim = chans[0] * 4
+        self.conv_in = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
+        # Class embedding with one extra row: index num_classes is the null (unconditional) class.
+        self.class_embedding = nn.Embedding(c.num_classes + 1, temb_dim) if c.num_classes else None
+
+        def resnet(i: int, o: int) -> ResnetBlock:
+            return ResnetBlock(i, o, temb_dim=temb_dim, groups=c.norm_groups, dropout=c.dropout)
+
+        def transformer(ch: int, level: int) -> SpatialTransformer:
+            return SpatialTransformer(
+                ch,
+                c.heads_at(level),
+                context_dim=c.cross_attention_dim,
+                depth=c.transformer_depth,
+                groups=c.norm_groups,
+                linear_projection=c.linear_projection,
+            )
+
+        self.down_blocks = nn.ModuleList()
+        skip_chans = [chans[0]]
+        ch = chans[0]
+        for level, out in enumerate(chans):
+            block = _Level()
+            for _ in range(c.layers_per_block):
+                block.resnets.append(resnet(ch, out))
+                ch = out
+                if c.attention_levels[level]:
+                    block.attentions.append(transformer(ch, level))
+                skip_chans.append(ch)
+            if level < n_levels - 1:
+                block.downsamplers = nn.ModuleList([Downsample(ch)])
+                skip_chans.append(ch)
+            self.down_blocks.append(block)
+
+        self.mid_block = _Level()
+        self.mid_block.resnets.append(resnet(ch, ch))
+        if c.mid_attention:
+            self.mid_block.attentions.append(transformer(ch, n_levels - 1))
+        self.mid_block.resnets.append(resnet(ch, ch))
+
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(n_levels)):
+            out = chans[level]
+            block = _Level()
+            for _ in range(c.layers_per_block + 1):
+                block.resnets.append(resnet(ch + skip_chans.pop(), out))
+                ch = out
+                if c.attention_levels[level]:
+                    block.attentions.append(transformer(ch, level))
+            if level > 0:
+                block.upsamplers = nn.ModuleList([Upsample(ch)])
+            self.up_blocks.append(block)
+
+        self.conv_norm_out = group_norm(ch, c.norm_groups)
+        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, C, H, W); t: (B,) fractional timesteps; class_labels: (B,), num_classes = null;
+        context: (B, tokens, D) text hidden states; context_mask: (B, tokens), True = keep."""
+        c = self.config
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = timestep_embedding(
+            t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
+        )
+        temb = self.time_embedding(emb.to(x.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:  # no label given: the null class
+                class_labels = torch.full_like(t, c.num_classes, dtype=torch.long)
+            temb = temb + self.class_embedding(class_labels)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            for i, res in enumerate(block.resnets):
+                h = res(h, temb)
+                if len(block.attentions):
+                    h = block.attentions[i](h, context, context_mask)
+                skips.append(h)
+            if hasattr(block, "downsamplers"):
+                h = block.downsamplers[0](h)
+                skips.append(h)
+
+        h = self.mid_block.resnets[0](h, temb)
+        for attn in self.mid_block.attentions:
+            h = attn(h, context, context_mask)
+        h = self.mid_block.resnets[1](h, temb)
+
+        for block in self.up_blocks:
+            for i, res in enumerate(block.resnets):
+                h = res(torch.cat([h, skips.pop()], dim=1), temb)
+                if len(block.attentions):
+                    h = block.attentions[i](h, context, context_mask)
+            if hasattr(block, "upsamplers"):
+                # Match the skip's size so odd resolutions still work.
+                size = skips[-1].shape[-2:] if skips else None
+                h = block.upsamplers[0](h, size)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
