@@ -1,0 +1,168 @@
+"""The `latentforge` command: parses arguments, calls the library, prints. Nothing else."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="latentforge")
+def cli() -> None:
+    """latentforge: train, sample, edit and serve diffusion models."""
+
+
+# ----- train -----------------------------------------------------------------------------------
+@cli.group()
+def train() -> None:
+    """Train a model from scratch (diffusion U-Net or VAE)."""
+
+
+@train.command("diffusion")
+@click.option("--data", required=True, help="shapes[:RES], digits[:RES] or folder:PATH")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="model folder")
+@click.option("--cond", type=click.Choice(["none", "class"]), default="none", show_default=True)
+@click.option("--preset", default="tiny", show_default=True, help="U-Net preset")
+@click.option("--max-steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
+@click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default="eps")
+@click.option(
+    "--beta-schedule",
+    type=click.Choice(["linear", "scaled_linear", "cosine"]),
+    default="cosine",
+    show_default=True,
+)
+@click.option("--bf16/--no-bf16", default=False, help="bf16 autocast for the forward pass")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train_diffusion_cmd(resume: bool, **kw) -> int:
+    """Train a pixel-space diffusion U-Net."""
+    from .training.loop import TrainConfig, train_diffusion
+
+    return train_diffusion(TrainConfig(**kw), resume=resume)
+
+
+# ----- sample / generate -----------------------------------------------------------------------
+def _sampling_options(f):
+    from .sampling import SAMPLERS
+
+    f = click.option("--sampler", default=None, help=f"one of {', '.join(sorted(SAMPLERS))}")(f)
+    f = click.option("--steps", type=int, default=None, help="denoising steps (model default)")(f)
+    f = click.option("--spacing", default=None, help="noise-level spacing (karras, trailing...)")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--num", type=int, default=1, show_default=True, help="images")(f)
+    return f
+
+
+def _check_steps(steps: int | None) -> None:
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="model folder")
+@click.option("--label", default=None, help="class index or name (class models)")
+@click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
+@_sampling_options
+def sample(model_dir, label, guidance, out, sampler, steps, spacing, seed, num) -> None:
+    """Sample a grid of images from a model folder."""
+    from .io.images import save_grid
+    from .pipelines.generate import generate, load_diffusion_model
+
+    _check_steps(steps)
+    model = load_diffusion_model(model_dir)
+    labels = None
+    if label is not None:
+        labels = [_parse_label(label, model.class_names, model.num_classes)]
+    images = generate(
+        model,
+        labels=labels,
+        num=num,
+        seed=seed,
+        sampler=sampler,
+        steps=steps,
+        spacing=spacing,
+        guidance=guidance,
+    )
+    save_grid(images, out, seed=seed, sampler=sampler or "", steps=steps or "")
+    click.echo(f"wrote {num} image(s) to {out}")
+
+
+def _parse_label(label: str, names: list[str], num_classes: int) -> int:
+    if not num_classes:
+        raise UserError("--label needs a class-conditional model; this one has no classes")
+    if label in names:
+        return names.index(label)
+    if label.isdigit() and int(label) < num_classes:
+        return int(label)
+    raise UserError(f"unknown label {label!r}; choose one of {names or list(range(num_classes))}")
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="model folder")
+@click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
+@click.option("--out", default="out.png", show_default=True, type=click.Path(dir_okay=False))
+@_sampling_options
+def generate(prompt, model_dir, guidance, out, sampler, steps, spacing, seed, num) -> None:
+    """Generate images for PROMPT (default: the embedded model, a digit-class model)."""
+    from .io.images import save_grid
+    from .pipelines.generate import generate as run
+    from .pipelines.generate import labels_from_prompt, load_diffusion_model
+
+    _check_steps(steps)
+    model = load_diffusion_model(model_dir)
+    label = labels_from_prompt(prompt, model.class_names) if model.num_classes else None
+    if model.num_classes and label is None and prompt.strip():
+        click.echo(f"note: no class named in {prompt!r}; sampling unconditionally", err=True)
+    images = run(
+        model,
+        labels=[label],
+        num=num,
+        seed=seed,
+        sampler=sampler,
+        steps=steps,
+        spacing=spacing,
+        guidance=guidance,
+    )
+    save_grid(images, out, prompt=prompt, seed=seed, model=model.sha256)
+    what = f"class {model.class_names[label]!r}" if label is not None else "unconditional"
+    click.echo(f"wrote {num} image(s) ({what}) to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        rv = cli.main(args=argv, prog_name="latentforge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("latentforge: aborted", err=True)
+        return 130
+    except click.exceptions.NoArgsOnlyUsageError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+        return 2
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        click.echo(f"latentforge: error: {e.format_message()}{hint}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"latentforge: error: {e.format_message()}", err=True)
+        return 2
+    except UserError as e:
+        click.echo(f"latentforge: error: {e}", err=True)
+        return 2
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

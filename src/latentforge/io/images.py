@@ -1,0 +1,77 @@
+"""Tensor <-> PIL conversions, image grids and PNG text metadata."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ..errors import UserError
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [-1, 1] -> 8-bit PIL image (L for one channel, RGB for three)."""
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+def from_pil(img: Image.Image, channels: int = 3) -> torch.Tensor:
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return from_pil(img, channels)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+    """(B, C, H, W) -> (C, H', W') tiled with `pad` pixels of -1 (black) between tiles."""
+    B, C, H, W = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    grid = images.new_full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), -1.0)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, y : y + H, x : x + W] = images[i]
+    return grid
+
+
+def save_png(image: torch.Tensor, path: str | Path, metadata: dict | None = None) -> None:
+    """Save (C, H, W) as PNG, parameters as tEXt chunks (read back with `read_png_metadata`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(k, str(v))
+    to_pil(image).save(path, pnginfo=info)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, **meta) -> None:
+    save_png(make_grid(images, nrow), path, meta or None)
+
+
+def read_png_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return dict(getattr(img, "text", {}) or {})
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"{path}: not a readable PNG") from None

@@ -1,0 +1,383 @@
+"""The diffusion training loop: one process or torchrun/DDP, exact resume, atomic checkpoints.
+
+Randomness is derived from (seed, step, micro-batch, rank) at every step rather than carried
+in generator state, so `--resume` continues bit-exactly and each rank draws its own shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import UserError
+from ..io.checkpoint import (
+    load_tensors,
+    replace_dir_atomic,
+    save_model_folder,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from .data import load_dataset
+
+CHECKPOINTS = "checkpoints"
+INTERRUPTED = 130
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "tiny"
+    cond: str = "none"
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    bf16: bool = False
+    seed: int = 0
+    sample_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    prediction: str = "eps"
+    beta_schedule: str = "cosine"
+    min_snr_gamma: float | None = 5.0
+    quiet: bool = False
+
+
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """A generator that depends only on its coordinates (no carried state)."""
+    key = ((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank
+    return torch.Generator().manual_seed(key % (2**63))
+
+
+class Trainer:
+    """Owns model, EMA, optimizer and data for one run. Subclasses override `build_meta`,
+    `compute_loss` and `sample_images` for other model kinds (e.g. latent diffusion)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.rank, self.world = _init_distributed()
+        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+        if cfg.cond not in ("none", "class"):
+            raise UserError(f"--cond {cfg.cond!r} is not supported; use none or class")
+        if cfg.cond == "class" and not self.dataset.num_classes:
+            raise UserError(f"--cond class needs labels, but {cfg.data!r} has none")
+        self.meta = self.build_meta()
+        from ..pipelines.generate import build_denoiser
+
+        self.denoiser = build_denoiser(self.meta)
+        self.model = self.denoiser.model.train().requires_grad_(True)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.step = 0
+        self._stop = False
+        self._cache = self._maybe_cache_dataset()
+
+    # ----- configuration ---------------------------------------------------------------------
+    def build_meta(self) -> dict:
+        from ..models.presets import unet_preset
+
+        ds, cfg = self.dataset, self.cfg
+        unet = unet_preset(
+            cfg.preset,
+            in_channels=ds.channels,
+            out_channels=ds.channels,
+            num_classes=ds.num_classes if cfg.cond == "class" else 0,
+        )
+        return {
+            "format": "latentforge",
+            "version": 1,
+            "kind": "diffusion",
+            "cond": cfg.cond,
+            "unet": unet.to_dict(),
+            "parameterization": {
+                "type": "vp",
+                "prediction": cfg.prediction,
+                "beta_schedule": cfg.beta_schedule,
+                "num_timesteps": 1000,
+                "min_snr_gamma": cfg.min_snr_gamma,
+                "clip_denoised": 1.0,
+            },
+            "data": {
+                "spec": cfg.data,
+                "resolution": ds.resolution,
+                "channels": ds.channels,
+                "num_classes": ds.num_classes if cfg.cond == "class" else 0,
+                "class_names": list(ds.class_names) if cfg.cond == "class" else [],
+            },
+            "sampling": {"sampler": "ddim", "steps": 50, "spacing": "trailing", "guidance": 1.0},
+        }
+
+    def _maybe_cache_dataset(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Small datasets (digits) are decoded once into memory."""
+        ds = self.dataset
+        if len(ds) * ds.channels * ds.resolution**2 > 64 * 2**20:
+            return None
+        items = [ds[i] for i in range(len(ds))]
+        return torch.stack([it["image"] for it in items]), torch.tensor(
+            [it["label"] for it in items]
+        )
+
+    # ----- data ------------------------------------------------------------------------------
+    def _indices(self, step: int, micro: int) -> torch.Tensor:
+        """Dataset indices of this rank's micro-batch: epoch-wise permutations, sharded by rank."""
+        B, n = self.cfg.batch_size, len(self.dataset)
+        global_batch = B * self.world
+        start = (step * self.cfg.grad_accum + micro) * global_batch + self.rank * B
+        pos = torch.arange(start, start + B)
+        out = torch.empty(B, dtype=torch.long)
+        for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+            perm = torch.randperm(n, generator=step_generator(self.cfg.seed, -1 - epoch))
+            mask = pos.div(n, rounding_mode="floor") == epoch
+            out[mask] = perm[pos[mask] % n]
+        return out
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._indices(step, micro)
+        if self._cache is not None:
+            return self._cache[0][idx], self._cache[1][idx]
+        items = [self.dataset[int(i)] for i in idx]
+        return torch.stack([it["image"] for it in items]), torch.tensor(
+            [it["label"] for it in items]
+        )
+
+    # ----- one step --------------------------------------------------------------------------
+    def compute_loss(self, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
+        cond = {}
+        if self.meta["unet"]["num_classes"]:
+            null = self.meta["unet"]["num_classes"]
+            drop = torch.rand(labels.shape, generator=g) < self.cfg.label_dropout
+            cond["class_labels"] = torch.where(drop, torch.full_like(labels, null), labels)
+        # DDP hooks run on the wrapped module: call the loss through it.
+        self.denoiser.model = self.ddp
+        try:
+            return self.denoiser.loss(x0, g, **cond).mean()
+        finally:
+            self.denoiser.model = self.model
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x0, labels = self.batch(self.step, micro)
+            g = step_generator(cfg.seed, self.step, micro, self.rank)
+            sync = micro == cfg.grad_accum - 1 or self.world == 1
+            ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = self.compute_loss(x0, labels, g) / cfg.grad_accum
+                loss.backward()
+            total += float(loss)
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self._update_ema()
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up of the decay so early EMA weights are not dominated by the random init.
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            e.copy_(b)
+
+    # ----- samples ---------------------------------------------------------------------------
+    def sample_images(self, n: int = 16) -> torch.Tensor:
+        from ..pipelines.generate import LoadedModel, build_denoiser, generate
+
+        den = build_denoiser(self.meta, self.ema.state_dict())
+        model = LoadedModel(den, self.meta, self.out)
+        k = self.meta["unet"]["num_classes"]
+        labels = [i % k for i in range(n)] if k else None
+        return generate(model, labels=labels, num=n, seed=0, steps=20)
+
+    def save_samples(self) -> None:
+        from ..io.images import save_grid
+
+        save_grid(self.sample_images(), self.out / "samples" / f"step-{self.step:07d}.png")
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        ckdir = self.out / CHECKPOINTS
+        final = ckdir / f"step-{self.step:07d}"
+        tmp = ckdir / f".tmp-step-{self.step:07d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_tensors_atomic(tmp / "model.safetensors", self.model.state_dict())
+        save_tensors_atomic(tmp / "ema.safetensors", self.ema.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+        save_tensors_atomic(tmp / "optimizer.safetensors", opt_tensors)
+        write_json_atomic(
+            tmp / "state.json",
+            {"step": self.step, "optimizer": opt_meta, "config": dataclasses.asdict(self.cfg)},
+        )
+        replace_dir_atomic(tmp, final)
+        for old in sorted(ckdir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.save_model()
+
+    def save_model(self) -> None:
+        meta = dict(self.meta)
+        meta["training"] = {
+            "step": self.step,
+            "config": dataclasses.asdict(self.cfg),
+            "world_size": self.world,
+            "latentforge": __version__,
+        }
+        save_model_folder(self.out, meta, self.ema.state_dict())
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint under out/checkpoints; False when there is none."""
+        ckdir = self.out / CHECKPOINTS
+        found = sorted(ckdir.glob("step-*")) if ckdir.is_dir() else []
+        if not found:
+            return False
+        last = found[-1]
+        state = json.loads((last / "state.json").read_text())
+        old = state["config"]
+        for key in ("data", "preset", "cond", "prediction", "beta_schedule"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise UserError(
+                    f"cannot resume: --{key.replace('_', '-')} was {old.get(key)!r} in {last}, "
+                    f"now {getattr(self.cfg, key)!r}"
+                )
+        self.model.load_state_dict(load_tensors(last / "model.safetensors"))
+        self.ema.load_state_dict(load_tensors(last / "ema.safetensors"))
+        self.opt.load_state_dict(
+            _unflatten_optimizer(load_tensors(last / "optimizer.safetensors"), state["optimizer"])
+        )
+        self.step = state["step"]
+        return True
+
+    # ----- the loop --------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> int:
+        """Train to max_steps. Returns 0, or 130 after saving when SIGTERM/SIGINT arrived."""
+        cfg = self.cfg
+        if resume and not self.resume() and self.rank == 0:
+            tqdm.write(f"no checkpoint under {self.out / CHECKPOINTS}; starting from step 0")
+        if (
+            not resume
+            and (self.out / CHECKPOINTS).exists()
+            and any((self.out / CHECKPOINTS).glob("step-*"))
+        ):
+            raise UserError(f"{self.out} already holds checkpoints; pass --resume or a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._request_stop)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=cfg.quiet or self.rank != 0,
+            dynamic_ncols=True,
+            unit="step",
+        )
+        t0, smoothed = time.perf_counter(), None
+        try:
+            while self.step < cfg.max_steps:
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    raise UserError(f"loss became {loss} at step {self.step}; lower --lr")
+                smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{self.lr_at(self.step):.1e}")
+                stop = self._agree_stop()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or stop:
+                    self.save_checkpoint()
+                if self.rank == 0 and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.save_samples()
+                if stop:
+                    return INTERRUPTED
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if self.rank == 0 and not cfg.quiet:
+            tqdm.write(
+                f"trained {self.step} steps in {time.perf_counter() - t0:.0f} s -> {self.out}"
+            )
+        return 0
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop = True
+
+    def _agree_stop(self) -> bool:
+        if self.world == 1:
+            return self._stop
+        flag = torch.tensor([int(self._stop)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state -> (tensors for safetensors, JSON for the rest)."""
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, k = flat.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def train_diffusion(cfg: TrainConfig, resume: bool = False) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit(resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
