@@ -57,16 +57,13 @@ def _sampling_options(f):
     from .sampling import SAMPLERS
 
     f = click.option("--sampler", default=None, help=f"one of {', '.join(sorted(SAMPLERS))}")(f)
-    f = click.option("--steps", type=int, default=None, help="denoising steps (model default)")(f)
+    f = click.option(
+        "--steps", type=click.IntRange(min=1), default=None, help="denoising steps (model default)"
+    )(f)
     f = click.option("--spacing", default=None, help="noise-level spacing (karras, trailing...)")(f)
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
-    f = click.option("--num", type=int, default=1, show_default=True, help="images")(f)
+    f = click.option("--num", type=click.IntRange(min=1), default=1, show_default=True)(f)
     return f
-
-
-def _check_steps(steps: int | None) -> None:
-    if steps is not None and steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
 
 
 @cli.command()
@@ -80,7 +77,6 @@ def sample(model_dir, label, guidance, out, sampler, steps, spacing, seed, num) 
     from .io.images import save_grid
     from .pipelines.generate import generate, load_diffusion_model
 
-    _check_steps(steps)
     model = load_diffusion_model(model_dir)
     labels = None
     if label is not None:
@@ -121,7 +117,6 @@ def generate(prompt, model_dir, guidance, out, sampler, steps, spacing, seed, nu
     from .pipelines.generate import generate as run
     from .pipelines.generate import labels_from_prompt, load_diffusion_model
 
-    _check_steps(steps)
     model = load_diffusion_model(model_dir)
     label = labels_from_prompt(prompt, model.class_names) if model.num_classes else None
     if model.num_classes and label is None and prompt.strip():
@@ -141,6 +136,9 @@ def generate(prompt, model_dir, guidance, out, sampler, steps, spacing, seed, nu
     click.echo(f"wrote {num} image(s) ({what}) to {out}")
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:
@@ -148,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("latentforge: aborted", err=True)
         return 130
-    except click.exceptions.NoArgsOnlyUsageError as e:
-        click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
-        return 2
+    except _NO_ARGS_IS_HELP as e:  # bare `latentforge` / `latentforge train`: show the help
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        return 0
     except click.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
         click.echo(f"latentforge: error: {e.format_message()}{hint}", err=True)

@@ -86,6 +86,7 @@ class Trainer:
         self.meta = self.build_meta()
         from ..pipelines.generate import build_denoiser
 
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
         self.denoiser = build_denoiser(self.meta)
         self.model = self.denoiser.model.train().requires_grad_(True)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -197,7 +198,7 @@ class Trainer:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = self.compute_loss(x0, labels, g) / cfg.grad_accum
                 loss.backward()
-            total += float(loss)
+            total += loss.item()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()

@@ -1,0 +1,79 @@
+import pytest
+from PIL import Image
+
+from latentforge.cli import main
+from latentforge.io.images import read_png_metadata
+
+
+def _one_line_error(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("latentforge: error:") and "\n" not in err, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["train", "--help"],
+        ["train", "diffusion", "--help"],
+        ["sample", "--help"],
+        ["generate", "--help"],
+    ],
+)
+def test_help_everywhere(argv, capsys):
+    assert main(argv) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+def test_sample_writes_a_grid(tiny_digits_model, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--model", str(tiny_digits_model), "--label", "7", "--num", "4"]
+    assert main([*argv, "--steps", "2", "--sampler", "ddim", "--seed", "3", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size == (2 + 2 * 18, 2 + 2 * 18)
+    assert read_png_metadata(out)["seed"] == "3"
+
+
+def test_generate_with_a_model_folder(tiny_digits_model, tmp_path):
+    out = tmp_path / "seven.png"
+    assert main(["generate", "a seven", "--model", str(tiny_digits_model), "--steps", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert read_png_metadata(out)["prompt"] == "a seven"
+
+
+def test_user_errors_exit_2_with_one_line(tiny_digits_model, tmp_path, capsys):
+    m = str(tiny_digits_model)
+    out = str(tmp_path / "x.png")
+    _one_line_error(capsys, ["train", "diffusion", "--data", "cifar", "--out", out], "cifar")
+    _one_line_error(
+        capsys, ["train", "diffusion", "--data", f"folder:{tmp_path}/nope", "--out", out], "nope"
+    )
+    _one_line_error(capsys, ["train", "diffusion", "--data", "digits"], "--out")
+    _one_line_error(capsys, ["train", "diffusion", "--data", "digits", "--out", out,
+                             "--max-steps", "-3"], "max-steps")  # fmt: skip
+    _one_line_error(capsys, ["sample", "--model", str(tmp_path / "missing"), "--out", out],
+                    "not found")  # fmt: skip
+    _one_line_error(capsys, ["sample", "--model", m, "--sampler", "magic", "--out", out],
+                    "unknown sampler")  # fmt: skip
+    _one_line_error(capsys, ["sample", "--model", m, "--steps", "-5", "--out", out], "steps")
+    _one_line_error(capsys, ["sample", "--model", m, "--label", "cat", "--out", out], "label")
+    _one_line_error(capsys, ["generate", "x", "--model", m, "--num", "0", "--out", out], "num")
+    _one_line_error(capsys, ["frobnicate"], "frobnicate")
+
+
+def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path, capsys):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "model.ckpt").write_bytes(b"\x80\x04junk")
+    _one_line_error(capsys, ["sample", "--model", str(pickled), "--out", "x.png"], "pickle")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.json").write_text('{"kind": "diffusion"}')
+    (corrupt / "model.safetensors").write_bytes(b"not safetensors at all")
+    _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "safetensors")
