@@ -1,0 +1,412 @@
+"""Datasets behind the ``--data SPEC`` strings: ``shapes``, ``digits`` and ``folder:PATH``.
+
+Every dataset yields ``{"image": (C, H, W) float in [-1, 1], "label": int (-1 if none),
+"caption": str ('' if none)}``, so the default DataLoader collate works for all of them.
+
+Specs (``parse_spec`` / ``load_dataset``):
+
+- ``digits[:RES]`` -- scikit-learn's bundled 8x8 handwritten digits (1,797 images), upsampled
+  bilinearly to RES (default 16); one channel, labels 0-9, captions "a handwritten seven".
+- ``shapes[:RES][:N][:holdout]`` -- the procedural captioned shapes (``training/shapes.py``),
+  RES in 16..512 (default 64), N images (default 100,000); ``holdout`` redraws every scene that
+  contains a ``HELD_OUT`` (colour, shape) pair, as used to train the default text-to-image
+  model. Without it nothing is excluded. Image i is a pure function of (i, seed).
+- ``folder:PATH[:RES]`` -- images found recursively under PATH (png, jpg, jpeg, webp, bmp, gif),
+  RGB, centre-cropped and resized to RES (default 64). Captions from ``metadata.jsonl``
+  (``file_name`` + ``text``, Hugging Face imagefolder) or ``NAME.txt`` sidecars; labels from
+  the first-level sub-folder names when every image lives in a sub-folder.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from ..errors import UserError
+from ..io.images import from_pil
+from .shapes import DEFAULT_RESOLUTION as SHAPES_RESOLUTION
+from .shapes import is_held_out, render_shapes, sample_caption, shapes_record
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+DIGITS_RESOLUTION = 16
+FOLDER_RESOLUTION = 64
+SHAPES_LENGTH = 100_000
+_RESOLUTION_RANGE = {"digits": (8, 512), "shapes": (16, 512), "folder": (8, 4096)}
+_UNKNOWN = "unknown data spec {!r}; use shapes[:RES], digits[:RES] or folder:PATH"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: square images in [-1, 1] with optional integer labels and captions."""
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        resolution: int,
+        channels: int,
+        class_names: list[str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.resolution = resolution
+        self.channels = channels
+        self.class_names = list(class_names or [])
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _index(self, i: int) -> int:
+        i = operator.index(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.spec!r} ({n} images)")
+        return i % n
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(spec={self.spec!r}, n={len(self)}, "
+            f"resolution={self.resolution}, channels={self.channels}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+# ---------------------------------------------------------------- digits
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+
+
+class DigitsDataset(ImageDataset):
+    """scikit-learn's 1,797 handwritten digits (8x8, 0..16), bilinearly upsampled, ink = +1."""
+
+    def __init__(self, resolution: int = DIGITS_RESOLUTION, *, spec: str | None = None) -> None:
+        super().__init__(
+            spec=spec or f"digits:{resolution}",
+            resolution=resolution,
+            channels=1,
+            class_names=[str(d) for d in range(10)],
+        )
+        images, labels = _digits_arrays()
+        x = torch.from_numpy(images / 8.0 - 1.0).unsqueeze(1)  # (N, 1, 8, 8)
+        if resolution != 8:
+            # A convex combination of the 8x8 values, so the range stays inside [-1, 1].
+            x = F.interpolate(
+                x, size=(resolution, resolution), mode="bilinear", align_corners=False
+            )
+        self._images = x.contiguous()
+        self._labels = labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = self._index(i)
+        label = self._labels[i]
+        return {
+            "image": self._images[i].clone(),
+            "label": label,
+            "caption": f"a handwritten {DIGIT_WORDS[label]}",
+        }
+
+
+# ---------------------------------------------------------------- shapes
+
+
+class ShapesDataset(ImageDataset):
+    """Procedural captioned shapes; image i is a pure function of (i, seed).
+
+    ``exclude(record) -> bool`` re-draws (deterministically) every scene it rejects, e.g.
+    ``exclude=is_held_out`` keeps the HELD_OUT (colour, shape) pairs out of training.
+    ``record(i)`` gives the attribute record behind image i (see ``shapes_record``).
+    """
+
+    def __init__(
+        self,
+        resolution: int = SHAPES_RESOLUTION,
+        length: int = SHAPES_LENGTH,
+        *,
+        seed: int = 0,
+        exclude: Callable[[dict], bool] | None = None,
+        spec: str | None = None,
+    ) -> None:
+        super().__init__(spec=spec or f"shapes:{resolution}", resolution=resolution, channels=3)
+        if length < 1:
+            raise UserError(f"shapes dataset length must be >= 1, got {length}")
+        self.length = length
+        self.seed = seed
+        self.exclude = exclude
+
+    def __len__(self) -> int:
+        return self.length
+
+    def record(self, i: int) -> dict:
+        return shapes_record(self._index(i), self.seed, self.resolution, exclude=self.exclude)
+
+    def caption(self, i: int) -> str:
+        i = self._index(i)
+        return sample_caption(self.record(i), i, self.seed)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = self._index(i)
+        record = self.record(i)
+        return {
+            "image": from_pil(render_shapes(record, self.resolution)),
+            "label": -1,
+            "caption": sample_caption(record, i, self.seed),
+        }
+
+
+# ---------------------------------------------------------------- folder
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__pycache__"
+
+
+def _find_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, metadata.jsonl files) under root, sorted, hidden entries skipped."""
+    images, metadata = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            path = Path(dirpath) / name
+            if name == "metadata.jsonl":
+                metadata.append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+    return images, metadata
+
+
+def _read_metadata(files: list[Path], root: Path) -> dict[str, str]:
+    """Captions keyed by image path relative to root, from imagefolder metadata.jsonl files."""
+    captions: dict[str, str] = {}
+    for meta in files:
+        base = meta.parent.relative_to(root)
+        lines = meta.read_text(encoding="utf-8").splitlines()
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = row["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(
+                    f"{meta}:{lineno}: expected a JSON object with 'file_name' and 'text'"
+                ) from None
+            text = row.get("text", row.get("caption", ""))
+            captions[os.path.normpath(base / name)] = str(text or "").strip()
+    return captions
+
+
+def _is_readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # Pillow raises many types for bad files; any of them means skip
+        return False
+
+
+def _load_rgb(path: Path, resolution: int) -> Image.Image:
+    """Open -> EXIF-rotate -> RGB (alpha over white) -> centre crop -> resize."""
+    with Image.open(path) as img:
+        img.draft("RGB", (resolution, resolution))  # JPEG: decode at reduced size
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale PNGs
+        arr = np.asarray(img, dtype=np.float32)
+        arr = arr * (255 / 65535) if arr.max() > 255 else arr
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+
+
+class FolderDataset(ImageDataset):
+    """A folder of images (recursive), validated once at construction.
+
+    Unreadable files are skipped with one warning. A file that becomes unreadable later is
+    replaced by the next readable one (with a warning) so an epoch never crashes.
+    """
+
+    def __init__(
+        self, root: str | Path, resolution: int = FOLDER_RESOLUTION, *, spec: str | None = None
+    ) -> None:
+        root = Path(root).expanduser()
+        spec = spec or f"folder:{root}"
+        if not root.exists():
+            raise UserError(f"data folder {str(root)!r} does not exist (spec {spec!r})")
+        if not root.is_dir():
+            raise UserError(f"data folder {str(root)!r} is not a directory (spec {spec!r})")
+        found, metadata = _find_images(root)
+        if not found:
+            exts = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+            raise UserError(f"no images ({exts}) found under {str(root)!r} (spec {spec!r})")
+        readable = [_is_readable(p) for p in found]
+        good = [p for p, ok in zip(found, readable, strict=True) if ok]
+        bad = [p for p, ok in zip(found, readable, strict=True) if not ok]
+        if bad:
+            names = ", ".join(str(p.relative_to(root)) for p in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            warnings.warn(
+                f"skipping {len(bad)} unreadable image file(s) under {str(root)!r}: {names}{more}",
+                stacklevel=2,
+            )
+        if not good:
+            raise UserError(f"none of the {len(found)} image files under {str(root)!r} is readable")
+
+        rel = [p.relative_to(root) for p in good]
+        labelled = all(len(r.parts) > 1 for r in rel)
+        class_names = sorted({r.parts[0] for r in rel}) if labelled else []
+        super().__init__(spec=spec, resolution=resolution, channels=3, class_names=class_names)
+        self.root = root
+        self.files = good
+        index = {name: k for k, name in enumerate(class_names)}
+        self.labels = [index[r.parts[0]] for r in rel] if labelled else [-1] * len(rel)
+        meta = _read_metadata(metadata, root)
+        self.captions = [
+            meta[key] if (key := os.path.normpath(r)) in meta else self._sidecar(p)
+            for p, r in zip(good, rel, strict=True)
+        ]
+        self._broken: set[int] = set()
+
+    @staticmethod
+    def _sidecar(path: Path) -> str:
+        txt = path.with_suffix(".txt")
+        try:
+            return txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = self._index(i)
+        n = len(self.files)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self._broken:
+                continue
+            try:
+                image = from_pil(_load_rgb(self.files[j], self.resolution))
+            except Exception as e:  # any decode failure: never crash an epoch
+                self._broken.add(j)
+                warnings.warn(
+                    f"could not read {str(self.files[j])!r} ({type(e).__name__}: {e}); "
+                    "using the next image instead",
+                    stacklevel=2,
+                )
+                continue
+            return {"image": image, "label": self.labels[j], "caption": self.captions[j]}
+        raise UserError(f"no image under {str(self.root)!r} is readable any more")
+
+
+# ---------------------------------------------------------------- specs
+
+
+def _resolution(kind: str, text: str, spec: str) -> int:
+    lo, hi = _RESOLUTION_RANGE[kind]
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise UserError(f"bad data spec {spec!r}: resolution must be an integer in {lo}..{hi}")
+    return int(text)
+
+
+def _parse(spec: str) -> tuple[str, dict[str, Any], bool]:
+    """(kind, options, whether the spec stated the resolution)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(_UNKNOWN.format(spec))
+    kind, _, rest = spec.strip().partition(":")
+    kind = kind.lower()
+    if kind == "digits":
+        if rest:
+            return kind, {"resolution": _resolution(kind, rest, spec)}, True
+        return kind, {"resolution": DIGITS_RESOLUTION}, False
+    if kind == "shapes":
+        opts: dict[str, Any] = {"resolution": SHAPES_RESOLUTION}
+        ints = 0
+        for part in rest.split(":") if rest else []:
+            if part.lower() == "holdout":
+                opts["holdout"] = True
+            elif part.isdigit() and ints == 0:
+                opts["resolution"] = _resolution(kind, part, spec)
+                ints = 1
+            elif part.isdigit() and ints == 1 and int(part) > 0:
+                opts["length"] = int(part)
+                ints = 2
+            else:
+                raise UserError(
+                    f"bad data spec {spec!r}: expected shapes[:RES][:N][:holdout] "
+                    f"(RES in 16..512, N > 0)"
+                )
+        return kind, opts, ints > 0
+    if kind == "folder":
+        path = rest
+        if not path:
+            raise UserError(f"bad data spec {spec!r}: give a path, folder:PATH")
+        m = re.fullmatch(r"(.+):(\d+)", path)
+        if m and not Path(path).expanduser().exists():
+            return kind, {"path": m[1], "resolution": _resolution(kind, m[2], spec)}, True
+        return kind, {"path": path, "resolution": FOLDER_RESOLUTION}, False
+    raise UserError(_UNKNOWN.format(spec))
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"shapes:32"`` -> ``("shapes", {"resolution": 32})``; raises UserError on a bad spec.
+
+    Options always include ``resolution`` (the default when unstated); shapes adds ``length``
+    and ``holdout`` only when the spec states them; folder adds ``path``.
+    """
+    kind, opts, _ = _parse(spec)
+    return kind, opts
+
+
+def load_dataset(spec: str, *, seed: int = 0, resolution: int | None = None) -> ImageDataset:
+    """Build the dataset for ``spec`` (see the module docstring for the spec grammar).
+
+    ``seed`` selects the shapes stream (digits and folders are fixed). ``resolution``
+    overrides the default resolution; it is an error if the spec states a different one.
+    """
+    kind, opts, stated = _parse(spec)
+    if resolution is not None:
+        if stated and resolution != opts["resolution"]:
+            raise UserError(
+                f"data spec {spec!r} says resolution {opts['resolution']} "
+                f"but {resolution} was requested"
+            )
+        opts["resolution"] = _resolution(kind, str(resolution), spec)
+    res = opts["resolution"]
+    if kind == "digits":
+        return DigitsDataset(res, spec=spec)
+    if kind == "shapes":
+        exclude = is_held_out if opts.get("holdout") else None
+        length = opts.get("length", SHAPES_LENGTH)
+        return ShapesDataset(res, length, seed=seed, exclude=exclude, spec=spec)
+    return FolderDataset(opts["path"], res, spec=spec)
