@@ -48,8 +48,17 @@ class LoadedModel:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """Shape of what the denoiser works on (pixels, or latents for a latent model)."""
         data = self.meta["data"]
         return data["channels"], data["resolution"], data["resolution"]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the denoiser's space (identity for pixel-space models)."""
+        return images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The denoiser's space -> images in [-1, 1] (identity for pixel-space models)."""
+        return x
 
 
 def build_denoiser(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -97,6 +106,48 @@ def make_sigmas(model: LoadedModel, steps: int, spacing: str | None = None) -> t
     )
 
 
+def conditioning(
+    model: LoadedModel,
+    num: int,
+    *,
+    labels: list[int | None] | None = None,
+    guidance: float = 1.0,
+) -> tuple[nn.Module, dict]:
+    """The denoiser to sample (CFG-wrapped when guidance != 1) and its per-image cond dict.
+
+    Every pipeline (text2img, img2img, inpaint, interpolate) conditions through this one place.
+    """
+    denoiser, cond = model.denoiser, {}
+    if model.num_classes:
+        null = model.num_classes
+        labels = labels or [None] * num
+        if len(labels) == 1 and num > 1:
+            labels = labels * num
+        if len(labels) != num:
+            raise UserError(f"got {len(labels)} labels for {num} images")
+        ids = torch.tensor([null if lab is None else int(lab) for lab in labels])
+        if ((ids < 0) | (ids > null)).any():
+            raise UserError(f"labels must be in 0..{null - 1}")
+        cond = {"class_labels": ids}
+        if guidance != 1.0:
+            denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.full_like(ids, null)})
+    return denoiser, cond
+
+
+def sampling_defaults(
+    model: LoadedModel, sampler: str | None, steps: int | None, guidance: float | None
+) -> tuple[str, int, float]:
+    """Fill unset sampler / steps / guidance from the model folder's defaults and validate."""
+    defaults = model.meta.get("sampling", {})
+    sampler = sampler or defaults.get("sampler", "ddim")
+    steps = defaults.get("steps", 20) if steps is None else steps
+    guidance = defaults.get("guidance", 1.0) if guidance is None else guidance
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be a positive integer, got {steps}")
+    sampling.get_sampler(sampler)  # validate the name before any work
+    return sampler, steps, guidance
+
+
 @torch.no_grad()
 def generate(
     model: LoadedModel,
@@ -116,31 +167,14 @@ def generate(
     labels: one class per image (None = unconditional); guidance > 1 applies CFG against the
     null class.
     """
-    defaults = model.meta.get("sampling", {})
-    sampler = sampler or defaults.get("sampler", "ddim")
-    steps = defaults.get("steps", 20) if steps is None else steps
-    guidance = defaults.get("guidance", 1.0) if guidance is None else guidance
     if num < 1:
         raise UserError(f"num must be >= 1, got {num}")
-    if not isinstance(steps, int) or steps < 1:
-        raise UserError(f"steps must be a positive integer, got {steps}")
-    sampling.get_sampler(sampler)  # validate the name before any work
+    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     sigmas = make_sigmas(model, steps, spacing)
     gen = sampling.BatchGenerator(range(seed, seed + num))
     x = sampling.prior_noise(model.denoiser, (num, *model.image_shape), float(sigmas[0]), gen)
-
-    denoiser, cond = model.denoiser, {}
-    if model.num_classes:
-        null = model.num_classes
-        labels = labels or [None] * num
-        if len(labels) == 1 and num > 1:
-            labels = labels * num
-        ids = torch.tensor([null if lab is None else int(lab) for lab in labels])
-        if ((ids < 0) | (ids > null)).any():
-            raise UserError(f"labels must be in 0..{null - 1}")
-        cond = {"class_labels": ids}
-        if guidance != 1.0:
-            denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.full_like(ids, null)})
-    return sampling.sample(
+    denoiser, cond = conditioning(model, num, labels=labels, guidance=guidance)
+    out = sampling.sample(
         sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs
-    ).clamp(-1, 1)
+    )
+    return model.decode(out).clamp(-1, 1)
