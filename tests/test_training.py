@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from latentforge.errors import UserError
 from latentforge.io.checkpoint import load_model_folder, save_model_folder
 from latentforge.pipelines.generate import generate, load_diffusion_model
-from latentforge.training.loop import TrainConfig, Trainer, train_diffusion
+from latentforge.training.diffusion import DiffusionTrainer as Trainer
+from latentforge.training.loop import TrainConfig, train_diffusion
 
 
 def _cfg(out, **kw):

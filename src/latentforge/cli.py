@@ -24,7 +24,9 @@ def train() -> None:
 @train.command("diffusion")
 @click.option("--data", required=True, help="shapes[:RES], digits[:RES] or folder:PATH")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="model folder")
-@click.option("--cond", type=click.Choice(["none", "class"]), default="none", show_default=True)
+@click.option(
+    "--cond", type=click.Choice(["none", "class", "text"]), default="none", show_default=True
+)
 @click.option("--preset", default="tiny", show_default=True, help="U-Net preset")
 @click.option("--max-steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -43,13 +45,38 @@ def train() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--vae", type=click.Path(), default=None, help="VAE folder: latent diffusion")
+@click.option("--cache-latents", is_flag=True, help="encode the dataset once (with --vae)")
+@click.option("--text-encoder", type=click.Choice(["minilm"]), default="minilm", show_default=True)
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:
-    """Train a pixel-space diffusion U-Net."""
+    """Train a diffusion U-Net, in pixel space or (with --vae) in a VAE's latent space."""
     from .training.loop import TrainConfig, train_diffusion
 
     return train_diffusion(TrainConfig(**kw), resume=resume)
+
+
+@train.command("vae")
+@click.option("--data", required=True, help="shapes[:RES], digits[:RES] or folder:PATH")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="model folder")
+@click.option("--preset", default="f4-tiny", show_default=True, help="VAE preset")
+@click.option("--max-steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-6, show_default=True)
+@click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--bf16/--no-bf16", default=False)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train_vae_cmd(resume: bool, **kw) -> int:
+    """Train a KL autoencoder; its scaling factor and PSNR go into model.json."""
+    from .training.vae_train import VAETrainConfig, train_vae
+
+    return train_vae(VAETrainConfig(**kw), resume=resume)
 
 
 # ----- sample / generate -----------------------------------------------------------------------
@@ -106,34 +133,29 @@ def _parse_label(label: str, names: list[str], num_classes: int) -> int:
 
 
 @cli.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--model", "model_dir", default=None, type=click.Path(), help="model folder")
+@click.option("--negative", default="", help="negative prompt (text models)")
 @click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
 @click.option("--out", default="out.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--preview", type=click.Path(dir_okay=False), default=None,
+              help="GIF of the x0-estimate at every step")  # fmt: skip
+@click.option("--from-png", type=click.Path(dir_okay=False), default=None,
+              help="reproduce a PNG made by generate from its embedded parameters")  # fmt: skip
 @_sampling_options
-def generate(prompt, model_dir, guidance, out, sampler, steps, spacing, seed, num) -> None:
-    """Generate images for PROMPT (default: the embedded model, a digit-class model)."""
-    from .io.images import save_grid
-    from .pipelines.generate import generate as run
-    from .pipelines.generate import labels_from_prompt, load_diffusion_model
+def generate(prompt, model_dir, negative, guidance, out, preview, from_png, **opts) -> None:
+    """Generate images for PROMPT (default model: digits, e.g. "a handwritten seven")."""
+    from .pipelines.generate import PARAM_KEYS, generate_to_png, params_from_png
 
-    model = load_diffusion_model(model_dir)
-    label = labels_from_prompt(prompt, model.class_names) if model.num_classes else None
-    if model.num_classes and label is None and prompt.strip():
-        click.echo(f"note: no class named in {prompt!r}; sampling unconditionally", err=True)
-    images = run(
-        model,
-        labels=[label],
-        num=num,
-        seed=seed,
-        sampler=sampler,
-        steps=steps,
-        spacing=spacing,
-        guidance=guidance,
-    )
-    save_grid(images, out, prompt=prompt, seed=seed, model=model.sha256)
-    what = f"class {model.class_names[label]!r}" if label is not None else "unconditional"
-    click.echo(f"wrote {num} image(s) ({what}) to {out}")
+    params = {"prompt": prompt, "negative": negative, "guidance": guidance, **opts}
+    if from_png:
+        params.update(params_from_png(from_png))
+        model_dir = model_dir or params.pop("model_path", None)
+    elif prompt is None:
+        raise UserError("give a PROMPT (or --from-png FILE)")
+    params = {k: v for k, v in params.items() if k in PARAM_KEYS}
+    info = generate_to_png(model_dir, out, preview=preview, **params)
+    click.echo(f"wrote {info['num']} image(s) ({info['conditioning']}) to {out}")
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())

@@ -75,3 +75,15 @@ def read_png_metadata(path: str | Path) -> dict[str, str]:
             return dict(getattr(img, "text", {}) or {})
     except (UnidentifiedImageError, OSError):
         raise UserError(f"{path}: not a readable PNG") from None
+
+
+def save_gif(batches: list[torch.Tensor], path: str | Path, ms_per_frame: int = 120) -> None:
+    """One frame per (B, C, H, W) batch (tiled as a grid), small images scaled up 4x (nearest)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [to_pil(make_grid(b)) for b in batches]
+    if frames[0].width < 256:
+        scale = max(1, 256 // frames[0].width)
+        frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
+    frames = [f.convert("P", palette=Image.ADAPTIVE) if f.mode == "RGB" else f for f in frames]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)

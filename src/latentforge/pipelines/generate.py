@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -32,11 +32,14 @@ def default_model_dir() -> Path:
 
 @dataclass
 class LoadedModel:
+    """A diffusion model folder in memory: denoiser, and where used its VAE and text encoder."""
+
     denoiser: nn.Module
     meta: dict
     path: Path
     sha256: str = ""
-    extras: dict = field(default_factory=dict)
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
 
     @property
     def num_classes(self) -> int:
@@ -52,13 +55,33 @@ class LoadedModel:
         data = self.meta["data"]
         return data["channels"], data["resolution"], data["resolution"]
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the denoiser's space (identity for pixel-space models)."""
-        return images
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """Shape of the decoded images."""
+        latent = self.meta.get("latent")
+        if not latent:
+            return self.image_shape
+        res = latent["image_resolution"]
+        return latent.get("image_channels", 3), res, res
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """The denoiser's space -> images in [-1, 1] (identity for pixel-space models)."""
-        return x
+    @property
+    def scaling_factor(self) -> float:
+        return self.meta.get("latent", {}).get("scaling_factor", 1.0)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the denoiser's space: scaled VAE latents (posterior mode), or the
+        images themselves for a pixel-space model."""
+        if self.vae is None:
+            return images
+        return self.vae.encode(images).mode() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+        """The denoiser's space -> images in [-1, 1]; `tile_size` (latent pixels) bounds memory."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x / self.scaling_factor, tile_size=tile_size).clamp(-1, 1)
 
 
 def build_denoiser(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -69,6 +92,18 @@ def build_denoiser(meta: dict, state: dict[str, torch.Tensor] | None = None) -> 
     return make_denoiser(unet, meta["parameterization"])
 
 
+def load_vae(path: str | Path) -> tuple[nn.Module, dict]:
+    """A VAE model folder (kind "vae") -> (AutoencoderKL in eval mode, its model.json)."""
+    from ..models.vae import AutoencoderKL, VAEConfig
+
+    meta, state = load_model_folder(path)
+    if meta.get("kind") != "vae":
+        raise UserError(f"{path}: model kind {meta.get('kind')!r} is not a VAE")
+    vae = AutoencoderKL(VAEConfig.from_dict(meta["vae"]))
+    load_state_strict(vae, state, "VAE")
+    return vae.eval().requires_grad_(False), meta
+
+
 def load_diffusion_model(path: str | Path | None = None) -> LoadedModel:
     """Load a native model folder; None means the embedded default model."""
     folder = default_model_dir() if path is None else Path(path)
@@ -76,7 +111,14 @@ def load_diffusion_model(path: str | Path | None = None) -> LoadedModel:
     if meta.get("kind") != "diffusion":
         raise UserError(f"{folder}: model kind {meta.get('kind')!r} is not a diffusion model")
     digest = hashlib.sha256((folder / MODEL_WEIGHTS).read_bytes()).hexdigest()[:16]
-    return LoadedModel(build_denoiser(meta, state), meta, folder, digest)
+    model = LoadedModel(build_denoiser(meta, state), meta, folder, digest)
+    if meta.get("latent"):
+        model.vae, _ = load_vae(folder / meta["latent"].get("vae", "vae"))
+    if meta.get("text_encoder"):
+        from ..models.text import build_text_encoder
+
+        model.text_encoder = build_text_encoder(meta["text_encoder"], folder)
+    return model
 
 
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -111,20 +153,30 @@ def conditioning(
     num: int,
     *,
     labels: list[int | None] | None = None,
+    prompts: list[str] | None = None,
+    negative: str | list[str] | None = None,
     guidance: float = 1.0,
 ) -> tuple[nn.Module, dict]:
     """The denoiser to sample (CFG-wrapped when guidance != 1) and its per-image cond dict.
 
     Every pipeline (text2img, img2img, inpaint, interpolate) conditions through this one place.
+    Text models: the negative prompt replaces the empty prompt of the unconditional branch.
     """
     denoiser, cond = model.denoiser, {}
+    if model.text_encoder is not None:
+        prompts = _per_image(prompts or [""], num, "prompts")
+        negatives = _per_image([negative] if isinstance(negative, str) else negative or [""],
+                               num, "negative prompts")  # fmt: skip
+        context, mask = model.text_encoder.encode(prompts)
+        cond = {"context": context, "context_mask": mask}
+        if guidance != 1.0:
+            u_context, u_mask = model.text_encoder.encode(negatives)
+            uncond = {"context": u_context, "context_mask": u_mask}
+            denoiser = CFGDenoiser(denoiser, guidance, uncond)
+        return denoiser, cond
     if model.num_classes:
         null = model.num_classes
-        labels = labels or [None] * num
-        if len(labels) == 1 and num > 1:
-            labels = labels * num
-        if len(labels) != num:
-            raise UserError(f"got {len(labels)} labels for {num} images")
+        labels = _per_image(labels or [None], num, "labels")
         ids = torch.tensor([null if lab is None else int(lab) for lab in labels])
         if ((ids < 0) | (ids > null)).any():
             raise UserError(f"labels must be in 0..{null - 1}")
@@ -132,6 +184,14 @@ def conditioning(
         if guidance != 1.0:
             denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.full_like(ids, null)})
     return denoiser, cond
+
+
+def _per_image(values: list, num: int, what: str) -> list:
+    if len(values) == 1:
+        return list(values) * num
+    if len(values) != num:
+        raise UserError(f"got {len(values)} {what} for {num} images")
+    return list(values)
 
 
 def sampling_defaults(
@@ -153,6 +213,8 @@ def generate(
     model: LoadedModel,
     *,
     labels: list[int | None] | None = None,
+    prompts: list[str] | None = None,
+    negative: str | list[str] | None = None,
     num: int = 1,
     seed: int = 0,
     sampler: str | None = None,
@@ -164,8 +226,8 @@ def generate(
 ) -> torch.Tensor:
     """Sample `num` images (B, C, H, W) in [-1, 1]; image i uses seed `seed + i`.
 
-    labels: one class per image (None = unconditional); guidance > 1 applies CFG against the
-    null class.
+    labels (class models) / prompts (text models): one per image or one for all; guidance != 1
+    applies classifier-free guidance against the null class / the negative prompt.
     """
     if num < 1:
         raise UserError(f"num must be >= 1, got {num}")
@@ -173,8 +235,94 @@ def generate(
     sigmas = make_sigmas(model, steps, spacing)
     gen = sampling.BatchGenerator(range(seed, seed + num))
     x = sampling.prior_noise(model.denoiser, (num, *model.image_shape), float(sigmas[0]), gen)
-    denoiser, cond = conditioning(model, num, labels=labels, guidance=guidance)
+    denoiser, cond = conditioning(
+        model, num, labels=labels, prompts=prompts, negative=negative, guidance=guidance
+    )
     out = sampling.sample(
         sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs
     )
     return model.decode(out).clamp(-1, 1)
+
+
+# ----- the CLI's generate: PNG in, PNG out, parameters in the PNG's text chunks -----------------
+PARAM_KEYS = ("prompt", "negative", "seed", "num", "sampler", "steps", "spacing", "guidance")
+
+
+def describe_conditioning(model: LoadedModel, prompt: str) -> tuple[dict, str]:
+    """Keyword arguments for `generate` from a prompt, and a few words saying what they mean."""
+    if model.text_encoder is not None:
+        return {"prompts": [prompt]}, f"prompt {prompt!r}"
+    if model.num_classes:
+        label = labels_from_prompt(prompt, model.class_names)
+        if label is None:
+            return {"labels": [None]}, "no class named in the prompt: unconditional"
+        return {"labels": [label]}, f"class {model.class_names[label]!r}"
+    return {}, "unconditional model"
+
+
+def generate_to_png(
+    model_dir: str | Path | None,
+    out: str | Path,
+    *,
+    prompt: str = "",
+    negative: str = "",
+    preview: str | Path | None = None,
+    **params,
+) -> dict:
+    """Generate, write a grid PNG whose text chunks hold every parameter (so `--from-png`
+    reproduces it bit-exactly), and optionally a GIF of the per-step x0 estimates."""
+    from ..io.images import save_grid
+
+    model = load_diffusion_model(model_dir)
+    cond_kwargs, what = describe_conditioning(model, prompt or "")
+    sampler, steps, guidance = sampling_defaults(
+        model, params.pop("sampler", None), params.pop("steps", None), params.pop("guidance", None)
+    )
+    params = {k: v for k, v in params.items() if v is not None}
+    num, seed = params.setdefault("num", 1), params.setdefault("seed", 0)
+    frames: list[torch.Tensor] = []
+    callback = None
+    if preview:
+
+        def callback(step, sigma, x, denoised):
+            frames.append(model.decode(denoised).clamp(-1, 1))
+
+    images = generate(
+        model, **cond_kwargs, negative=negative or None, sampler=sampler, steps=steps,
+        guidance=guidance, callback=callback, **params,
+    )  # fmt: skip
+    meta = {
+        "prompt": prompt or "", "negative": negative or "", "seed": seed, "num": num,
+        "sampler": sampler, "steps": steps, "guidance": guidance,
+        "spacing": params.get("spacing") or model.meta.get("sampling", {}).get("spacing", ""),
+        "model": model.sha256,
+        "model_path": "" if model_dir is None else str(Path(model_dir).resolve()),
+    }  # fmt: skip
+    save_grid(images, out, **meta)
+    if preview:
+        from ..io.images import save_gif
+
+        save_gif([*frames, images], preview)
+    return {"num": num, "conditioning": what, **meta}
+
+
+def params_from_png(path: str | Path) -> dict:
+    """The generate parameters stored in a PNG's text chunks, typed again."""
+    from ..io.images import read_png_metadata
+
+    text = read_png_metadata(path)
+    if "seed" not in text or "steps" not in text:
+        raise UserError(f"{path} holds no latentforge generate parameters")
+    out: dict = {
+        "prompt": text.get("prompt", ""),
+        "negative": text.get("negative", ""),
+        "seed": int(text["seed"]),
+        "num": int(text.get("num", 1)),
+        "sampler": text.get("sampler") or None,
+        "steps": int(text["steps"]),
+        "guidance": float(text.get("guidance", 1.0)),
+        "spacing": text.get("spacing") or None,
+    }
+    if text.get("model_path"):
+        out["model_path"] = text["model_path"]
+    return out

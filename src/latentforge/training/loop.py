@@ -61,6 +61,9 @@ class TrainConfig:
     prediction: str = "eps"
     beta_schedule: str = "cosine"
     min_snr_gamma: float | None = 5.0
+    vae: str | None = None  # a VAE model folder: train in its latent space
+    cache_latents: bool = False  # encode the dataset once (posterior moments) instead of per step
+    text_encoder: str = "minilm"
     quiet: bool = False
 
 
@@ -71,24 +74,23 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
 
 
 class Trainer:
-    """Owns model, EMA, optimizer and data for one run. Subclasses override `build_meta`,
-    `compute_loss` and `sample_images` for other model kinds (e.g. latent diffusion)."""
+    """Owns model, EMA, optimizer and data for one run: the loop, checkpoints, resume, DDP.
 
-    def __init__(self, cfg: TrainConfig):
+    Subclasses define `setup` (build `self.meta` and `self.model`, the module trained),
+    `compute_loss` and `sample_images`. `training/diffusion.py` trains U-Nets (pixel or
+    latent space; class or text conditioning); `training/vae_train.py` the VAE.
+    """
+
+    resume_keys: tuple[str, ...] = ("data", "preset")
+
+    def __init__(self, cfg):
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.rank, self.world = _init_distributed()
         self.dataset = load_dataset(cfg.data, seed=cfg.seed)
-        if cfg.cond not in ("none", "class"):
-            raise UserError(f"--cond {cfg.cond!r} is not supported; use none or class")
-        if cfg.cond == "class" and not self.dataset.num_classes:
-            raise UserError(f"--cond class needs labels, but {cfg.data!r} has none")
-        self.meta = self.build_meta()
-        from ..pipelines.generate import build_denoiser
-
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        self.denoiser = build_denoiser(self.meta)
-        self.model = self.denoiser.model.train().requires_grad_(True)
+        self.setup()
+        self.model.train().requires_grad_(True)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.AdamW(
@@ -98,50 +100,21 @@ class Trainer:
         self._stop = False
         self._cache = self._maybe_cache_dataset()
 
-    # ----- configuration ---------------------------------------------------------------------
-    def build_meta(self) -> dict:
-        from ..models.presets import unet_preset
+    def setup(self) -> None:
+        raise NotImplementedError
 
-        ds, cfg = self.dataset, self.cfg
-        unet = unet_preset(
-            cfg.preset,
-            in_channels=ds.channels,
-            out_channels=ds.channels,
-            num_classes=ds.num_classes if cfg.cond == "class" else 0,
-        )
-        return {
-            "format": "latentforge",
-            "version": 1,
-            "kind": "diffusion",
-            "cond": cfg.cond,
-            "unet": unet.to_dict(),
-            "parameterization": {
-                "type": "vp",
-                "prediction": cfg.prediction,
-                "beta_schedule": cfg.beta_schedule,
-                "num_timesteps": 1000,
-                "min_snr_gamma": cfg.min_snr_gamma,
-                "clip_denoised": 1.0,
-            },
-            "data": {
-                "spec": cfg.data,
-                "resolution": ds.resolution,
-                "channels": ds.channels,
-                "num_classes": ds.num_classes if cfg.cond == "class" else 0,
-                "class_names": list(ds.class_names) if cfg.cond == "class" else [],
-            },
-            "sampling": {"sampler": "ddim", "steps": 50, "spacing": "trailing", "guidance": 1.0},
-        }
+    def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
 
-    def _maybe_cache_dataset(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def sample_images(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _maybe_cache_dataset(self) -> dict | None:
         """Small datasets (digits) are decoded once into memory."""
         ds = self.dataset
         if len(ds) * ds.channels * ds.resolution**2 > 64 * 2**20:
             return None
-        items = [ds[i] for i in range(len(ds))]
-        return torch.stack([it["image"] for it in items]), torch.tensor(
-            [it["label"] for it in items]
-        )
+        return _collate([ds[i] for i in range(len(ds))])
 
     # ----- data ------------------------------------------------------------------------------
     def _indices(self, step: int, micro: int) -> torch.Tensor:
@@ -157,28 +130,16 @@ class Trainer:
             out[mask] = perm[pos[mask] % n]
         return out
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int) -> dict:
+        """{"image": (B, C, H, W), "label": (B,), "caption": list[str], "index": (B,)}."""
         idx = self._indices(step, micro)
         if self._cache is not None:
-            return self._cache[0][idx], self._cache[1][idx]
-        items = [self.dataset[int(i)] for i in idx]
-        return torch.stack([it["image"] for it in items]), torch.tensor(
-            [it["label"] for it in items]
-        )
-
-    # ----- one step --------------------------------------------------------------------------
-    def compute_loss(self, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
-        cond = {}
-        if self.meta["unet"]["num_classes"]:
-            null = self.meta["unet"]["num_classes"]
-            drop = torch.rand(labels.shape, generator=g) < self.cfg.label_dropout
-            cond["class_labels"] = torch.where(drop, torch.full_like(labels, null), labels)
-        # DDP hooks run on the wrapped module: call the loss through it.
-        self.denoiser.model = self.ddp
-        try:
-            return self.denoiser.loss(x0, g, **cond).mean()
-        finally:
-            self.denoiser.model = self.model
+            out = {k: v[idx] for k, v in self._cache.items() if torch.is_tensor(v)}
+            out["caption"] = [self._cache["caption"][i] for i in idx.tolist()]
+        else:
+            out = _collate([self.dataset[int(i)] for i in idx])
+        out["index"] = idx
+        return out
 
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
@@ -190,13 +151,13 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x0, labels = self.batch(self.step, micro)
+            batch = self.batch(self.step, micro)
             g = step_generator(cfg.seed, self.step, micro, self.rank)
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = self.compute_loss(x0, labels, g) / cfg.grad_accum
+                    loss = self.compute_loss(batch, g) / cfg.grad_accum
                 loss.backward()
             total += loss.item()
         if cfg.grad_clip:
@@ -214,16 +175,6 @@ class Trainer:
             e.lerp_(p.detach(), 1 - decay)
         for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
             e.copy_(b)
-
-    # ----- samples ---------------------------------------------------------------------------
-    def sample_images(self, n: int = 16) -> torch.Tensor:
-        from ..pipelines.generate import LoadedModel, build_denoiser, generate
-
-        den = build_denoiser(self.meta, self.ema.state_dict())
-        model = LoadedModel(den, self.meta, self.out)
-        k = self.meta["unet"]["num_classes"]
-        labels = [i % k for i in range(n)] if k else None
-        return generate(model, labels=labels, num=n, seed=0, steps=20)
 
     def save_samples(self) -> None:
         from ..io.images import save_grid
@@ -254,6 +205,7 @@ class Trainer:
         self.save_model()
 
     def save_model(self) -> None:
+        """The usable model folder (EMA weights) beside the checkpoints, refreshed at each save."""
         meta = dict(self.meta)
         meta["training"] = {
             "step": self.step,
@@ -272,7 +224,7 @@ class Trainer:
         last = found[-1]
         state = json.loads((last / "state.json").read_text())
         old = state["config"]
-        for key in ("data", "preset", "cond", "prediction", "beta_schedule"):
+        for key in self.resume_keys:
             if old.get(key) != getattr(self.cfg, key):
                 raise UserError(
                     f"cannot resume: --{key.replace('_', '-')} was {old.get(key)!r} in {last}, "
@@ -375,10 +327,24 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def train_diffusion(cfg: TrainConfig, resume: bool = False) -> int:
-    trainer = Trainer(cfg)
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+        "caption": [it["caption"] for it in items],
+    }
+
+
+def run_training(trainer_cls, cfg, resume: bool = False) -> int:
+    trainer = trainer_cls(cfg)
     try:
         return trainer.fit(resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def train_diffusion(cfg: TrainConfig, resume: bool = False) -> int:
+    from .diffusion import DiffusionTrainer
+
+    return run_training(DiffusionTrainer, cfg, resume)

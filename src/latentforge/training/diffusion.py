@@ -1,0 +1,165 @@
+"""Training a diffusion U-Net: pixel or latent space, unconditional, class or text conditioned."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .loop import Trainer
+
+
+class DiffusionTrainer(Trainer):
+    resume_keys = ("data", "preset", "cond", "prediction", "beta_schedule", "vae")
+
+    def setup(self) -> None:
+        from ..pipelines.generate import build_denoiser, load_vae
+
+        cfg, ds = self.cfg, self.dataset
+        if cfg.cond not in ("none", "class", "text"):
+            raise UserError(f"--cond {cfg.cond!r} is not supported; use none, class or text")
+        if cfg.cond == "class" and not ds.num_classes:
+            raise UserError(f"--cond class needs labels, but {cfg.data!r} has none")
+        self.vae, self.scaling_factor = None, 1.0
+        if cfg.vae:
+            self.vae, self.vae_meta = load_vae(cfg.vae)
+            if self.vae_meta["data"]["channels"] != ds.channels:
+                raise UserError(f"--vae {cfg.vae} expects {self.vae_meta['data']['channels']}-"
+                                f"channel images; {cfg.data!r} has {ds.channels}")  # fmt: skip
+            self.scaling_factor = self.vae_meta["scaling_factor"]
+        self.text_encoder = None
+        if cfg.cond == "text":
+            from ..models.text import build_text_encoder
+
+            self.text_encoder = build_text_encoder({"type": cfg.text_encoder})
+        self.meta = self.build_meta()
+        self.denoiser = build_denoiser(self.meta)
+        self.model = self.denoiser.model
+
+    def build_meta(self) -> dict:
+        from ..models.presets import unet_preset
+
+        ds, cfg = self.dataset, self.cfg
+        channels, resolution = ds.channels, ds.resolution
+        latent = None
+        if self.vae is not None:
+            f = self.vae.downsample_factor
+            if resolution % f:
+                raise UserError(f"image size {resolution} is not a multiple of the VAE's f={f}")
+            channels, resolution = self.vae.latent_channels, resolution // f
+            latent = {
+                "vae": "vae",
+                "scaling_factor": self.scaling_factor,
+                "image_resolution": ds.resolution,
+                "image_channels": ds.channels,
+            }
+        unet = unet_preset(
+            cfg.preset,
+            in_channels=channels,
+            out_channels=channels,
+            num_classes=ds.num_classes if cfg.cond == "class" else 0,
+            cross_attention_dim=self.text_encoder.dim if self.text_encoder else None,
+        )
+        meta = {
+            "format": "latentforge",
+            "version": 1,
+            "kind": "diffusion",
+            "cond": cfg.cond,
+            "unet": unet.to_dict(),
+            "parameterization": {
+                "type": "vp",
+                "prediction": cfg.prediction,
+                "beta_schedule": cfg.beta_schedule,
+                "num_timesteps": 1000,
+                "min_snr_gamma": cfg.min_snr_gamma,
+                # pixel models live in [-1, 1]; latents have no such bound
+                "clip_denoised": None if latent else 1.0,
+            },
+            "data": {
+                "spec": cfg.data,
+                "resolution": resolution,
+                "channels": channels,
+                "num_classes": ds.num_classes if cfg.cond == "class" else 0,
+                "class_names": list(ds.class_names) if cfg.cond == "class" else [],
+            },
+            "sampling": {"sampler": "ddim", "steps": 50, "spacing": "trailing", "guidance": 1.0},
+        }
+        if latent:
+            meta["latent"] = latent
+        if self.text_encoder is not None:
+            meta["text_encoder"] = self.text_encoder.spec
+            meta["sampling"]["guidance"] = 3.0
+        return meta
+
+    def _maybe_cache_dataset(self) -> dict | None:
+        cache = super()._maybe_cache_dataset()
+        if self.vae is not None and self.cfg.cache_latents:
+            if cache is None:
+                from .loop import _collate
+
+                if len(self.dataset) > 200_000:
+                    raise UserError("--cache-latents needs a dataset of at most 200,000 images")
+                cache = _collate([self.dataset[i] for i in range(len(self.dataset))])
+            # Posterior moments once; each step still samples z ~ q(z | x) with its own noise.
+            with torch.no_grad():
+                moments = [self.vae.encode(chunk).moments for chunk in cache["image"].split(256)]
+            cache["moments"] = torch.cat(moments)
+            del cache["image"]
+        return cache
+
+    def latents(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        """Images -> scaled latents z ~ q(z | x) * scaling_factor (pixels when there is no VAE)."""
+        if self.vae is None:
+            return batch["image"]
+        from ..models.vae import DiagonalGaussian
+
+        with torch.no_grad():
+            if "moments" in batch:
+                posterior = DiagonalGaussian(batch["moments"])
+            else:
+                posterior = self.vae.encode(batch["image"])
+            return posterior.sample(g) * self.scaling_factor
+
+    def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        cond = {}
+        x0 = self.latents(batch, g)
+        drop = torch.rand((x0.shape[0],), generator=g) < self.cfg.label_dropout
+        if self.meta["unet"]["num_classes"]:
+            null = self.meta["unet"]["num_classes"]
+            labels = batch["label"]
+            cond["class_labels"] = torch.where(drop, torch.full_like(labels, null), labels)
+        if self.text_encoder is not None:
+            captions = [
+                "" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)
+            ]
+            cond["context"], cond["context_mask"] = self.text_encoder.encode(captions)
+        # DDP's gradient hooks live on the wrapper: run the loss through it.
+        self.denoiser.model = self.ddp
+        try:
+            return self.denoiser.loss(x0, g, **cond).mean()
+        finally:
+            self.denoiser.model = self.model
+
+    def sample_images(self, n: int = 16) -> torch.Tensor:
+        from ..pipelines.generate import LoadedModel, build_denoiser, generate
+
+        den = build_denoiser(self.meta, self.ema.state_dict())
+        model = LoadedModel(den, self.meta, self.out)
+        model.vae, model.text_encoder = self.vae, self.text_encoder
+        k = self.meta["unet"]["num_classes"]
+        labels = [i % k for i in range(n)] if k else None
+        prompts = None
+        if self.text_encoder is not None:
+            prompts = [self.dataset[i]["caption"] for i in range(n)]
+        return generate(model, labels=labels, prompts=prompts, num=n, seed=0, steps=20)
+
+    def save_model(self) -> None:
+        super().save_model()
+        if self.vae is not None:
+            # the model folder is self-contained: its VAE travels with it
+            dst = self.out / "vae"
+            if not dst.exists():
+                skip = shutil.ignore_patterns("checkpoints", "samples")
+                shutil.copytree(Path(self.cfg.vae), dst, ignore=skip)
