@@ -78,10 +78,10 @@ def read_png_metadata(path: str | Path) -> dict[str, str]:
 
 
 def save_gif(batches: list[torch.Tensor], path: str | Path, ms_per_frame: int = 120) -> None:
-    """One frame per (B, C, H, W) batch (tiled as a grid), small images scaled up 4x (nearest)."""
+    """One frame per (B, C, H, W) batch (two rows), small images scaled up (nearest)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = [to_pil(make_grid(b)) for b in batches]
+    frames = [to_pil(make_grid(b, nrow=(len(b) + 1) // 2)) for b in batches]
     if frames[0].width < 256:
         scale = max(1, 256 // frames[0].width)
         frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]

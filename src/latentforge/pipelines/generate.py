@@ -270,7 +270,8 @@ def generate_to_png(
     **params,
 ) -> dict:
     """Generate, write a grid PNG whose text chunks hold every parameter (so `--from-png`
-    reproduces it bit-exactly), and optionally a GIF of the per-step x0 estimates."""
+    reproduces it bit-exactly), and optionally a GIF with, at every step, the noisy state (first
+    row) and the x0 estimate (second row), decoded."""
     from ..io.images import save_grid
 
     model = load_diffusion_model(model_dir)
@@ -285,7 +286,9 @@ def generate_to_png(
     if preview:
 
         def callback(step, sigma, x, denoised):
-            frames.append(model.decode(denoised).clamp(-1, 1))
+            # the noisy state (shown as x_t = x / sqrt(1 + sigma^2)) beside the x0 estimate
+            noisy = model.decode(x / (1 + sigma**2).sqrt()).clamp(-1, 1)
+            frames.append(torch.cat([noisy, model.decode(denoised).clamp(-1, 1)]))
 
     images = generate(
         model, **cond_kwargs, negative=negative or None, sampler=sampler, steps=steps,
@@ -302,7 +305,7 @@ def generate_to_png(
     if preview:
         from ..io.images import save_gif
 
-        save_gif([*frames, images], preview)
+        save_gif([*frames, torch.cat([images, images])], preview)
     return {"num": num, "conditioning": what, **meta}
 
 

