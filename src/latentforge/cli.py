@@ -158,6 +158,24 @@ def generate(prompt, model_dir, negative, guidance, out, preview, from_png, **op
     click.echo(f"wrote {info['num']} image(s) ({info['conditioning']}) to {out}")
 
 
+# ----- bench -----------------------------------------------------------------------------------
+BENCHMARKS = {
+    "samplers": "latentforge.benchmarks.samplers",
+    "latent-vs-pixel": "latentforge.benchmarks.latent_pixel",
+    "unet": "latentforge.benchmarks.unet",
+}
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", type=click.Choice(sorted(BENCHMARKS)))
+@click.pass_context
+def bench(ctx: click.Context, name: str) -> int:
+    """Run a benchmark (prints a table, or JSON with --json); `bench NAME --help` for options."""
+    import importlib
+
+    return importlib.import_module(BENCHMARKS[name]).main(list(ctx.args))
+
+
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 

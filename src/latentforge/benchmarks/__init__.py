@@ -1,0 +1,1 @@
+"""Benchmarks behind `latentforge bench NAME`; each module has main(argv) -> int."""

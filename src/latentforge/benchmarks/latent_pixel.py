@@ -1,0 +1,153 @@
+"""`latentforge bench latent-vs-pixel`: the latent-diffusion speed-up (Rombach et al. 2022).
+
+Same U-Net preset, same data (shapes:64 by default): a pixel model on 3x64x64 images against a
+latent model on the 4x16x16 latents of an f=4 VAE. Prints training images/s (latents encoded
+per step, and cached once), sampling images/s at 20 NFE including the VAE decode, and, when
+trained models are given, a quality figure for each (Fréchet distance on 8x8-pooled pixels,
+lower is better) plus the VAE's reconstruction PSNR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .. import sampling
+from ..denoisers import make_denoiser
+from ..metrics.fd import fd
+from ..models.presets import unet_preset
+from ..models.unet import UNet
+from ..models.vae import AutoencoderKL, vae_preset
+from ..pipelines.generate import LoadedModel, generate, load_diffusion_model, load_vae
+from ..training.data import load_dataset
+
+PARAM = {"type": "vp", "prediction": "eps", "beta_schedule": "cosine"}
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def _train_rate(den, opt, x_fn, batch: int, repeats: int) -> float:
+    def step():
+        loss = den.loss(x_fn(), torch.Generator().manual_seed(0)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return batch / _timed(step, repeats)
+
+
+def _model(folder, preset, shape, vae=None, scaling=1.0) -> LoadedModel:
+    if folder:
+        return load_diffusion_model(folder)
+    c, r = shape[0], shape[1]
+    den = make_denoiser(UNet(unet_preset(preset, in_channels=c, out_channels=c)), PARAM)
+    meta = {"data": {"channels": c, "resolution": r}, "unet": {"num_classes": 0}}
+    if vae is not None:
+        meta["latent"] = {"scaling_factor": scaling, "image_resolution": r * 4, "image_channels": 3}
+    model = LoadedModel(den.eval(), meta, None)
+    model.vae = vae
+    return model
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    ds = load_dataset(args.data)
+    images = torch.stack([ds[i]["image"] for i in range(args.batch_size)])
+    if args.vae:
+        vae, vae_meta = load_vae(args.vae)
+        scaling, psnr = vae_meta["scaling_factor"], vae_meta.get("eval", {}).get("psnr_db")
+    else:
+        vae, scaling, psnr = AutoencoderKL(vae_preset("f4-tiny")).eval(), 1.0, None
+    f, lc = vae.downsample_factor, vae.latent_channels
+    res = ds.resolution
+
+    pixel = _model(args.pixel_model, args.preset, (3, res))
+    latent = _model(args.latent_model, args.preset, (lc, res // f), vae, scaling)
+
+    # training throughput (fresh trainable copies so timings do not depend on loaded weights)
+    p_den = make_denoiser(UNet(unet_preset(args.preset)).train(), PARAM)
+    l_den = make_denoiser(
+        UNet(unet_preset(args.preset, in_channels=lc, out_channels=lc)).train(), PARAM
+    )
+    p_opt = torch.optim.AdamW(p_den.parameters(), lr=1e-4)
+    l_opt = torch.optim.AdamW(l_den.parameters(), lr=1e-4)
+    with torch.no_grad():
+        cached = vae.encode(images).sample(torch.Generator().manual_seed(0)) * scaling
+
+    def encode_per_step():
+        with torch.no_grad():
+            return vae.encode(images).sample(torch.Generator().manual_seed(0)) * scaling
+
+    train_pixel = _train_rate(p_den, p_opt, lambda: images, args.batch_size, args.repeats)
+    train_latent = _train_rate(l_den, l_opt, encode_per_step, args.batch_size, args.repeats)
+    train_cached = _train_rate(l_den, l_opt, lambda: cached, args.batch_size, args.repeats)
+
+    def sampler(model):
+        return lambda: generate(model, num=args.batch_size, steps=args.nfe, sampler="ddim")
+
+    sample_pixel = args.batch_size / _timed(sampler(pixel), 1)
+    sample_latent = args.batch_size / _timed(sampler(latent), 1)
+
+    result = {
+        "data": args.data,
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "nfe": args.nfe,
+        "threads": torch.get_num_threads(),
+        "pixel_shape": [3, res, res],
+        "latent_shape": [lc, res // f, res // f],
+        "train_images_per_s": {
+            "pixel": round(train_pixel, 2),
+            "latent": round(train_latent, 2),
+            "latent_cached": round(train_cached, 2),
+        },
+        "sample_images_per_s": {"pixel": round(sample_pixel, 2), "latent": round(sample_latent, 2)},
+        "train_speedup": round(train_latent / train_pixel, 2),
+        "train_speedup_cached": round(train_cached / train_pixel, 2),
+        "sample_speedup": round(sample_latent / sample_pixel, 2),
+        "quality_metric": "fd_pooled8 (Fréchet distance, 8x8-pooled RGB, lower is better)",
+        "quality_pixel": None,
+        "quality_latent": None,
+        "vae_psnr_db": psnr,
+    }
+    if args.pixel_model and args.latent_model:
+        real = torch.stack([ds[len(ds) - 1 - i]["image"] for i in range(args.quality_n)])
+        for name, model in (("pixel", pixel), ("latent", latent)):
+            fake = torch.cat([
+                generate(model, num=64, seed=s, steps=args.nfe)
+                for s in range(0, args.quality_n, 64)
+            ])[: args.quality_n]  # fmt: skip
+            result[f"quality_{name}"] = round(fd(fake, real), 4)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="latentforge bench latent-vs-pixel", description=__doc__)
+    p.add_argument("--data", default="shapes:64")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3, help="timed training steps")
+    p.add_argument("--vae", help="trained VAE folder (scaling factor, PSNR)")
+    p.add_argument("--pixel-model", help="trained pixel model folder (quality)")
+    p.add_argument("--latent-model", help="trained latent model folder (quality)")
+    p.add_argument("--quality-n", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    sampling.get_sampler("ddim")
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:>22}: {v}")
+    return 0
