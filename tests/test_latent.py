@@ -85,3 +85,14 @@ def test_latent_errors(tiny_vae, tiny_digits_model, tmp_path):
         train_diffusion(TrainConfig(data="digits", out=str(tmp_path), vae=str(tiny_vae)))
     with pytest.raises(UserError, match="not a VAE"):
         load_vae(tiny_digits_model)
+
+
+def test_cheap_preview_uses_the_fitted_map(tiny_vae, tmp_path):
+    meta = json.loads((tiny_vae / "model.json").read_text())
+    assert len(meta["latent_rgb"]) == 3 and len(meta["latent_rgb"][0]) == 5  # (3, C + 1)
+    cfg = TrainConfig(data="shapes:32", out=str(tmp_path), vae=str(tiny_vae), max_steps=1,
+                      batch_size=2, sample_every=0, quiet=True)  # fmt: skip
+    train_diffusion(cfg)
+    model = load_diffusion_model(tmp_path)
+    z = torch.randn(2, 4, 8, 8)
+    assert model.preview(z).shape == (2, 3, 8, 8)  # latent resolution, no decoder pass

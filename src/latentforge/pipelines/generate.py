@@ -77,6 +77,17 @@ class LoadedModel:
         return self.vae.encode(images).mode() * self.scaling_factor
 
     @torch.no_grad()
+    def preview(self, x: torch.Tensor) -> torch.Tensor:
+        """A cheap image of x for live display: the VAE's fitted linear latent->RGB map when it
+        has one (no decoder pass), else the full decode."""
+        rgb_map = getattr(self.vae, "latent_rgb", None)
+        if rgb_map is None:
+            return self.decode(x)
+        from ..models.vae import latent_to_rgb_preview
+
+        return latent_to_rgb_preview(x / self.scaling_factor, rgb_map)
+
+    @torch.no_grad()
     def decode(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
         """The denoiser's space -> images in [-1, 1]; `tile_size` (latent pixels) bounds memory."""
         if self.vae is None:
@@ -101,6 +112,8 @@ def load_vae(path: str | Path) -> tuple[nn.Module, dict]:
         raise UserError(f"{path}: model kind {meta.get('kind')!r} is not a VAE")
     vae = AutoencoderKL(VAEConfig.from_dict(meta["vae"]))
     load_state_strict(vae, state, "VAE")
+    if meta.get("latent_rgb"):
+        vae.latent_rgb = torch.tensor(meta["latent_rgb"])
     return vae.eval().requires_grad_(False), meta
 
 

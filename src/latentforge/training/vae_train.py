@@ -14,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..io.checkpoint import save_model_folder
+from ..models.vae import fit_latent_rgb_map
 from .loop import Trainer, run_training
 
 
@@ -91,8 +92,12 @@ class VAETrainer(Trainer):
             latents.append(posterior.sample(torch.Generator().manual_seed(0)))
             recons.append(self.ema.decode(posterior.mode()))
         z = torch.cat(latents)
+        rgb_map = fit_latent_rgb_map(self.ema, images) if images.shape[1] == 3 else None
         return {
             "scaling_factor": 1.0 / z.flatten().std().item(),
+            "latent_rgb": None
+            if rgb_map is None
+            else [[round(v, 6) for v in row] for row in rgb_map.tolist()],
             "psnr_db": round(psnr_db(torch.cat(recons), images), 3),
             "eval_images": len(images),
         }
@@ -108,6 +113,7 @@ class VAETrainer(Trainer):
         m = self.measure()
         meta = dict(self.meta)
         meta["scaling_factor"] = m.pop("scaling_factor")
+        meta["latent_rgb"] = m.pop("latent_rgb")  # cheap live previews (models/vae.py)
         meta["eval"] = m
         meta["training"] = {
             "step": self.step,
