@@ -1,0 +1,173 @@
+"""`latentforge img2img | inpaint | interpolate`: load files, call the pipelines, write files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+def _common_options(f):
+    """--model, sampling and output options shared by the editing commands."""
+    from ..sampling import SAMPLERS
+
+    for opt in reversed([
+        click.option("--model", "model_dir", default=None, type=click.Path(),
+                     help="model folder (default: the embedded model)"),
+        click.option("--sampler", default=None, help=f"one of {', '.join(sorted(SAMPLERS))}"),
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="steps of the full schedule (model default)"),
+        click.option("--spacing", default=None, help="noise-level spacing (karras, trailing...)"),
+        click.option("--guidance", type=float, default=None, help="classifier-free guidance"),
+        click.option("--negative", default="", help="negative prompt (text models)"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--num", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--out", default="out.png", show_default=True,
+                     type=click.Path(dir_okay=False)),
+    ]):  # fmt: skip
+        f = opt(f)
+    return f
+
+
+def _load(path: str, shape: tuple[int, int, int], mode: str = "bicubic") -> torch.Tensor:
+    """An image file -> (1, C, H, W) in [-1, 1], resized to the model's (C, H, W)."""
+    from ..io.images import load_image
+
+    image = load_image(path, shape[0])[None]
+    if tuple(image.shape[-2:]) != shape[1:]:
+        smooth = {"antialias": True} if mode == "bicubic" else {}
+        image = F.interpolate(image, size=shape[1:], mode=mode, **smooth).clamp(-1, 1)
+    return image
+
+
+def _load_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A mask file (white = regenerate) -> (1, 1, H, W) in {0, 1}, resized nearest."""
+    mask = (_load(path, (1, *size), mode="nearest") + 1) / 2
+    return (mask > 0.5).float()
+
+
+def _save(images: torch.Tensor, out: str, **meta) -> None:
+    """One image as itself (so edits chain), several as a grid; parameters in the PNG text."""
+    from ..io.images import save_grid, save_png
+
+    if len(images) == 1:
+        save_png(images[0], out, meta)
+    else:
+        save_grid(images, out, **meta)
+
+
+def _model_and_cond(model_dir, prompt: str):
+    from ..pipelines.generate import describe_conditioning, load_diffusion_model
+
+    model = load_diffusion_model(model_dir)
+    cond, what = describe_conditioning(model, prompt or "")
+    return model, cond, what
+
+
+@click.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("prompt", required=False, default="")
+@click.option("--strength", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="0 keeps the image, 1 ignores it (text-to-image)")  # fmt: skip
+@_common_options
+def img2img(image, prompt, strength, model_dir, negative, out, **opts) -> None:
+    """Redraw IMAGE towards PROMPT (SDEdit); a rough sketch works as IMAGE."""
+    from ..pipelines.img2img import img2img as run
+
+    model, cond, what = _model_and_cond(model_dir, prompt)
+    images = run(model, _load(image, model.output_shape), strength=strength,
+                 negative=negative or None, **cond, **opts)  # fmt: skip
+    _save(images, out, prompt=prompt, strength=strength, **_meta(opts))
+    click.echo(f"wrote {len(images)} image(s) ({what}, strength {strength}) to {out}")
+
+
+@click.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("mask", type=click.Path(dir_okay=False))
+@click.argument("prompt", required=False, default="")
+@click.option("--resample", type=click.IntRange(min=1), default=1, show_default=True,
+              help="RePaint: run each stretch of steps N times")  # fmt: skip
+@click.option("--jump", type=click.IntRange(min=1), default=1, show_default=True,
+              help="RePaint: steps per stretch before jumping back up")  # fmt: skip
+@click.option("--feather", type=click.IntRange(min=0), default=0, show_default=True,
+              help="soften the seam over this many pixels inside the mask")  # fmt: skip
+@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="below 1: start the masked region from the noised image")  # fmt: skip
+@_common_options
+def inpaint(image, mask, prompt, model_dir, negative, out, **opts) -> None:
+    """Regenerate the white part of MASK in IMAGE (training-free; kept pixels stay exact)."""
+    from ..pipelines.inpaint import inpaint as run
+
+    model, cond, what = _model_and_cond(model_dir, prompt)
+    picture = _load(image, model.output_shape)
+    masks = _load_mask(mask, model.output_shape[1:])
+    images = run(model, picture, masks, negative=negative or None, **cond, **opts)
+    _save(images, out, prompt=prompt, **_meta(opts))
+    click.echo(f"wrote {len(images)} image(s) ({what}) to {out}")
+
+
+def _meta(opts: dict) -> dict:
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _label_or_prompt(model, label: str | None, prompt: str | None) -> tuple[int | None, str]:
+    """(class label, prompt) for one end of an interpolation."""
+    from ..cli import _parse_label
+    from ..pipelines.generate import labels_from_prompt
+
+    if label is not None:
+        return _parse_label(label, model.class_names, model.num_classes), ""
+    if prompt and model.num_classes:
+        return labels_from_prompt(prompt, model.class_names), ""
+    return None, prompt or ""
+
+
+@click.command()
+@click.argument("images", nargs=-1, metavar="[A B]", type=click.Path(dir_okay=False))
+@click.option("--seeds", type=(int, int), default=None,
+              help="walk between the prior noises of two seeds instead of two images")  # fmt: skip
+@click.option("--label-a", default=None, help="class (index or name) of A")
+@click.option("--label-b", default=None, help="class (index or name) of B")
+@click.option("--prompt-a", default=None, help="prompt for A (class models: names the class)")
+@click.option("--prompt-b", default=None, help="prompt for B")
+@click.option("--frames", type=click.IntRange(min=2), default=8, show_default=True)
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="model folder")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps")
+@click.option("--spacing", default=None, help="noise-level spacing (karras, trailing...)")
+@click.option(
+    "--guidance",
+    type=float,
+    default=None,
+    help="classifier-free guidance (default 1 for images, model default for seeds)",
+)
+@click.option("--ms-per-frame", type=click.IntRange(min=10), default=120, show_default=True)
+@click.option("--out", default="walk.gif", show_default=True, type=click.Path(dir_okay=False),
+              help=".gif: an animation; otherwise a PNG strip")  # fmt: skip
+def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, model_dir, steps,
+                spacing, guidance, ms_per_frame, out) -> None:  # fmt: skip
+    """Morph image A into image B (DDIM inversion + slerp), or walk between two --seeds."""
+    from ..io.images import save_gif, save_grid
+    from ..pipelines import interpolate as pipe
+    from ..pipelines.generate import load_diffusion_model
+
+    if bool(images) == bool(seeds) or len(images) not in (0, 2):
+        raise UserError("give two images A B, or --seeds A B (not both)")
+    model = load_diffusion_model(model_dir)
+    la, pa = _label_or_prompt(model, label_a, prompt_a)
+    lb, pb = _label_or_prompt(model, label_b, prompt_b)
+    kw = {"frames": frames, "labels_a": la, "labels_b": lb, "prompts_a": pa, "prompts_b": pb,
+          "steps": steps, "spacing": spacing}  # fmt: skip
+    if seeds:
+        result = pipe.walk(model, *seeds, guidance=guidance, **kw)
+    else:
+        a, b = (_load(p, model.output_shape) for p in images)
+        result = pipe.interpolate(model, a, b, guidance=1.0 if guidance is None else guidance, **kw)
+    if Path(out).suffix.lower() == ".gif":
+        save_gif([frame[None] for frame in result], out, ms_per_frame=ms_per_frame)
+    else:
+        save_grid(result, out, nrow=len(result))
+    click.echo(f"wrote {len(result)} frames to {out}")

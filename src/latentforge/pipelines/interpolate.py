@@ -1,0 +1,226 @@
+"""Interpolation between images (DDIM inversion) and latent walks between seeds.
+
+`invert` integrates the probability-flow ODE upwards, from the lowest noise level of the
+schedule to the highest, with the DDIM (= Euler in sigma) update: `sampling.sample("ddim")`
+over the ascending levels, since x <- x + (x - D(x, sigma_i)) / sigma_i * (sigma_{i+1} - sigma_i)
+is the same formula in either direction (Song et al. 2021, sec. 4.3; Dhariwal & Nichol 2021,
+app. F). The image stands in for x at the lowest level (the step from sigma = 0 to sigma_min
+moves x by O(sigma_min^2)). Decoding runs DDIM down over the same levels, so invert + decode
+reconstructs the image up to the discretisation error of the ODE solver.
+
+Conditioning between two classes / prompts cannot be interpolated as embeddings through the
+denoiser contract (a class model embeds integer labels inside the network), so frame t uses
+the mixed denoiser (1 - t) D(x | cond_a) + t D(x | cond_b), one batched forward (the same
+linear blend classifier-free guidance uses). Frames at t = 0 and t = 1 use one condition only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import sampling
+from ..errors import UserError
+from .generate import LoadedModel, conditioning, make_sigmas, sampling_defaults
+from .img2img import batch_images
+
+ODE_SAMPLER = "ddim"  # eta defaults to 0: deterministic, and invertible step for step
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985) between rows of a and b (B, ...), the
+    angle taken over all non-batch dims; t is a float or (B,). Exact at t = 0 and t = 1;
+    linear interpolation where a and b are (nearly) parallel."""
+    a64, b64 = a.flatten(1).double(), b.flatten(1).double()  # (B, D)
+    t = torch.as_tensor(t, dtype=torch.float64, device=a.device).reshape(-1, 1)  # (B or 1, 1)
+    norms = a64.norm(dim=1, keepdim=True) * b64.norm(dim=1, keepdim=True)  # (B, 1)
+    cos = (a64 * b64).sum(1, keepdim=True) / norms.clamp(min=1e-30)
+    theta = cos.clamp(-1, 1).acos()
+    sin = theta.sin()
+    parallel = sin.abs() < 1e-6
+    safe = torch.where(parallel, torch.ones_like(sin), sin)
+    wa = torch.where(parallel, 1 - t, ((1 - t) * theta).sin() / safe)
+    wb = torch.where(parallel, t, (t * theta).sin() / safe)
+    return (wa * a64 + wb * b64).reshape(torch.broadcast_shapes(a.shape, b.shape)).to(a.dtype)
+
+
+class MixedCondDenoiser(nn.Module):
+    """(1 - w_i) D(x_i | cond_a) + w_i D(x_i | cond_b) per image i, in one batched forward."""
+
+    def __init__(self, denoiser: nn.Module, cond_a: dict, cond_b: dict, weights: torch.Tensor):
+        super().__init__()
+        self.inner = denoiser
+        self.cond_a, self.cond_b, self.weights = cond_a, cond_b, weights
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        both = {k: torch.cat([self.cond_a[k], self.cond_b[k]]) for k in self.cond_a}
+        d_a, d_b = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        w = self.weights.to(x).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return (1 - w) * d_a + w * d_b  # exactly d_a at w = 0 and d_b at w = 1
+
+
+def _mixed_conditioning(
+    model: LoadedModel, weights: torch.Tensor, guidance: float, labels: list, prompts: list
+) -> tuple[nn.Module, dict]:
+    """The denoiser and cond for frames blending condition a (labels[0], prompts[0]) into
+    condition b; a single condition when the two are the same."""
+    n = len(weights)
+    if labels[0] == labels[1] and prompts[0] == prompts[1]:
+        return conditioning(model, n, labels=labels[:1], prompts=prompts[:1], guidance=guidance)
+    # 2n rows (n of a, then n of b), so a CFG wrapper's unconditional rows match the batch
+    denoiser, cond = conditioning(
+        model, 2 * n, labels=[labels[0]] * n + [labels[1]] * n,
+        prompts=[prompts[0]] * n + [prompts[1]] * n, guidance=guidance,
+    )  # fmt: skip
+    if not cond:  # an unconditional model: nothing to blend
+        return denoiser, {}
+    cond_a = {k: v[:n] for k, v in cond.items()}
+    cond_b = {k: v[n:] for k, v in cond.items()}
+    return MixedCondDenoiser(denoiser, cond_a, cond_b, weights), {}
+
+
+def _check_frames(frames: int) -> None:
+    if not isinstance(frames, int) or frames < 2:
+        raise UserError(f"frames must be an integer >= 2, got {frames!r}")
+
+
+@torch.no_grad()
+def invert(
+    model: LoadedModel,
+    images: torch.Tensor,
+    *,
+    steps: int | None = None,
+    labels: list[int | None] | None = None,
+    prompts: list[str] | None = None,
+    spacing: str | None = None,
+    guidance: float = 1.0,
+    callback: sampling.Callback = None,
+) -> torch.Tensor:
+    """Deterministic DDIM inversion: images (B, C, H, W) in [-1, 1] -> x at the schedule's top
+    level (what DDIM with the same steps / spacing / conditioning decodes back to the images).
+    Guidance other than 1 is allowed but makes the inversion inexact."""
+    _, steps, guidance = sampling_defaults(model, ODE_SAMPLER, steps, guidance)
+    images = batch_images(images, 1, model.output_shape)
+    upward = make_sigmas(model, steps, spacing)[:-1].flip(0)  # sigma_min ... sigma_max
+    denoiser, cond = conditioning(
+        model, images.shape[0], labels=labels, prompts=prompts, guidance=guidance
+    )
+    z = model.encode(images)
+    return sampling.sample(ODE_SAMPLER, denoiser, z, upward, cond=cond, callback=callback)
+
+
+@torch.no_grad()
+def decode_noise(
+    model: LoadedModel,
+    x: torch.Tensor,
+    *,
+    steps: int | None = None,
+    labels: list[int | None] | None = None,
+    prompts: list[str] | None = None,
+    spacing: str | None = None,
+    guidance: float = 1.0,
+    sampler: str = ODE_SAMPLER,
+    callback: sampling.Callback = None,
+) -> torch.Tensor:
+    """The inverse of `invert`: DDIM from x at the top level down to images in [-1, 1]."""
+    _, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
+    sigmas = make_sigmas(model, steps, spacing)
+    denoiser, cond = conditioning(model, x.shape[0], labels=labels, prompts=prompts,
+                                  guidance=guidance)  # fmt: skip
+    out = sampling.sample(sampler, denoiser, x, sigmas, cond=cond, callback=callback)
+    return model.decode(out).clamp(-1, 1)
+
+
+def _walk_frames(
+    model: LoadedModel,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    frames: int,
+    sigmas: torch.Tensor,
+    sampler: str,
+    guidance: float,
+    labels: list,
+    prompts: list,
+    callback: sampling.Callback,
+) -> torch.Tensor:
+    """Slerp x_a -> x_b (each (1, ...)) over `frames` steps and sample every frame with the
+    deterministic `sampler`, conditioning blended a -> b; returns (frames, C, H, W)."""
+    t = torch.linspace(0, 1, frames, dtype=torch.float64)
+    x = slerp(x_a.expand(frames, *x_a.shape[1:]), x_b.expand(frames, *x_b.shape[1:]), t)
+    denoiser, cond = _mixed_conditioning(model, t, guidance, labels, prompts)
+    out = sampling.sample(sampler, denoiser, x, sigmas, cond=cond, callback=callback)
+    return model.decode(out).clamp(-1, 1)
+
+
+@torch.no_grad()
+def interpolate(
+    model: LoadedModel,
+    image_a: torch.Tensor,
+    image_b: torch.Tensor,
+    *,
+    frames: int = 8,
+    labels_a: int | None = None,
+    labels_b: int | None = None,
+    prompts_a: str | None = None,
+    prompts_b: str | None = None,
+    steps: int | None = None,
+    spacing: str | None = None,
+    guidance: float = 1.0,
+    callback: sampling.Callback = None,
+) -> torch.Tensor:
+    """Frames (frames, C, H, W) in [-1, 1] morphing image_a into image_b: DDIM-invert both
+    (each with its own label / prompt), slerp the two noises, DDIM-decode every frame with the
+    conditioning blended as described in the module docstring. The end frames reconstruct the
+    two images (up to the ODE solver's error)."""
+    _check_frames(frames)
+    _, steps, guidance = sampling_defaults(model, ODE_SAMPLER, steps, guidance)
+    kw = {"steps": steps, "spacing": spacing, "guidance": guidance}
+    x_a = invert(model, image_a, labels=[labels_a], prompts=[prompts_a or ""], **kw)
+    x_b = invert(model, image_b, labels=[labels_b], prompts=[prompts_b or ""], **kw)
+    return _walk_frames(
+        model, x_a[:1], x_b[:1], frames, make_sigmas(model, steps, spacing), ODE_SAMPLER,
+        guidance, [labels_a, labels_b], [prompts_a or "", prompts_b or ""], callback,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def walk(
+    model: LoadedModel,
+    seed_a: int,
+    seed_b: int,
+    *,
+    frames: int = 8,
+    labels_a: int | None = None,
+    labels_b: int | None = None,
+    prompts_a: str | None = None,
+    prompts_b: str | None = None,
+    sampler: str = ODE_SAMPLER,
+    steps: int | None = None,
+    spacing: str | None = None,
+    guidance: float | None = None,
+    callback: sampling.Callback = None,
+) -> torch.Tensor:
+    """A latent walk (frames, C, H, W): the prior noises of `generate` for seed_a and seed_b,
+    slerped, each frame sampled with a deterministic sampler, labels / prompts blended a -> b.
+    The end frames are what `generate(seed=seed_a | seed_b, sampler=sampler)` draws."""
+    _check_frames(frames)
+    if sampler in sampling.STOCHASTIC:
+        raise UserError(f"walk needs a deterministic sampler, not {sampler!r}")
+    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
+    sigmas = make_sigmas(model, steps, spacing)
+    shape = (1, *model.image_shape)
+    x_a, x_b = (
+        sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), sampling.BatchGenerator([s]))
+        for s in (seed_a, seed_b)
+    )
+    return _walk_frames(
+        model, x_a, x_b, frames, sigmas, sampler, guidance, [labels_a, labels_b],
+        [prompts_a or "", prompts_b or ""], callback,
+    )  # fmt: skip
