@@ -96,3 +96,22 @@ def test_cheap_preview_uses_the_fitted_map(tiny_vae, tmp_path):
     model = load_diffusion_model(tmp_path)
     z = torch.randn(2, 4, 8, 8)
     assert model.preview(z).shape == (2, 3, 8, 8)  # latent resolution, no decoder pass
+
+
+def test_vae_with_patch_discriminator_resumes_exactly(tmp_path):
+    """The discriminator and its optimizer are checkpointed: resume == uninterrupted run."""
+    from safetensors.torch import load_file
+
+    def cfg(out, steps):
+        return VAETrainConfig(
+            data="shapes:16", out=str(out), max_steps=steps, batch_size=2, disc_start=1,
+            sample_every=0, ckpt_every=2, eval_images=8, quiet=True,
+        )  # fmt: skip
+
+    train_vae(cfg(tmp_path / "a", 4))
+    train_vae(cfg(tmp_path / "b", 2))
+    train_vae(cfg(tmp_path / "b", 4), resume=True)
+    for name in ("model", "disc", "disc_optimizer"):
+        a = load_file(tmp_path / "a/checkpoints/step-0000004" / f"{name}.safetensors")
+        b = load_file(tmp_path / "b/checkpoints/step-0000004" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -65,6 +65,8 @@ class TrainConfig:
     cache_latents: bool = False  # encode the dataset once (posterior moments) instead of per step
     text_encoder: str = "minilm"
     quiet: bool = False
+    task: str = "generate"  # generate | superres | inpaint (training/tasks.py)
+    scale: int = 4  # superres: the upscaling factor, 2 or 4
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
@@ -191,18 +193,23 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_tensors_atomic(tmp / "model.safetensors", self.model.state_dict())
-        save_tensors_atomic(tmp / "ema.safetensors", self.ema.state_dict())
-        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
-        save_tensors_atomic(tmp / "optimizer.safetensors", opt_tensors)
-        write_json_atomic(
-            tmp / "state.json",
-            {"step": self.step, "optimizer": opt_meta, "config": dataclasses.asdict(self.cfg)},
-        )
+        opt_meta = {}
+        for name, obj in self.checkpointed().items():
+            if isinstance(obj, torch.optim.Optimizer):
+                tensors, opt_meta[name] = _flatten_optimizer(obj.state_dict())
+            else:
+                tensors = obj.state_dict()
+            save_tensors_atomic(tmp / f"{name}.safetensors", tensors)
+        state = {"step": self.step, "optimizers": opt_meta, "config": dataclasses.asdict(self.cfg)}
+        write_json_atomic(tmp / "state.json", state)
         replace_dir_atomic(tmp, final)
         for old in sorted(ckdir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         self.save_model()
+
+    def checkpointed(self) -> dict:
+        """Everything a checkpoint holds, by file name: modules and optimizers."""
+        return {"model": self.model, "ema": self.ema, "optimizer": self.opt}
 
     def save_model(self) -> None:
         """The usable model folder (EMA weights) beside the checkpoints, refreshed at each save."""
@@ -230,11 +237,13 @@ class Trainer:
                     f"cannot resume: --{key.replace('_', '-')} was {old.get(key)!r} in {last}, "
                     f"now {getattr(self.cfg, key)!r}"
                 )
-        self.model.load_state_dict(load_tensors(last / "model.safetensors"))
-        self.ema.load_state_dict(load_tensors(last / "ema.safetensors"))
-        self.opt.load_state_dict(
-            _unflatten_optimizer(load_tensors(last / "optimizer.safetensors"), state["optimizer"])
-        )
+        opt_meta = state.get("optimizers") or {"optimizer": state["optimizer"]}
+        for name, obj in self.checkpointed().items():
+            tensors = load_tensors(last / f"{name}.safetensors")
+            if isinstance(obj, torch.optim.Optimizer):
+                obj.load_state_dict(_unflatten_optimizer(tensors, opt_meta[name]))
+            else:
+                obj.load_state_dict(tensors)
         self.step = state["step"]
         return True
 
@@ -345,6 +354,6 @@ def run_training(trainer_cls, cfg, resume: bool = False) -> int:
 
 
 def train_diffusion(cfg: TrainConfig, resume: bool = False) -> int:
-    from .diffusion import DiffusionTrainer
+    from .tasks import trainer_for
 
-    return run_training(DiffusionTrainer, cfg, resume)
+    return run_training(trainer_for(cfg.task), cfg, resume)

@@ -32,6 +32,8 @@ class VAETrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     kl_weight: float = 1e-6
+    disc_start: int = 0  # > 0: switch the patch discriminator on at this step (0: never)
+    disc_weight: float = 0.1
     loss: str = "l1"
     bf16: bool = False
     seed: int = 0
@@ -57,6 +59,14 @@ class VAETrainer(Trainer):
         self.config = vae_preset(self.cfg.preset, in_channels=self.dataset.channels,
                                  out_channels=self.dataset.channels)  # fmt: skip
         self.model = AutoencoderKL(self.config)
+        self.disc = self.disc_opt = self._fake = None
+        if self.cfg.disc_start:
+            from ..models.discriminator import PatchDiscriminator
+
+            self.disc = PatchDiscriminator(self.dataset.channels)
+            self.disc_opt = torch.optim.AdamW(
+                self.disc.parameters(), lr=self.cfg.lr, betas=(0.5, 0.9)
+            )
         self.meta = {
             "format": "latentforge",
             "version": 1,
@@ -76,7 +86,34 @@ class VAETrainer(Trainer):
         rec = diff.abs().mean() if self.cfg.loss == "l1" else diff.pow(2).mean()
         # LDM weights the per-image KL *sum* against the per-image reconstruction *sum*.
         kl = posterior.kl().mean() / x[0].numel()
-        return rec + self.cfg.kl_weight * kl
+        loss = rec + self.cfg.kl_weight * kl
+        if self._adversarial():
+            self._fake = recon.detach()
+            self.disc.requires_grad_(False)
+            loss = loss - self.cfg.disc_weight * self.disc(recon).mean()  # generator hinge term
+            self.disc.requires_grad_(True)
+        return loss
+
+    def _adversarial(self) -> bool:
+        return self.disc is not None and self.step >= self.cfg.disc_start
+
+    def train_step(self) -> float:
+        """The autoencoder step, then (once adversarial) one discriminator step on its batch."""
+        loss = super().train_step()
+        if self._fake is not None:
+            from ..models.discriminator import hinge_d_loss
+
+            real = self.batch(self.step - 1, self.cfg.grad_accum - 1)["image"]
+            d_loss = hinge_d_loss(self.disc(real), self.disc(self._fake))
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+            self._fake = None
+        return loss
+
+    def checkpointed(self) -> dict:
+        extra = {"disc": self.disc, "disc_optimizer": self.disc_opt} if self.disc else {}
+        return {**super().checkpointed(), **extra}
 
     def _held_out(self) -> torch.Tensor:
         """Fixed evaluation images: the last indices of the dataset (a deterministic sample)."""
