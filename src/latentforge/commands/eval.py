@@ -1,0 +1,107 @@
+"""`latentforge eval prompts|digits`: score a model with the project's evaluators."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+
+def _common_options(f):
+    f = click.option("--quiet", is_flag=True, help="no progress bar")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(f)
+    f = click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="images per sampling batch")(f)  # fmt: skip
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (model default)")(f)  # fmt: skip
+    f = click.option("--sampler", default=None, help="sampler name (model default)")(f)
+    f = click.option("--model", "model_dir", default=None, type=click.Path(),
+                     help="model folder (default: the embedded model)")(f)  # fmt: skip
+    return f
+
+
+def _number(x: float) -> str:
+    return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.3f}"
+
+
+def _settings_line(what: str, settings: dict) -> str:
+    return (
+        f"{what} (sampler {settings['sampler']}, {settings['steps']} steps, "
+        f"guidance {settings['guidance']:g}, seed {settings['seed']})"
+    )
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Score a model: prompt following on shapes, class accuracy on digits."""
+
+
+@eval_group.command("prompts")
+@click.option(
+    "--prompts",
+    "prompt_file",
+    required=True,
+    help="prompt file (one a line) or a packaged set: shapes-seen, shapes-heldout",
+)
+@click.option("--per-prompt", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@_common_options
+def prompts_cmd(prompt_file, per_prompt, steps, model_dir, sampler, guidance, seed, batch,
+                as_json, quiet) -> None:  # fmt: skip
+    """Generate for every prompt and check colour, shape, size, position, relation and
+    background of what was drawn (shapes models)."""
+    from ..metrics.shapes_eval import evaluate_prompts, load_prompts
+    from ..pipelines.generate import load_diffusion_model
+
+    prompts = load_prompts(prompt_file)
+    model = load_diffusion_model(model_dir)
+    result = evaluate_prompts(
+        model, prompts, per_prompt=per_prompt, seed=seed, sampler=sampler, steps=steps,
+        guidance=guidance, batch=batch, progress=not quiet,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    what = f"{result['n_prompts']} prompts x {per_prompt} images"
+    lines = [_settings_line(what, result["settings"]), ""]
+    lines.append(f"{'prompt accuracy':<22}{_number(result['prompt_accuracy'])}")
+    for split, acc in result["prompt_accuracy_by_split"].items():
+        lines.append(f"  {split + ' prompts':<20}{_number(acc)}")
+    lines.append("attribute accuracy")
+    for attr, acc in result["attribute_accuracy"].items():
+        lines.append(f"  {attr:<20}{_number(acc)}")
+    lines.append(f"{'images/s':<22}{result['images_per_s']:.2f}")
+    worst = sorted(result["per_prompt"], key=lambda r: r["accuracy"])[:5]
+    if worst and worst[0]["accuracy"] < 1:
+        lines += ["", "worst prompts"]
+        lines += [f"  {r['accuracy']:.2f}  {r['prompt']}" for r in worst if r["accuracy"] < 1]
+    click.echo("\n".join(lines))
+
+
+@eval_group.command("digits")
+@click.option("--per-class", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@_common_options
+def digits_cmd(per_class, steps, model_dir, sampler, guidance, seed, batch, as_json,
+               quiet) -> None:  # fmt: skip
+    """Generate every digit and score it with the project's digits classifier."""
+    from ..metrics.digits_eval import evaluate_digits
+    from ..pipelines.generate import load_diffusion_model
+
+    model = load_diffusion_model(model_dir)
+    result = evaluate_digits(
+        model, per_class=per_class, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+        batch=batch, progress=not quiet,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    what = f"10 digits x {per_class} images"
+    lines = [_settings_line(what, result["settings"]), ""]
+    lines.append(f"{'class accuracy':<22}{_number(result['class_accuracy'])}")
+    lines.append("  " + "  ".join(f"{d}:{acc:.2f}" for d, acc in result["per_class"].items()))
+    lines.append(f"{'classifier accuracy':<22}{_number(result['classifier_accuracy'])} (held out)")
+    lines.append(f"{'images/s':<22}{result['images_per_s']:.2f}")
+    click.echo("\n".join(lines))

@@ -1,0 +1,288 @@
+"""Evaluators: the shapes analyser against the renderer's ground truth, prompt matching, the
+digits classifier, both evaluation loops (stubbed and real) and the `eval` CLI."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from latentforge.cli import main
+from latentforge.errors import UserError
+from latentforge.io.images import from_pil
+from latentforge.metrics import shapes_eval
+from latentforge.metrics.digits_eval import digits_classifier, evaluate_digits
+from latentforge.metrics.shapes_eval import (
+    ATTRIBUTES,
+    analyse,
+    evaluate_prompts,
+    load_prompts,
+    make_prompts,
+    matches,
+    prompt_set_path,
+)
+from latentforge.pipelines.generate import load_diffusion_model
+from latentforge.training.shapes import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    canonical_caption,
+    is_held_out,
+    parse_prompt,
+    render_shapes,
+    shapes_record,
+)
+
+
+def _accuracy(records: list[dict]) -> tuple[float, dict[str, float]]:
+    """Prompt and per-attribute accuracy of the analyser on rendered records' captions."""
+    correct, per_attr = [], {}
+    for record in records:
+        m = matches(record["caption"], analyse(render_shapes(record)))
+        correct.append(all(m.values()))
+        for attr, ok in m.items():
+            per_attr.setdefault(attr, []).append(ok)
+    return float(np.mean(correct)), {a: float(np.mean(v)) for a, v in per_attr.items()}
+
+
+@pytest.mark.parametrize(("resolution", "n"), [(64, 300), (32, 200)])
+def test_analyser_reads_dataset_images(resolution, n):
+    records = [shapes_record(i, seed=0, resolution=resolution) for i in range(n)]
+    accuracy, per_attr = _accuracy(records)
+    assert accuracy >= 0.99, per_attr
+    assert set(per_attr) == set(ATTRIBUTES)  # two-object scenes state a relation
+    assert min(per_attr.values()) >= 0.99, per_attr
+
+
+def test_analyser_recovers_the_record():
+    record = shapes_record(3, seed=0)
+    found = analyse(render_shapes(record))
+    assert found["caption"] == record["caption"]
+    for want, got in zip(
+        sorted(record["objects"], key=lambda o: POSITIONS.index(o["position"])),
+        found["objects"],
+        strict=True,
+    ):
+        assert got["cx"] == pytest.approx(want["cx"], abs=0.5)
+        assert got["cy"] == pytest.approx(want["cy"], abs=0.5)
+        assert got["radius"] == pytest.approx(want["radius"], rel=0.1)
+    # a tensor in [-1, 1] reads the same as the PIL image
+    assert analyse(from_pil(render_shapes(record)))["caption"] == record["caption"]
+
+
+def _other(value, choices):
+    return next(c for c in choices if c != value)
+
+
+def _mismatch(record: dict, attr: str) -> str:
+    wrong = {**record, "objects": [dict(o) for o in record["objects"]]}
+    o = wrong["objects"][0]
+    if attr == "colour":
+        o["colour"] = _other(o["colour"], [c for c in COLOURS if c != record["background"]])
+    elif attr == "shape":
+        o["shape"] = _other(o["shape"], SHAPES)
+    elif attr == "size":
+        o["size"] = "small" if o["size"] == "large" else "large"
+    elif attr == "position":
+        others = [o2["position"] for o2 in record["objects"]]
+        o["position"] = next(p for p in reversed(POSITIONS) if p not in others)
+    elif attr == "relation":
+        flip = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+        wrong["relation"] = flip[record["relation"]]
+    elif attr == "background":
+        wrong["background"] = _other(record["background"], ["gray", *COLOURS])
+    return canonical_caption(wrong)
+
+
+@pytest.mark.parametrize("attr", ["colour", "shape", "size", "position", "relation", "background"])
+def test_mismatched_prompts_are_rejected(attr):
+    records = [shapes_record(i, seed=1) for i in range(60)]
+    if attr == "relation":
+        records = [r for r in records if r["relation"] not in (None, "and")]
+    assert len(records) >= 5
+    for record in records[:15]:
+        found = analyse(render_shapes(record))
+        assert all(matches(record["caption"], found).values())
+        m = matches(_mismatch(record, attr), found)
+        assert not m[attr], (record["caption"], m)
+        assert not all(m.values())
+
+
+def test_partial_prompts_check_only_what_they_state():
+    record = {
+        "objects": [
+            {"shape": "circle", "colour": "red", "size": "large", "position": "top left",
+             "cx": 16, "cy": 16, "radius": 12},
+            {"shape": "square", "colour": "blue", "size": "small", "position": "top right",
+             "cx": 50, "cy": 14, "radius": 7},
+        ],
+        "background": "white", "relation": "left of", "resolution": 64,
+    }  # fmt: skip
+    found = analyse(render_shapes(record))
+    assert matches("a red circle", found, count=False) == {"colour": True, "shape": True}
+    assert matches("a red circle", found) == {"colour": True, "shape": True, "count": False}
+    assert matches("a red circle left of a blue square", found)["relation"]
+    assert not matches("a red circle right of a blue square", found)["relation"]
+    assert not matches("a red circle above a blue square", found)["relation"]
+    assert matches("a red circle and a blue square", found)["relation"]
+    assert matches("a red circle and a green star", found) == {
+        "colour": False, "shape": False, "relation": True, "count": True,
+    }  # fmt: skip
+    assert matches("a white background", found) == {"background": True}
+    assert matches(parse_prompt("a blue square in the top right"), found, count=False) == {
+        "colour": True, "shape": True, "position": True,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("image", "background"),
+    [
+        (torch.full((3, 64, 64), -1.0), "black"),
+        (torch.full((3, 32, 32), 0.0), "gray"),
+        (torch.zeros(1, 16, 16), "gray"),
+    ],
+)
+def test_blank_images_have_no_objects(image, background):
+    found = analyse(image)
+    assert found == {**found, "objects": [], "background": background, "relation": None}
+    m = matches("a small red circle in the center on a black background", found)
+    assert m == {**m, "colour": False, "shape": False, "position": False, "count": False}
+
+
+def test_noise_does_not_crash():
+    noise = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    found = analyse(noise)
+    assert isinstance(found["objects"], list) and isinstance(found["caption"], str)
+    assert set(matches("a red circle above a blue star", found)) == {
+        "colour", "shape", "relation", "count",
+    }  # fmt: skip
+
+
+def test_analyser_rejects_bad_input():
+    with pytest.raises(ValueError, match="square"):
+        analyse(torch.zeros(3, 32, 48))
+    with pytest.raises(ValueError, match="image"):
+        analyse(torch.zeros(2, 32, 32))
+
+
+def test_prompt_sets_are_packaged_and_reproducible():
+    for name, split in (("shapes-seen", "seen"), ("shapes-heldout", "heldout")):
+        prompts = load_prompts(name)
+        assert prompts == make_prompts(split)
+        assert prompt_set_path(name).read_text().splitlines() == prompts
+        assert len(set(prompts)) == len(prompts) == 100
+        for p in prompts:
+            parsed = parse_prompt(p)
+            assert canonical_caption(parsed) == p
+            assert is_held_out(parsed) == (split == "heldout")
+
+
+def test_load_prompts_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_prompts(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n\n")
+    with pytest.raises(UserError, match="no prompts"):
+        load_prompts(empty)
+    good = tmp_path / "good.txt"
+    good.write_text("# header\na red circle\n\n  a blue star  \n")
+    assert load_prompts(good) == ["a red circle", "a blue star"]
+
+
+def _stub_text_model() -> SimpleNamespace:
+    return SimpleNamespace(meta={"cond": "text", "sampling": {}}, text_encoder=None,
+                           num_classes=0, class_names=[])  # fmt: skip
+
+
+def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
+    records = [shapes_record(i, seed=2) for i in range(5)]
+    by_caption = {r["caption"]: r for r in records}
+    calls = []
+
+    def fake_generate(model, *, prompts, num, seed, sampler, steps, guidance):
+        calls.append((len(prompts), num, seed, sampler, steps, guidance))
+        # the last prompt's images come out as somebody else's scene
+        images = [
+            render_shapes(by_caption[p] if p != records[-1]["caption"] else records[0])
+            for p in prompts
+        ]
+        return torch.stack([from_pil(im) for im in images])
+
+    monkeypatch.setattr(shapes_eval, "generate", fake_generate)
+    prompts = [r["caption"] for r in records]
+    result = evaluate_prompts(_stub_text_model(), prompts, per_prompt=2, seed=5, batch=3, steps=7)
+    assert {"prompt_accuracy", "attribute_accuracy", "images_per_s", "n", "per_prompt"} <= set(
+        result
+    )
+    assert result["n"] == 10
+    assert result["prompt_accuracy"] == pytest.approx(0.8)
+    assert [r["accuracy"] for r in result["per_prompt"]] == [1, 1, 1, 1, 0]
+    assert all(len(r["found"]) == 2 for r in result["per_prompt"])
+    assert set(result["attribute_accuracy"]) <= set(ATTRIBUTES)
+    # batches of 3 over 10 images; image i uses seed 5 + i; sampling defaults filled in
+    assert calls == [(3, 3, 5, "ddim", 7, 1.0), (3, 3, 8, "ddim", 7, 1.0),
+                     (3, 3, 11, "ddim", 7, 1.0), (1, 1, 14, "ddim", 7, 1.0)]  # fmt: skip
+    with pytest.raises(UserError, match="states no"):
+        evaluate_prompts(_stub_text_model(), ["a lovely day"])
+    with pytest.raises(UserError, match="per_prompt"):
+        evaluate_prompts(_stub_text_model(), prompts, per_prompt=0)
+
+
+def test_evaluate_prompts_on_a_class_model(tiny_digits_model):
+    model = load_diffusion_model(tiny_digits_model)
+    result = evaluate_prompts(model, ["a seven on a black background"], per_prompt=2, steps=2)
+    assert result["n"] == 2 and 0 <= result["prompt_accuracy"] <= 1
+    assert set(result["attribute_accuracy"]) == {"background"}
+
+
+def test_digits_classifier_heldout_accuracy():
+    classifier = digits_classifier()
+    print(f"digits classifier held-out accuracy {classifier.heldout_accuracy:.4f}")
+    assert classifier.heldout_accuracy >= 0.97
+    assert classifier.n_test >= 400
+    assert digits_classifier() is classifier  # trained once
+
+
+def test_evaluate_digits_plumbing(tiny_digits_model):
+    model = load_diffusion_model(tiny_digits_model)
+    result = evaluate_digits(model, per_class=1, steps=2)
+    assert {"class_accuracy", "per_class", "images_per_s", "n"} <= set(result)
+    assert result["n"] == 10 and sorted(result["per_class"]) == [str(d) for d in range(10)]
+    assert 0 <= result["class_accuracy"] <= 1
+    no_classes = SimpleNamespace(num_classes=0, class_names=[], path="m", meta={})
+    with pytest.raises(UserError, match="class-conditional"):
+        evaluate_digits(no_classes)
+
+
+def _one_line_error(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("latentforge: error:") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_cli_eval(tiny_digits_model, tmp_path, capsys):
+    m = str(tiny_digits_model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a seven on a black background\n")
+    fast = ["--steps", "1", "--quiet"]
+    assert main(["eval", "prompts", "--model", m, "--prompts", str(prompts),
+                 "--per-prompt", "1", "--json", *fast]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert {"prompt_accuracy", "attribute_accuracy", "images_per_s", "n"} <= set(out)
+    assert main(["eval", "digits", "--model", m, "--per-class", "1", *fast]) == 0
+    assert "class accuracy" in capsys.readouterr().out
+    assert main(["eval", "digits", "--model", m, "--per-class", "1", "--json", *fast]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 10
+
+    _one_line_error(capsys, ["eval", "prompts", "--model", m, "--prompts", "nope.txt"], "nope")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(capsys, ["eval", "prompts", "--model", m, "--prompts", str(empty)], "no prompt")
+    _one_line_error(capsys, ["eval", "digits", "--model", str(tmp_path / "missing")], "not found")
+    _one_line_error(capsys, ["eval", "digits", "--model", m, "--sampler", "magic"], "sampler")
+    _one_line_error(capsys, ["eval", "digits", "--model", m, "--per-class", "0"], "per-class")
+    _one_line_error(capsys, ["eval", "prompts", "--model", m], "--prompts")
