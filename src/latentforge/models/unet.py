@@ -103,9 +103,11 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        extra_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) fractional timesteps; class_labels: (B,), num_classes = null;
-        context: (B, tokens, D) text hidden states; context_mask: (B, tokens), True = keep."""
+        context: (B, tokens, D) text hidden states; context_mask: (B, tokens), True = keep;
+        extra_emb: (B, temb_dim) added to the time embedding (e.g. a noise-augmentation level)."""
         c = self.config
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -117,6 +119,8 @@ class UNet(nn.Module):
             if class_labels is None:  # no label given: the null class
                 class_labels = torch.full_like(t, c.num_classes, dtype=torch.long)
             temb = temb + self.class_embedding(class_labels)
+        if extra_emb is not None:
+            temb = temb + extra_emb
 
         h = self.conv_in(x)
         skips = [h]

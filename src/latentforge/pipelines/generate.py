@@ -96,7 +96,13 @@ class LoadedModel:
 
 
 def build_denoiser(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    unet = UNet(UNetConfig.from_dict(meta["unet"]))
+    config = UNetConfig.from_dict(meta["unet"])
+    if meta.get("task") in ("superres", "inpaint"):  # the conditioning image is concatenated
+        from ..models.conditioned import ConcatUNet
+
+        unet = ConcatUNet(config, meta["concat_channels"], noise_level=meta["task"] == "superres")
+    else:
+        unet = UNet(config)
     if state is not None:
         load_state_strict(unet, state, "U-Net")
     unet.eval().requires_grad_(False)

@@ -162,6 +162,15 @@ def inpaint(
     inside the mask. `strength` < 1 starts the masked region from the noised input (SDEdit)
     instead of pure noise. `resample` / `jump`: RePaint resampling (see `repaint`).
     """
+    if model.meta.get("task") == "inpaint":  # a dedicated inpainting model: inpaint_model.py
+        from .inpaint_model import inpaint_with_model
+
+        return inpaint_with_model(
+            model, images, masks, labels=labels, prompts=prompts, negative=negative, num=num,
+            seed=seed, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+            strength=strength, resample=resample, jump=jump, feather=feather, callback=callback,
+            **knobs,
+        )  # fmt: skip
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     resample = _positive_int(resample, "resample")
     jump = _positive_int(jump, "jump")

@@ -1,0 +1,68 @@
+"""`latentforge upscale`: load an image, call `pipelines.superres.upscale`, write a PNG."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import UserError
+
+
+def _scale(ctx, param, value):
+    return None if value is None else int(value)
+
+
+@click.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--model",
+    "model_dir",
+    default=None,
+    type=click.Path(),
+    help="super-resolution model folder (default: the embedded upscaler)",
+)
+@click.option(
+    "--scale",
+    type=click.Choice(["2", "4"]),
+    default=None,
+    callback=_scale,
+    help="upscaling factor; must be the model's (default: the model's)",
+)
+@click.option(
+    "--noise-level",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="noise added to the low-res input (trained on 0-0.3; more invents more)",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="steps (model default)")
+@click.option("--sampler", default=None, help="sampler name (model default)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--tile",
+    type=click.IntRange(min=2),
+    default=None,
+    help="tile size in output pixels (default: the model's resolution)",
+)
+@click.option("--out", default="upscaled.png", show_default=True,
+              type=click.Path(dir_okay=False))  # fmt: skip
+def upscale(image, model_dir, scale, noise_level, steps, sampler, seed, tile, out) -> None:
+    """Upscale IMAGE with a super-resolution model (tiled when larger than the model)."""
+    from ..io.images import load_image
+    from ..pipelines.generate import load_diffusion_model
+    from ..pipelines.superres import TRAIN_HINT, default_upscaler_dir
+    from ..pipelines.superres import upscale as run
+    from .edit import _save
+
+    if model_dir is None:
+        model_dir = default_upscaler_dir()
+        if not model_dir.is_dir():
+            raise UserError(f"no upscaler ships with latentforge yet; pass --model DIR, "
+                            f"or train one: {TRAIN_HINT}")  # fmt: skip
+    model = load_diffusion_model(model_dir)
+    picture = load_image(image, model.output_shape[0])
+    params = {"scale": scale, "noise_level": noise_level, "steps": steps, "sampler": sampler,
+              "seed": seed, "tile": tile}  # fmt: skip
+    result = run(model, picture, **params)
+    _save(result, out, **{k: v for k, v in params.items() if v is not None})
+    (_, h, w), (H, W) = picture.shape, result.shape[-2:]
+    click.echo(f"wrote {h}x{w} -> {H}x{W} (x{model.meta['scale']}) to {out}")

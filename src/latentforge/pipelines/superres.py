@@ -1,0 +1,180 @@
+"""Super-resolution with a `superres` model (SR3, Saharia et al. 2022).
+
+The low-res image is resized to the denoiser's resolution, noised once to `noise_level`
+(noise conditioning augmentation, Ho et al. 2022, sec. 4.2; the model is told the level) and
+concatenated to x at every step through the cond dict; any registered sampler runs unchanged.
+
+Outputs larger than the model's training resolution are made in overlapping tiles: each tile
+is an independent sample with its own seed, all tiles of all images go through one
+`sampling.sample` call, and the decoded tiles are blended with weights that ramp linearly
+across the overlaps. The conditioning image is noised once per image before it is cut, so
+overlapping tiles see the same pixels there.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import sampling
+from ..errors import UserError
+from ..guidance import CFGDenoiser
+from ..models.conditioned import augment, lowres_condition
+from .generate import LoadedModel, _per_image, conditioning, make_sigmas, sampling_defaults
+from .img2img import batch_images
+
+UPSCALER = "upscaler"
+DEFAULT_NOISE_LEVEL = 0.1
+TRAIN_HINT = "latentforge train diffusion --task superres --scale 4 --data shapes:64 --out runs/sr4"
+
+
+def default_upscaler_dir() -> Path:
+    """Where an embedded upscaler would ship inside the package (none does yet)."""
+    return Path(str(resources.files("latentforge") / "assets" / UPSCALER))
+
+
+def require_task(model: LoadedModel, task: str) -> None:
+    got = model.meta.get("task", "generate")
+    if got != task:
+        raise UserError(f"{model.path} is a {got!r} model; this needs a --task {task} model")
+
+
+def with_image_cond(denoiser: nn.Module, cond: dict, extra: dict) -> tuple[nn.Module, dict]:
+    """Add the conditioning image's entries to cond, and to both halves of classifier-free
+    guidance: guidance contrasts the class / text only, never the image."""
+    if isinstance(denoiser, CFGDenoiser):
+        denoiser.uncond = {**denoiser.uncond, **extra}
+    return denoiser, {**cond, **extra}
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Starts of the fewest tiles of size `tile` that cover [0, length) with neighbours sharing
+    at least `overlap` (less 1 for rounding); one tile when it fits."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def ramp(size: int, overlap: int) -> torch.Tensor:
+    """1-D blend weights, (size,): linear from 1 / (overlap + 1) at each end to 1 at `overlap`
+    pixels in; positive everywhere, so the normalised blend is defined at the image border."""
+    j = torch.arange(size, dtype=torch.float32)
+    return torch.minimum((j + 1) / (overlap + 1), (size - j) / (overlap + 1)).clamp(max=1)
+
+
+def blend_tiles(
+    tiles: torch.Tensor, starts: list[tuple[int, int]], size: tuple[int, int], overlap: int
+) -> torch.Tensor:
+    """tiles (B, K, C, th, tw) placed at starts -> (B, C, H, W), a weighted average where they
+    overlap."""
+    B, _, C, th, tw = tiles.shape
+    w = ramp(th, overlap)[:, None] * ramp(tw, overlap)[None]  # (th, tw)
+    acc = tiles.new_zeros(B, C, *size)
+    norm = tiles.new_zeros(*size)
+    for k, (y, x) in enumerate(starts):
+        acc[..., y : y + th, x : x + tw] += tiles[:, k] * w
+        norm[y : y + th, x : x + tw] += w
+    return acc / norm
+
+
+def tile_seed(seed: int, k: int) -> int:
+    """The seed of tile k of the image drawn with `seed` (independent of the batch)."""
+    return (seed * 1_000_003 + k) % 2**63
+
+
+def _repeat(values, n: int, k: int, what: str):
+    """Per-image values (one for all, or n) -> one per tile, image-major."""
+    if values is None or isinstance(values, str):
+        return values
+    return [v for v in _per_image(list(values), n, what) for _ in range(k)]
+
+
+@torch.no_grad()
+def upscale(
+    model: LoadedModel,
+    images: torch.Tensor,
+    *,
+    scale: int | None = None,
+    noise_level: float = DEFAULT_NOISE_LEVEL,
+    labels: list[int | None] | None = None,
+    prompts: list[str] | None = None,
+    negative: str | list[str] | None = None,
+    num: int = 1,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    spacing: str | None = None,
+    guidance: float | None = None,
+    tile: int | None = None,
+    callback: sampling.Callback = None,
+    **knobs,
+) -> torch.Tensor:
+    """images (B, C, h, w) in [-1, 1] -> (max(B, num), C, h * s, w * s), s the model's scale;
+    image i (a sample per seed when one image is given with num > 1) uses seed `seed + i`.
+
+    `scale`, when given, must be the model's. `noise_level`: the augmentation std added to the
+    low-res image (trained on [0, 0.3]; more hides more of its noise and artefacts, and invents
+    more). `tile`: tile size in output pixels (default: the model's resolution); outputs no
+    larger than a tile are made in one pass at their own size.
+    """
+    require_task(model, "superres")
+    s = model.meta["scale"]
+    if scale is not None and scale != s:
+        raise UserError(f"{model.path} upscales x{s}, not x{scale}")
+    if not 0.0 <= noise_level <= 1.0:
+        raise UserError(f"noise_level must be in [0, 1], got {noise_level}")
+    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
+    channels, resolution = model.output_shape[:2]
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4:
+        raise UserError(f"images must be (B, C, h, w), got {tuple(images.shape)}")
+    images = batch_images(images, num, (channels, *images.shape[-2:]))
+    n, (h, w) = images.shape[0], images.shape[-2:]
+    f = resolution // model.image_shape[1]  # the VAE's downsampling factor (1 for pixels)
+    H, W = h * s, w * s
+    if H % f or W % f:
+        raise UserError(f"the output {H}x{W} must be a multiple of the VAE's f={f}")
+    tile = resolution if tile is None else tile
+    if tile % f or tile < 2 * f:
+        raise UserError(f"tile must be a multiple of {f} and at least {2 * f}, got {tile}")
+    hz, wz, tz = H // f, W // f, tile // f  # in the denoiser's space
+    overlap = max(1, tz // 4)
+    th, tw = min(tz, hz), min(tz, wz)
+    starts = [(y, x) for y in tile_starts(hz, tz, overlap) for x in tile_starts(wz, tz, overlap)]
+    K = len(starts)
+
+    # the conditioning image at the denoiser's resolution, noised once per image
+    gen = sampling.BatchGenerator(range(seed, seed + n))
+    level = torch.full((n,), float(noise_level))
+    cond_image = lowres_condition(images, (hz, wz))  # (n, C, hz, wz)
+    cond_image = augment(cond_image, level, sampling.randn_like(cond_image, gen))
+    concat = torch.stack([cond_image[..., y : y + th, x : x + tw] for y, x in starts], 1)
+    concat = concat.flatten(0, 1)  # (n * K, C, th, tw), image-major
+    if K > 1:  # one independent sample per tile
+        gen = sampling.BatchGenerator([tile_seed(seed + i, k) for i in range(n) for k in range(K)])
+
+    sigmas = make_sigmas(model, steps, spacing)
+    x = sampling.prior_noise(
+        model.denoiser, (n * K, model.image_shape[0], th, tw), float(sigmas[0]), gen
+    )
+    denoiser, cond = conditioning(
+        model, n * K, labels=_repeat(labels, n, K, "labels"),
+        prompts=_repeat(prompts, n, K, "prompts"),
+        negative=_repeat(negative, n, K, "negative prompts"), guidance=guidance,
+    )  # fmt: skip
+    extra = {"concat": concat, "noise_level": level.repeat_interleave(K)}
+    denoiser, cond = with_image_cond(denoiser, cond, extra)
+    out = sampling.sample(
+        sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs
+    )
+    pixels = model.decode(out).clamp(-1, 1)  # (n * K, C, th * f, tw * f)
+    if K == 1:
+        return pixels
+    tiles = pixels.unflatten(0, (n, K))  # (n, K, C, th * f, tw * f)
+    return blend_tiles(tiles, [(y * f, x * f) for y, x in starts], (H, W), overlap * f)

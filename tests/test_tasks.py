@@ -1,0 +1,247 @@
+"""Image-conditioned tasks: super-resolution and dedicated inpainting models.
+
+Two-step models (right format, useless weights) check the plumbing: the conditioning image and
+the noise-augmentation level reach the network, tiles and seeds behave, kept pixels stay exact.
+"""
+
+import itertools
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from latentforge.cli import main
+from latentforge.denoisers import make_denoiser
+from latentforge.errors import UserError
+from latentforge.io.images import save_png
+from latentforge.models.conditioned import ConcatUNet
+from latentforge.pipelines import superres
+from latentforge.pipelines.generate import generate, load_diffusion_model
+from latentforge.pipelines.inpaint import inpaint
+from latentforge.pipelines.superres import blend_tiles, tile_starts, upscale
+from latentforge.training.loop import TrainConfig, step_generator, train_diffusion
+from latentforge.training.tasks import MASK_KINDS, InpaintTrainer, SuperResTrainer, random_masks
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = {"max_steps": 2, "batch_size": 4, "sample_every": 0, "quiet": True}
+    return TrainConfig(out=str(out), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def sr_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sr4")
+    assert train_diffusion(_cfg(out, data="shapes:32", task="superres", scale=4)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sr(sr_dir):
+    return load_diffusion_model(sr_dir)
+
+
+@pytest.fixture(scope="module")
+def inpainter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inpaint")
+    assert train_diffusion(_cfg(out, data="digits", task="inpaint", cond="class")) == 0
+    return load_diffusion_model(out)
+
+
+def _low(seed: int, shape=(1, 3, 8, 8)) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ----- super-resolution ------------------------------------------------------------------------
+def test_superres_folder_records_the_task_and_loads(sr_dir, sr):
+    meta = json.loads((sr_dir / "model.json").read_text())
+    assert (meta["task"], meta["scale"], meta["concat_channels"]) == ("superres", 4, 3)
+    assert meta["unet"]["in_channels"] == 6 and meta["unet"]["out_channels"] == 3
+    assert meta["training"]["config"]["task"] == "superres"
+    assert isinstance(sr.denoiser.model, ConcatUNet)
+    assert sr.denoiser.model.noise_level_embedding is not None
+
+
+def test_upscale_shape_and_per_image_seeds(sr):
+    low = torch.cat([_low(0), _low(1)])
+    kw = {"steps": 2, "seed": 5}
+    out = upscale(sr, low, **kw)
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
+    assert torch.equal(out, upscale(sr, low, **kw))  # deterministic
+    alone = upscale(sr, low[1:], steps=2, seed=6)  # image i: seed + i, whatever the batch
+    torch.testing.assert_close(out[1:], alone, atol=1e-4, rtol=0)
+    assert not torch.equal(out, upscale(sr, low, steps=2, seed=7))
+
+
+def test_the_low_res_image_reaches_the_network(sr):
+    a = upscale(sr, _low(0), steps=2, noise_level=0.0)
+    b = upscale(sr, _low(1), steps=2, noise_level=0.0)
+    assert not torch.allclose(a, b)
+
+
+def test_noise_level_embedding_changes_the_output(sr):
+    net = sr.denoiser.model
+    x, concat = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    t = torch.tensor([500.0, 500.0])
+    a = net(x, t, concat=concat, noise_level=torch.zeros(2))
+    b = net(x, t, concat=concat, noise_level=torch.full((2,), 0.3))
+    assert not torch.allclose(a, b)
+
+
+def test_tiled_upscale_of_a_larger_input(sr):
+    low = _low(2, (1, 3, 12, 20))  # -> 48 x 80: tiles of the model's 32 pixels
+    out = upscale(sr, low, steps=2, seed=1)
+    assert out.shape == (1, 3, 48, 80)
+    assert torch.equal(out, upscale(sr, low, steps=2, seed=1))
+    smaller_tiles = upscale(sr, low, steps=2, seed=1, tile=16)
+    assert smaller_tiles.shape == out.shape and not torch.equal(smaller_tiles, out)
+
+
+def test_tiles_cover_and_blend_back_exactly():
+    assert tile_starts(32, 32, 8) == [0] and tile_starts(20, 32, 8) == [0]
+    starts = tile_starts(80, 32, 8)
+    assert starts[0] == 0 and starts[-1] == 80 - 32
+    assert all(b - a <= 32 - 8 for a, b in itertools.pairwise(starts))
+    # tiles cut from one image blend back to it: weights are normalised
+    image = torch.randn(2, 3, 48, 80)
+    boxes = [(y, x) for y in tile_starts(48, 32, 8) for x in tile_starts(80, 32, 8)]
+    tiles = torch.stack([image[..., y : y + 32, x : x + 32] for y, x in boxes], 1)
+    torch.testing.assert_close(blend_tiles(tiles, boxes, (48, 80), 8), image)
+
+
+def test_conditioning_is_not_scaled_by_the_denoiser():
+    """The denoiser scales x by c_in; the concatenated image must arrive untouched."""
+    seen = {}
+
+    class Spy(nn.Module):
+        def forward(self, x, t, *, concat, noise_level=None):
+            seen["concat"], seen["level"] = concat, noise_level
+            return torch.zeros_like(x)
+
+    den = make_denoiser(Spy(), {"type": "vp", "beta_schedule": "cosine"})
+    concat = torch.randn(2, 3, 8, 8)
+    den(torch.randn(2, 3, 8, 8), torch.tensor([50.0, 50.0]), concat=concat, noise_level=0.2)
+    assert seen["concat"] is concat and seen["level"] == 0.2
+
+
+def test_superres_errors(sr, tmp_path):
+    with pytest.raises(UserError, match="x4, not x2"):
+        upscale(sr, _low(0), scale=2)
+    with pytest.raises(UserError, match="needs a conditioning image"):
+        generate(sr, steps=1)
+    with pytest.raises(UserError, match="--scale"):
+        train_diffusion(_cfg(tmp_path, data="shapes:32", task="superres", scale=3))
+    with pytest.raises(UserError, match="unknown task"):
+        train_diffusion(_cfg(tmp_path, data="shapes:32", task="colorize"))
+
+
+def test_trainers_draw_sample_grids(tmp_path):
+    sr_trainer = SuperResTrainer(_cfg(tmp_path / "a", data="shapes:32", task="superres", scale=2))
+    assert sr_trainer.sample_images(n=2, steps=1).shape == (6, 3, 32, 32)
+    ip_trainer = InpaintTrainer(_cfg(tmp_path / "b", data="digits", task="inpaint"))
+    assert ip_trainer.sample_images(n=2, steps=1).shape == (6, 1, 16, 16)
+
+
+# ----- inpainting ------------------------------------------------------------------------------
+def test_inpaint_folder_records_the_task(inpainter):
+    meta = inpainter.meta
+    assert (meta["task"], meta["concat_channels"]) == ("inpaint", 2)  # mask + 1-channel image
+    assert meta["unet"]["in_channels"] == 3 and inpainter.num_classes == 10
+
+
+def test_random_masks_cover_every_kind_and_repeat_per_step():
+    seen = set()
+    for step in range(4):
+        masks, kinds = random_masks(8, (16, 16), step_generator(0, step))
+        again, kinds_again = random_masks(8, (16, 16), step_generator(0, step))
+        assert torch.equal(masks, again) and kinds == kinds_again
+        assert set(masks.unique().tolist()) <= {0.0, 1.0}
+        for m, kind in zip(masks[:, 0], kinds, strict=True):
+            frac = float(m.mean())
+            if kind == "full":
+                assert frac == 1
+            elif kind == "none":
+                assert frac == 0
+            else:
+                assert 0 < frac < 1
+            if kind == "rect":  # the mask is its own bounding box
+                ys, xs = m.nonzero(as_tuple=True)
+                box = m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+                assert box.all() and box.numel() == m.sum()
+        seen.update(kinds)
+    assert seen == set(MASK_KINDS)
+
+
+def test_dedicated_inpainting_keeps_unmasked_pixels_exact(inpainter):
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    mask = torch.zeros(16, 16)
+    mask[4:11, 3:9] = 1
+    kw = {"steps": 2, "seed": 3, "labels": [3, 7], "guidance": 2.0}
+    out = inpaint(inpainter, images, mask, **kw)
+    keep = mask == 0
+    assert out.shape == images.shape
+    assert torch.equal(out[..., keep], images[..., keep])
+    assert not torch.equal(out[..., ~keep], images[..., ~keep])
+    assert torch.equal(out, inpaint(inpainter, images, mask, **kw))
+    # the model sees the kept pixels: changing them changes what fills the hole
+    other = images.clone()
+    other[..., keep] = -images[..., keep]
+    changed = inpaint(inpainter, other, mask, **kw)
+    assert not torch.equal(changed[..., ~keep], out[..., ~keep])
+
+
+# ----- latent models ---------------------------------------------------------------------------
+def test_latent_superres_and_inpaint(tmp_path):
+    from latentforge.training.vae_train import VAETrainConfig, train_vae
+
+    vae = tmp_path / "vae"
+    train_vae(VAETrainConfig(data="shapes:32", out=str(vae), max_steps=1, batch_size=2,
+                             sample_every=0, ckpt_every=1, eval_images=8, quiet=True))  # fmt: skip
+    kw = {"data": "shapes:32", "vae": str(vae), "max_steps": 1, "batch_size": 2}
+    train_diffusion(_cfg(tmp_path / "sr", task="superres", scale=4, **kw))
+    sr = load_diffusion_model(tmp_path / "sr")
+    assert sr.meta["concat_channels"] == 3 and sr.image_shape == (4, 8, 8)  # RGB at latent res
+    assert upscale(sr, _low(0), steps=1).shape == (1, 3, 32, 32)
+    train_diffusion(_cfg(tmp_path / "ip", task="inpaint", **kw))
+    ip = load_diffusion_model(tmp_path / "ip")
+    assert ip.meta["concat_channels"] == 5  # mask + 4 latent channels
+    images, mask = torch.rand(1, 3, 32, 32) * 2 - 1, torch.zeros(32, 32)
+    mask[8:20, 8:20] = 1
+    out = inpaint(ip, images, mask, steps=1)
+    assert torch.equal(out[..., mask == 0], images[..., mask == 0])
+
+
+# ----- command line ----------------------------------------------------------------------------
+def _one_line_error(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("latentforge: error:") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_upscale_command(sr_dir, tmp_path, capsys):
+    src, out = tmp_path / "low.png", tmp_path / "high.png"
+    save_png(_low(0)[0], src)
+    argv = ["upscale", str(src), "--model", str(sr_dir), "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert "8x8 -> 32x32" in capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.size == (32, 32)
+
+
+def test_upscale_command_errors(sr_dir, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "low.png"
+    save_png(_low(0)[0], src)
+    model = ["--model", str(sr_dir)]
+    _one_line_error(capsys, ["upscale", str(tmp_path / "nope.png"), *model], "nope.png")
+    _one_line_error(capsys, ["upscale", str(src), *model, "--scale", "3"], "--scale")
+    _one_line_error(capsys, ["upscale", str(src), *model, "--scale", "2"], "x4, not x2")
+    _one_line_error(capsys, ["upscale", str(src), "--model", str(tmp_path)], str(tmp_path))
+    monkeypatch.setattr(superres, "default_upscaler_dir", lambda: tmp_path / "no-upscaler")
+    _one_line_error(capsys, ["upscale", str(src)], "no upscaler", "--task superres --scale 4")
+    out = str(tmp_path / "run")
+    _one_line_error(capsys, ["train", "diffusion", "--data", "shapes:32", "--out", out,
+                             "--task", "superres", "--scale", "3"], "--scale")  # fmt: skip
