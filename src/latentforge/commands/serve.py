@@ -1,0 +1,96 @@
+"""`latentforge serve`: the HTTP API and web UI (FastAPI + uvicorn, the `serve` extra).
+
+Also runnable as `python -m latentforge.commands.serve ...` (same options, same one-line errors).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+
+import click
+
+from ..errors import UserError
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
+@click.option("--model", "model_dir", default=None, type=click.Path(),
+              help="a model folder (default: the embedded model)")  # fmt: skip
+@click.option("--models-dir", default=None, type=click.Path(),
+              help="a folder of model folders, chosen per request by name")  # fmt: skip
+@click.option("--max-queue", type=click.IntRange(min=1), default=8, show_default=True,
+              help="waiting jobs; more get HTTP 429")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="jobs sampled at the same time (threads)")  # fmt: skip
+@click.option("--api-key", default=None, envvar="LATENTFORGE_API_KEY",
+              help="require this key on /v1/* (or set LATENTFORGE_API_KEY)")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(1, 200), default=200, show_default=True)
+@click.option("--max-num", type=click.IntRange(1, 16), default=16, show_default=True)
+@click.option("--quiet", is_flag=True, help="no access log")
+def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_steps, max_num,
+          quiet) -> None:  # fmt: skip
+    """Serve the HTTP API (/v1/..., schema at /openapi.json) and the web UI (/)."""
+    try:
+        import uvicorn
+
+        from ..server import ServerConfig, create_app
+    except ImportError as e:
+        raise UserError(
+            f"serve needs the serve extra ({e.name} is missing): pip install 'latentforge[serve]'"
+        ) from None
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores among the workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    config = ServerConfig(
+        model=model_dir, models_dir=models_dir, max_queue=max_queue, workers=workers,
+        api_key=api_key, max_steps=max_steps, max_num=max_num,
+    )  # fmt: skip
+    app = create_app(config)
+    names = app.state.store.names()
+    _check_port(host, port)
+    if not _is_loopback(host) and not api_key:
+        click.echo(f"latentforge: warning: listening on {host} without --api-key", err=True)
+    click.echo(
+        f"latentforge: serving {len(names)} model(s) {names} on http://{host}:{port}/ "
+        f"(queue {max_queue}, {workers} worker(s){', API key required' if api_key else ''})"
+    )
+    uvicorn.run(
+        app, host=host, port=port, log_level="warning" if quiet else "info",
+        access_log=not quiet, timeout_graceful_shutdown=5,
+    )  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_port(host: str, port: int) -> None:
+    """A clear one-line error now rather than uvicorn's log line and exit later."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+if __name__ == "__main__":
+    from ..cli import cli, main
+
+    cli.add_command(serve)  # the lead wires it in cli.py; this makes `-m` work before that
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,288 @@
+"""Jobs and the bounded job queue: a fixed number of worker threads, cancellation, bounded memory.
+
+A job is a `Task` (what to run) plus its state. Workers call `runner(job)`, which reports
+progress through `Job.report` from the sampler callback; `Job.report` raises `JobCancelled`
+once a cancel was requested, so a running job stops at its next step. Every failure becomes a
+failed job (the HTTP layer never sees it): UserError with its message, anything else as an
+internal error (the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger("latentforge.server")
+
+FINAL = ("done", "failed", "cancelled")
+
+
+class JobCancelled(Exception):
+    """Raised from the sampler callback to stop a job whose cancel was requested."""
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the job queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Task:
+    """What a job runs: `run(model, callback) -> images (B, C, H, W) in [-1, 1]`."""
+
+    kind: str
+    model: str
+    parameters: dict[str, Any]
+    total: int
+    run: Callable
+    seeds: list[int] | None = None  # per-image seed for each image's metadata
+
+
+@dataclass
+class Job:
+    task: Task
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: str = "queued"
+    step: int = 0
+    preview: str | None = None
+    images: list[dict] = field(default_factory=list)
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    created: float = field(default_factory=time.monotonic)
+    version: int = 0  # bumped on every change; the event stream waits on it
+    cancel_requested: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _waiters: list = field(default_factory=list, repr=False)  # (event loop, asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+    def report(self, step: int, preview: str | None = None) -> None:
+        """Progress from the sampler callback (steps only go forward: RePaint repeats some)."""
+        if self.cancel_requested:
+            raise JobCancelled
+        with self._lock:
+            self.step = min(max(self.step, step), self.task.total)
+            if preview is not None:
+                self.preview = preview
+            self.version += 1
+        self._notify()
+
+    def update(self, **changes) -> None:
+        with self._lock:
+            for k, v in changes.items():
+                setattr(self, k, v)
+            self.version += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(event.set)
+
+    async def changed(self, seen: int, timeout: float) -> None:
+        """Wait (in an event loop) until `version` differs from `seen`, or `timeout` s pass."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            if self.version != seen:
+                return
+            self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter[1].wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters.remove(waiter)
+
+    def snapshot(self, *, images: bool = True, preview: bool = True) -> dict[str, Any]:
+        with self._lock:
+            total = self.task.total
+            done = self.status == "done"
+            return {
+                "id": self.id,
+                "kind": self.task.kind,
+                "status": self.status,
+                "step": total if done else self.step,
+                "total": total,
+                "progress": 1.0 if done else (self.step / total if total else 0.0),
+                "cancel_requested": self.cancel_requested,
+                "preview": self.preview if preview else None,
+                "images": list(self.images) if images else [],
+                "error": self.error,
+                "parameters": self.task.parameters,
+                "timings": dict(self.timings),
+            }
+
+
+class JobQueue:
+    """Waiting jobs (at most `max_queue`), `workers` threads, the last `keep_finished` results."""
+
+    def __init__(
+        self,
+        runner: Callable[[Job], list[dict]],
+        *,
+        workers: int = 1,
+        max_queue: int = 8,
+        keep_finished: int = 256,
+        keep_bytes: int = 256 * 2**20,
+    ):
+        if workers < 0 or max_queue < 1 or keep_finished < 1:
+            raise UserError("workers must be >= 0, max_queue and keep_finished >= 1")
+        self.runner = runner
+        self.workers, self.max_queue, self.keep_finished = workers, max_queue, keep_finished
+        self.keep_bytes = keep_bytes  # base64 results held by finished jobs, at most
+        self._kept_bytes = 0
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._waiting: deque[Job] = deque()
+        self._finished: deque[tuple[str, int]] = deque()  # (job id, bytes it holds)
+        self._running = 0
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._mean_run_s = 1.0  # running mean of job run times, for Retry-After
+
+    # ----- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._threads:
+                return
+            self._stopping = False
+            for i in range(self.workers):
+                t = threading.Thread(target=self._work, name=f"latentforge-worker-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything and join the workers (running jobs stop at their next step)."""
+        with self._cond:
+            self._stopping = True
+            for job in list(self._jobs.values()):
+                if not job.finished:
+                    job.cancel_requested = True
+            while self._waiting:
+                self._retire(self._waiting.popleft(), "cancelled")
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    # ----- client side -------------------------------------------------------------------------
+    def submit(self, task: Task) -> Job:
+        with self._cond:
+            if len(self._waiting) >= self.max_queue or self._stopping:
+                raise QueueFull(self.retry_after())
+            job = Job(task)
+            self._jobs[job.id] = job
+            self._waiting.append(job)
+            self._cond.notify()
+            return job
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot probably frees: when the next running job ends."""
+        return max(1, math.ceil(self._mean_run_s / max(self.workers, 1)))
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """A queued job is cancelled at once (it never runs); a running one at its next step."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.finished:
+                return job
+            job.cancel_requested = True
+            if job.status == "queued":
+                self._waiting.remove(job)
+                self._retire(job, "cancelled")
+            else:
+                job.update()  # wake event streams: cancel_requested changed
+            return job
+
+    def queue_position(self, job: Job) -> int | None:
+        with self._cond:
+            try:
+                return self._waiting.index(job)
+            except ValueError:
+                return None
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "queued": len(self._waiting),
+                "running": self._running,
+                "workers": self.workers,
+                "max_queue": self.max_queue,
+                "kept": len(self._jobs),
+                "kept_bytes": self._kept_bytes,
+            }
+
+    # ----- workers -----------------------------------------------------------------------------
+    def _retire(self, job: Job, status: str, **changes) -> None:
+        """Mark a job finished and forget the oldest finished ones beyond `keep_finished` jobs
+        or `keep_bytes` of results (call with _cond held; the newest is always kept)."""
+        job.update(status=status, **changes)
+        size = sum(len(im["png"]) for im in job.images) + len(job.preview or "")
+        self._finished.append((job.id, size))
+        self._kept_bytes += size
+        while len(self._finished) > 1 and (
+            len(self._finished) > self.keep_finished or self._kept_bytes > self.keep_bytes
+        ):
+            old, old_size = self._finished.popleft()
+            self._kept_bytes -= old_size
+            self._jobs.pop(old, None)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._waiting.popleft()
+                self._running += 1
+                job.update(status="running")
+            try:
+                status, changes = self._run(job)
+            finally:
+                with self._cond:
+                    self._running -= 1
+            with self._cond:
+                self._retire(job, status, **changes)
+
+    def _run(self, job: Job) -> tuple[str, dict]:
+        start = time.monotonic()
+        job.timings["queued_s"] = start - job.created
+        try:
+            with torch.no_grad():
+                images = self.runner(job)
+            result: tuple[str, dict] = ("done", {"images": images})
+        except JobCancelled:
+            result = ("cancelled", {})
+        except UserError as e:
+            result = ("failed", {"error": str(e)})
+        except Exception as e:  # a bug or an unforeseen input: a failed job, never a 500
+            log.exception("job %s (%s) failed", job.id, job.task.kind)
+            result = ("failed", {"error": f"internal error: {type(e).__name__}: {e}"})
+        run_s = time.monotonic() - start
+        job.timings["run_s"] = run_s
+        self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * run_s
+        return result

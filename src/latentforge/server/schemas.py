@@ -1,0 +1,188 @@
+"""Request and response bodies of the HTTP API. These pydantic models are the OpenAPI schema.
+
+Hard per-request limits live here (they show up in /openapi.json); a server can be started with
+lower ones (`ServerConfig.max_steps` / `max_num`), checked in the handlers with the same 422.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from ..sampling import SAMPLERS
+from ..schedules import SPACINGS
+
+MAX_STEPS = 200
+MAX_NUM = 16
+MAX_FRAMES = 32
+MAX_SIDE = 4096  # width / height fields, and the largest input image side decoded
+MAX_SEED = 2**53 - 1  # exact in JavaScript numbers
+MAX_UPSCALE_INPUT = 256  # pixels on a side of an image to upscale
+MAX_IMAGE_CHARS = 8_000_000  # one base64 image (about 6 MB of PNG)
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+SAMPLER_NAMES = tuple(sorted(SAMPLERS))  # the registry as it stands when the server starts
+
+
+def _valid_unicode(text: str) -> str:
+    # lone surrogates pass JSON decoding but cannot be encoded as UTF-8 (or into PNG text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Base64Image = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_IMAGE_CHARS,
+        description="base64-encoded PNG (JPEG and WebP also read), or a data: URL",
+    ),
+]
+
+
+KnobValue = int | float | bool | Annotated[Text, Field(max_length=64)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+
+
+class SamplingParams(_Request):
+    model: Text | None = Field(
+        None, max_length=128, description="model name (see /v1/models); default: the server's"
+    )
+    sampler: Literal[SAMPLER_NAMES] | None = Field(
+        None, description="see /v1/samplers; default: the model's"
+    )
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default: the model's")
+    spacing: Literal[SPACINGS] | None = Field(None, description="noise-level spacing")
+    guidance: float | None = Field(
+        None, ge=0, le=50, description="classifier-free guidance scale; default: the model's"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="image i uses seed + i; default: random"
+    )
+    knobs: dict[Annotated[Text, Field(max_length=64)], KnobValue] = Field(
+        default_factory=dict, max_length=16, description="sampler options, e.g. {'eta': 0.5}"
+    )
+
+
+class PromptParams(_Request):
+    prompt: Text = Field("", max_length=2000, description="text, or a class name / digit word")
+    negative_prompt: Text = Field("", max_length=2000)
+
+
+class Txt2ImgRequest(SamplingParams, PromptParams):
+    num: int = Field(1, ge=1, le=MAX_NUM, description="batch size")
+    width: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
+    height: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
+
+
+class Img2ImgRequest(SamplingParams, PromptParams):
+    image: Base64Image
+    strength: float = Field(0.6, ge=0, le=1, description="0 keeps the image, 1 ignores it")
+    num: int = Field(1, ge=1, le=MAX_NUM)
+
+
+class InpaintRequest(SamplingParams, PromptParams):
+    image: Base64Image
+    mask: Base64Image = Field(description="base64 PNG; white = regenerate, black = keep")
+    strength: float = Field(1.0, ge=0, le=1, description="below 1: start from the noised image")
+    resample: int = Field(1, ge=1, le=8, description="RePaint resampling passes")
+    jump: int = Field(1, ge=1, le=MAX_STEPS, description="RePaint jump length")
+    feather: int = Field(0, ge=0, le=16, description="soften the seam (pixels)")
+    num: int = Field(1, ge=1, le=MAX_NUM)
+
+
+class UpscaleRequest(SamplingParams, PromptParams):
+    model: Text | None = Field(
+        None, max_length=128, description="a super-resolution model; default: the first one"
+    )
+    image: Base64Image
+    scale: int | None = Field(None, ge=2, le=8, description="must be the model's; default: it")
+    noise_level: float = Field(0.1, ge=0, le=1, description="noise added to the low-res input")
+
+
+class InterpolateRequest(SamplingParams):
+    image_a: Base64Image | None = None
+    image_b: Base64Image | None = None
+    seed_a: int | None = Field(None, ge=0, le=MAX_SEED, description="walk between two seeds")
+    seed_b: int | None = Field(None, ge=0, le=MAX_SEED)
+    prompt_a: Text = Field("", max_length=2000)
+    prompt_b: Text = Field("", max_length=2000)
+    frames: int = Field(8, ge=2, le=MAX_FRAMES)
+
+    @model_validator(mode="after")
+    def _images_or_seeds(self) -> InterpolateRequest:
+        images = (self.image_a is not None, self.image_b is not None)
+        seeds = (self.seed_a is not None, self.seed_b is not None)
+        if images == (True, True) and seeds == (False, False):
+            return self
+        if seeds == (True, True) and images == (False, False):
+            return self
+        raise ValueError("give image_a and image_b, or seed_a and seed_b (not both)")
+
+
+# ----- responses --------------------------------------------------------------------------------
+class JobAccepted(BaseModel):
+    id: str
+    status: Literal[JOB_STATUSES]
+    queue_position: int | None = None
+
+
+class ImageResult(BaseModel):
+    png: str = Field(description="base64 PNG; its text chunks hold `parameters`")
+    width: int
+    height: int
+    parameters: dict[str, Any]
+
+
+class JobInfo(BaseModel):
+    id: str
+    kind: str
+    status: Literal[JOB_STATUSES]
+    step: int
+    total: int
+    progress: float = Field(description="step / total, 1 when done")
+    queue_position: int | None = None
+    cancel_requested: bool = False
+    preview: str | None = Field(None, description="base64 PNG of the latest x0 estimate")
+    images: list[ImageResult] = Field(default_factory=list)
+    error: str | None = None
+    parameters: dict[str, Any]
+    timings: dict[str, float]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    task: str = Field(description="generate, superres or inpaint")
+    scale: int | None = Field(None, description="superres models: the upscaling factor")
+    loaded: bool
+    width: int
+    height: int
+    channels: int
+    latent: bool
+    conditioning: Literal["text", "class", "none"]
+    class_names: list[str]
+    defaults: dict[str, Any]
+
+
+class SamplerInfo(BaseModel):
+    name: str
+    stochastic: bool
+    knobs: dict[str, Any]
+    doc: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    queued: int
+    running: int
+    workers: int
+    max_queue: int

@@ -1,0 +1,143 @@
+"""The models a server may use, by name: `--model DIR` and the folders inside `--models-dir`.
+
+Names only, never paths: a name is one folder name inside the models directory, checked before
+any file is touched, and the folder it resolves to (symlinks followed) must still lie inside
+that directory. Each model is loaded once (safetensors only, via `load_diffusion_model`) and
+shared by the workers; at most `max_loaded` stay in memory (least recently used goes first).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import UserError
+from ..io.checkpoint import MODEL_JSON, read_model_json
+from ..pipelines.generate import LoadedModel, default_model_dir, load_diffusion_model
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+
+
+class BadModelName(UserError):
+    """Not a plain folder name, or a folder outside the models directory (HTTP 400)."""
+
+
+class ModelNotFound(UserError):
+    """No such model (HTTP 404)."""
+
+
+class ModelStore:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        models_dir: str | Path | None = None,
+        max_loaded: int = 2,
+    ):
+        self.models_dir = Path(models_dir).resolve() if models_dir else None
+        if self.models_dir is not None and not self.models_dir.is_dir():
+            raise UserError(f"models directory not found: {models_dir}")
+        self.single: tuple[str, Path] | None = None
+        if model is not None or self.models_dir is None:
+            folder = Path(model).resolve() if model is not None else default_model_dir()
+            if model is not None:
+                _check_diffusion_folder(folder)
+            self.single = (folder.name if model is not None else "default", folder)
+        self.max_loaded = max(1, max_loaded)
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._meta: dict[Path, tuple[float, dict]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    # ----- names -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        out = [self.single[0]] if self.single and (self.single[1] / MODEL_JSON).is_file() else []
+        if self.models_dir is not None:
+            for p in sorted(self.models_dir.iterdir()):
+                if p.name in out or not _NAME.fullmatch(p.name) or not self._inside(p):
+                    continue
+                if (p / MODEL_JSON).is_file() and self._kind(p) == "diffusion":
+                    out.append(p.name)
+        return out
+
+    @property
+    def default_name(self) -> str:
+        if self.single is not None:
+            return self.single[0]
+        names = self.names()
+        if "default" in names:
+            return "default"
+        if not names:
+            raise ModelNotFound(f"no models in {self.models_dir}")
+        return names[0]
+
+    def resolve(self, name: str | None) -> tuple[str, Path]:
+        """A model name (None: the default) -> (name, folder); BadModelName / ModelNotFound."""
+        name = self.default_name if name is None else name
+        if self.single is not None and name == self.single[0]:
+            folder = self.single[1]
+        else:
+            if not _NAME.fullmatch(name) or ".." in name:
+                raise BadModelName(f"invalid model name {name!r}: use a name from /v1/models")
+            if self.models_dir is None:
+                raise ModelNotFound(f"unknown model {name!r}; choose one of {self.names()}")
+            folder = self.models_dir / name
+            if folder.exists() and not self._inside(folder):
+                raise BadModelName(f"model {name!r} points outside the models directory")
+        if not (folder / MODEL_JSON).is_file():
+            raise ModelNotFound(f"unknown model {name!r}; choose one of {self.names()}")
+        return name, folder
+
+    def _inside(self, path: Path) -> bool:
+        root = self.models_dir
+        return root is not None and path.resolve().is_relative_to(root)
+
+    # ----- metadata (model.json only: cheap, used to validate requests) -----------------------
+    def meta(self, folder: Path) -> dict:
+        mtime = (folder / MODEL_JSON).stat().st_mtime
+        cached = self._meta.get(folder)
+        if cached is None or cached[0] != mtime:
+            meta = read_model_json(folder)
+            if meta.get("kind") != "diffusion":
+                raise UserError(f"model {folder.name!r} is not a diffusion model")
+            cached = self._meta[folder] = (mtime, meta)
+        return cached[1]
+
+    def view(self, name: str | None) -> tuple[str, LoadedModel]:
+        """(name, a LoadedModel holding only model.json): shapes, classes, sampling defaults."""
+        name, folder = self.resolve(name)
+        return name, LoadedModel(None, self.meta(folder), folder)  # type: ignore[arg-type]
+
+    def _kind(self, folder: Path) -> str | None:
+        try:
+            return self.meta(folder).get("kind")
+        except (UserError, OSError):
+            return None
+
+    # ----- loaded models -----------------------------------------------------------------------
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model (loading it once, even when several workers ask at the same time)."""
+        with self._lock:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            with self._lock:
+                if name in self._loaded:
+                    self._loaded.move_to_end(name)
+                    return self._loaded[name]
+            _, folder = self.resolve(name)
+            model = load_diffusion_model(folder)
+            with self._lock:
+                self._loaded[name] = model
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
+            return model
+
+
+def _check_diffusion_folder(folder: Path) -> None:
+    meta = read_model_json(folder)  # UserError naming the problem
+    if meta.get("kind") != "diffusion":
+        raise UserError(f"{folder}: model kind {meta.get('kind')!r} is not a diffusion model")
