@@ -48,6 +48,11 @@ def train() -> None:
 @click.option("--vae", type=click.Path(), default=None, help="VAE folder: latent diffusion")
 @click.option("--cache-latents", is_flag=True, help="encode the dataset once (with --vae)")
 @click.option("--text-encoder", type=click.Choice(["minilm"]), default="minilm", show_default=True)
+@click.option("--task", type=click.Choice(["generate", "superres", "inpaint"]), default="generate",
+              show_default=True, help="superres / inpaint: an image-conditioned model")  # fmt: skip
+@click.option("--scale", type=click.Choice(["2", "4"]), default="4", show_default=True,
+              callback=lambda ctx, param, v: int(v),
+              help="--task superres: upscaling factor")  # fmt: skip
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:
@@ -66,6 +71,14 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-6, show_default=True)
 @click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option(
+    "--disc-start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="step at which the patch discriminator (hinge loss) starts; 0 = never",
+)
+@click.option("--disc-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
 @click.option("--bf16/--no-bf16", default=False)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
@@ -174,6 +187,17 @@ def bench(ctx: click.Context, name: str) -> int:
     import importlib
 
     return importlib.import_module(BENCHMARKS[name]).main(list(ctx.args))
+
+
+# ----- commands that live in their area's module (cheap imports; heavy ones happen inside) ------
+from .commands.edit import img2img, inpaint, interpolate  # noqa: E402
+from .commands.eval import eval_group  # noqa: E402
+from .commands.sd import export, import_cmd  # noqa: E402
+from .commands.serve import serve  # noqa: E402
+from .commands.upscale import upscale  # noqa: E402
+
+for _cmd in (img2img, inpaint, interpolate, upscale, eval_group, serve, import_cmd, export):
+    cli.add_command(_cmd)
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())

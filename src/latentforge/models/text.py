@@ -152,7 +152,8 @@ class CLIPTextEncoder(TextEncoder):
         if self.clip_skip == 1:
             hidden = out.last_hidden_state
         else:
-            hidden = self.model.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+            text_model = getattr(self.model, "text_model", self.model)  # transformers 4 vs 5
+            hidden = text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
         return hidden.float(), mask if self.use_mask else torch.ones_like(mask)
 
 

@@ -1,0 +1,447 @@
+"""Stable Diffusion weights in and out: diffusers folders and single files <-> native folders.
+
+Import reads a diffusers pipeline folder (model_index.json; unet/, vae/, text_encoder/,
+tokenizer/, scheduler/) or an original single-file checkpoint (`io/ldm.py`) and writes a
+native latent model folder: model.json + model.safetensors (U-Net), vae/, text_encoder/ and
+tokenizer/ (transformers format, copied as-is). Every source key must land on a parameter and
+every parameter must be filled (one error lists all mismatches); weights are read tensor by
+tensor (`io/lazy.py`). Export writes a folder that diffusers' `from_pretrained` loads.
+
+Native module names equal diffusers' (UNet2DConditionModel, AutoencoderKL), so weights cross
+with their names unchanged; only configs are translated, and features latentforge does not
+implement are refused by name instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..models.presets import UNetConfig
+from ..models.unet import UNet
+from ..models.vae import AutoencoderKL, VAEConfig
+from . import ldm
+from .checkpoint import (
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    PICKLE_SUFFIXES,
+    read_model_json,
+    replace_dir_atomic,
+    save_model_folder,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from .diffusers_config import (
+    diffusers_version,
+    parameterization_from_scheduler,
+    scheduler_from_parameterization,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+)
+from .lazy import LazyState, build_module, check_strict, load_all, open_sharded, open_weights
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+SD_SAMPLING = {"sampler": "ddim", "steps": 50, "spacing": "leading", "guidance": 7.5}
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"cannot read {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+
+
+def _component(src: Path, name: str) -> Path:
+    """`src/name` in a pipeline folder, or `src` itself when it is that component's folder."""
+    if (src / name / "config.json").is_file():
+        return src / name
+    if (src / "config.json").is_file():
+        cls = _read_json(src / "config.json").get("_class_name")
+        if cls != _CLASSES[name]:
+            raise UserError(f"{src} holds a {cls}, not a {_CLASSES[name]}")
+        return src
+    raise UserError(f"{src}: no {name}/config.json (not a diffusers folder?)")
+
+
+def _weights(folder: Path, stem: str, allow_pickle: bool) -> LazyState:
+    """A component's weights: safetensors (plain, sharded or the fp16 variant), else a pickle."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return open_weights(folder / name)
+    for name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors.index.fp16.json"):
+        if (folder / name).is_file():
+            return open_sharded(folder / name)
+    pickles = sorted(p for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return open_weights(pickles[0], allow_pickle=allow_pickle)
+    raise UserError(f"{folder}: no {stem}.safetensors")
+
+
+def _strict_native(factory, state: LazyState, what: str) -> None:
+    with torch.device("meta"):
+        module = factory()
+    check_strict(module, state, what)
+
+
+_VAE_LEGACY = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
+
+
+def _vae_legacy_names(state: LazyState, c: VAEConfig) -> LazyState:
+    """Old diffusers VAE attention names (query/key/value/proj_attn) -> today's."""
+    out = {}
+    for k, v in state.items():
+        for old, new in _VAE_LEGACY.items():
+            k = k.replace(old, new) if ".attentions." in k else k
+        out[k] = v
+    with torch.device("meta"):
+        shapes = {k: tuple(t.shape) for k, t in AutoencoderKL(c).state_dict().items()}
+    return ldm.rename(out, {k: k for k in shapes}, shapes)
+
+
+def load_unet_lazy(
+    src: str | Path, *, allow_pickle: bool = False, num_heads=None
+) -> tuple[UNetConfig, LazyState]:
+    """U-Net config + strictly checked, not-yet-read native state from a diffusers folder (or its
+    unet/), a single-file checkpoint or a native model folder."""
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"not found: {src}")
+    if src.is_file():
+        parts = ldm.split_checkpoint(open_weights(src, allow_pickle=allow_pickle))
+        config, state = ldm.unet_from_checkpoint(parts, num_heads)
+    elif (src / MODEL_JSON).is_file():  # a native model folder
+        config = UNetConfig.from_dict(read_model_json(src)["unet"])
+        state = open_weights(src / MODEL_WEIGHTS)
+    else:
+        folder = _component(src, "unet")
+        config = unet_config_from_diffusers(_read_json(folder / "config.json"))
+        state = _weights(folder, DIFFUSERS_WEIGHTS, allow_pickle)
+    _strict_native(lambda: UNet(config), state, f"U-Net from {src}")
+    return config, state
+
+
+def load_vae_lazy(
+    src: str | Path, *, allow_pickle: bool = False, scaling_factor: float = 0.18215
+) -> tuple[VAEConfig, LazyState]:
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"not found: {src}")
+    if src.is_file():
+        parts = ldm.split_checkpoint(open_weights(src, allow_pickle=allow_pickle))
+        config, state = ldm.vae_from_checkpoint(parts, scaling_factor)
+    else:
+        folder = _component(src, "vae")
+        config = vae_config_from_diffusers(_read_json(folder / "config.json"))
+        state = _vae_legacy_names(_weights(folder, DIFFUSERS_WEIGHTS, allow_pickle), config)
+    _strict_native(lambda: AutoencoderKL(config), state, f"VAE from {src}")
+    return config, state
+
+
+def load_unet(
+    src: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
+) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """(UNetConfig, native state dict) from a diffusers folder, a single file or a native folder."""
+    config, state = load_unet_lazy(src, allow_pickle=allow_pickle)
+    return config, load_all(state, dtype)
+
+
+def load_vae(
+    src: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
+) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
+    """(VAEConfig, native state dict) from a diffusers folder (or its vae/) or a single file."""
+    config, state = load_vae_lazy(src, allow_pickle=allow_pickle)
+    return config, load_all(state, dtype)
+
+
+def load_unet_module(
+    src: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
+) -> UNet:
+    """A ready U-Net (eval mode), built on the meta device and filled tensor by tensor."""
+    config, state = load_unet_lazy(src, allow_pickle=allow_pickle)
+    unet = build_module(lambda: UNet(config), state, f"U-Net from {src}", dtype=dtype)
+    return unet.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+def _copy_text_encoder(src: Path, dst: Path, allow_pickle: bool) -> None:
+    """A transformers text-encoder folder, copied as-is (a pickle-only one converted)."""
+    dst.mkdir(parents=True)
+    files = [p for p in src.iterdir() if p.is_file()]
+    has_safetensors = any(
+        p.name.endswith((".safetensors", ".safetensors.index.json")) for p in files
+    )
+    for p in files:
+        if p.suffix in PICKLE_SUFFIXES:
+            if has_safetensors:
+                continue
+            tensors = load_all(open_weights(p, allow_pickle=allow_pickle))
+            save_tensors_atomic(dst / "model.safetensors", tensors, {"format": "pt"})
+        elif p.name == "model.fp16.safetensors" and not (src / "model.safetensors").exists():
+            shutil.copy2(p, dst / "model.safetensors")
+        else:
+            shutil.copy2(p, dst / p.name)
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _from_diffusers(src: Path, work: Path, opts: dict) -> dict:
+    allow = opts["allow_pickle"]
+    unet_config, unet_state = load_unet_lazy(src, allow_pickle=allow)
+    vae_config, vae_state = load_vae_lazy(src, allow_pickle=allow)
+    notes = []
+    sched = src / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        scheduler = _read_json(sched)
+    else:
+        scheduler = {
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "prediction_type": opts.get("prediction") or "epsilon",
+        }
+        notes.append("no scheduler/scheduler_config.json: assumed SD's scaled_linear schedule")
+    if opts.get("prediction"):
+        scheduler["prediction_type"] = {"eps": "epsilon", "v": "v_prediction"}[opts["prediction"]]
+    unet_json = _read_json(_component(src, "unet") / "config.json")
+    text = None
+    if (src / "text_encoder" / "config.json").is_file():
+        _copy_text_encoder(src / "text_encoder", work / "text_encoder", allow)
+        text = {"type": "clip", "path": "text_encoder", "tokenizer": "tokenizer", "clip_skip": 1}
+        tok = opts.get("tokenizer") or src / "tokenizer"
+        if Path(tok).is_dir():
+            shutil.copytree(tok, work / "tokenizer")
+        else:
+            notes.append("no tokenizer/ folder: copy a CLIP tokenizer to DST/tokenizer")
+    elif unet_config.cross_attention_dim:
+        notes.append("no text_encoder/: the model needs one for text prompts")
+    return {
+        "unet": (unet_config, unet_state),
+        "vae": (vae_config, vae_state),
+        "spec": parameterization_from_scheduler(scheduler),
+        "sample_size": unet_json.get("sample_size") or 64,
+        "spacing": scheduler.get("timestep_spacing", "leading"),
+        "text": text,
+        "notes": notes,
+        "format": "diffusers",
+    }
+
+
+def _fresh_work_dir(dst: Path) -> Path:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"{dst} already exists and is not empty; choose a new folder")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+
+
+def import_model(
+    src: str | Path,
+    dst: str | Path,
+    allow_pickle: bool = False,
+    *,
+    dtype: torch.dtype | None = None,
+    prediction: str | None = None,
+    image_size: int | None = None,
+    tokenizer: str | Path | None = None,
+    num_heads: int | tuple[int, ...] | None = None,
+) -> dict:
+    """SD weights (diffusers folder or single file) -> a native latent model folder at `dst`.
+
+    dtype None keeps the source's precision (fp16 stays fp16 on disk). For single files, which
+    carry no config: `prediction` ("eps" | "v"), `image_size` and `num_heads` override SD's
+    conventions, `tokenizer` is a CLIP tokenizer folder to copy. Returns a summary dict.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise UserError(f"not found: {src}")
+    if prediction not in (None, "eps", "v"):
+        raise UserError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    opts = {
+        "allow_pickle": allow_pickle,
+        "dtype": dtype,
+        "prediction": prediction,
+        "image_size": image_size,
+        "tokenizer": tokenizer,
+        "num_heads": num_heads,
+    }
+    work = _fresh_work_dir(dst)
+    try:
+        read = ldm.read_single_file if src.is_file() else _from_diffusers
+        got = read(src, work, opts)
+        unet_config, unet_state = got["unet"]
+        vae_config, vae_state = got["vae"]
+        f = vae_config.downsample_factor
+        vae_meta = {
+            "format": "latentforge",
+            "version": 1,
+            "kind": "vae",
+            "vae": vae_config.to_dict(),
+            "scaling_factor": vae_config.scaling_factor,
+            "data": {"resolution": got["sample_size"] * f, "channels": vae_config.in_channels},
+        }
+        save_model_folder(work / "vae", vae_meta, load_all(vae_state, dtype))
+        cond = "text" if unet_config.cross_attention_dim else "none"
+        meta = {
+            "format": "latentforge",
+            "version": 1,
+            "kind": "diffusion",
+            "cond": "class" if unet_config.num_classes and cond == "none" else cond,
+            "unet": unet_config.to_dict(),
+            "parameterization": got["spec"],
+            "data": {
+                "resolution": got["sample_size"],
+                "channels": vae_config.latent_channels,
+                "num_classes": unet_config.num_classes,
+                "class_names": [],
+            },
+            "latent": {
+                "vae": "vae",
+                "scaling_factor": vae_config.scaling_factor,
+                "image_resolution": got["sample_size"] * f,
+                "image_channels": vae_config.out_channels,
+            },
+            "sampling": {**SD_SAMPLING, "spacing": got["spacing"]},
+            "source": {"imported_from": str(src), "format": got["format"]},
+        }
+        if got["text"]:
+            meta["text_encoder"] = got["text"]
+        save_model_folder(work, meta, load_all(unet_state, dtype))
+        replace_dir_atomic(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    params = sum(t.numel() for t in unet_state.values())
+    return {
+        "dst": str(dst),
+        "format": got["format"],
+        "unet_parameters": params,
+        "text_encoder": bool(got["text"]),
+        "notes": got["notes"],
+    }
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _native_parts(native: Path) -> tuple[dict, UNetConfig, LazyState, dict | None]:
+    meta = read_model_json(native)
+    if meta.get("kind") != "diffusion":
+        raise UserError(f"{native}: kind {meta.get('kind')!r} is not a diffusion model")
+    config = UNetConfig.from_dict(meta["unet"])
+    state = open_weights(native / MODEL_WEIGHTS)
+    vae = None
+    if meta.get("latent"):
+        vae_dir = native / meta["latent"].get("vae", "vae")
+        vae = read_model_json(vae_dir)
+        vae["_state"] = open_weights(vae_dir / MODEL_WEIGHTS)
+    return meta, config, state, vae
+
+
+def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers") -> dict:
+    """A native diffusion model folder -> a diffusers folder (fmt "diffusers") that
+    `from_pretrained` loads, or one LDM-named `.safetensors` (fmt "single-file").
+
+    Class-conditional U-Nets map their class embedding onto diffusers' `num_class_embeds`
+    (num_classes + 1 rows: the last is our null class). U-Nets with self-attention only (our
+    pixel / class models) have no diffusers equivalent and are refused.
+    """
+    if fmt not in ("diffusers", "single-file"):
+        raise UserError(f"unknown export format {fmt!r}; use 'diffusers' or 'single-file'")
+    native, dst = Path(native_dir), Path(dst)
+    meta, config, state, vae = _native_parts(native)
+    if fmt == "single-file":
+        if dst.suffix != ".safetensors":
+            raise UserError(f"single-file export writes a .safetensors file, got {dst}")
+        text = meta.get("text_encoder") or {}
+        text_dir = native / text.get("path", "text_encoder") if text.get("type") == "clip" else None
+        vae_config = VAEConfig.from_dict(vae["vae"]) if vae else None
+        notes = ldm.write_single_file(
+            dst,
+            config,
+            load_all(state),
+            vae_config,
+            load_all(vae["_state"]) if vae else None,
+            text_dir,
+        )
+        return {"dst": str(dst), "format": fmt, "notes": notes}
+    res = meta["data"]["resolution"]
+    unet_json = unet_config_to_diffusers(config, res)
+    scheduler = scheduler_from_parameterization(
+        meta["parameterization"], meta.get("sampling", {}).get("spacing", "leading")
+    )
+    text = meta.get("text_encoder") or {}
+    notes = []
+    work = _fresh_work_dir(dst)
+    try:
+        save_tensors_atomic(
+            work / "unet" / f"{DIFFUSERS_WEIGHTS}.safetensors", load_all(state), {"format": "pt"}
+        )
+        write_json_atomic(work / "unet" / "config.json", unet_json)
+        write_json_atomic(work / "scheduler" / "scheduler_config.json", scheduler)
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers_version(),
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+        }
+        if vae is not None:
+            vae_config = VAEConfig.from_dict(vae["vae"])
+            vae_json = vae_config_to_diffusers(vae_config, meta["latent"]["image_resolution"])
+            vae_json["scaling_factor"] = meta["latent"].get("scaling_factor", 1.0)
+            save_tensors_atomic(
+                work / "vae" / f"{DIFFUSERS_WEIGHTS}.safetensors",
+                load_all(vae["_state"]),
+                {"format": "pt"},
+            )
+            write_json_atomic(work / "vae" / "config.json", vae_json)
+            index["vae"] = ["diffusers", "AutoencoderKL"]
+        if text.get("type") == "clip" and vae is not None:
+            shutil.copytree(native / text.get("path", "text_encoder"), work / "text_encoder")
+            shutil.copytree(native / text.get("tokenizer", "tokenizer"), work / "tokenizer")
+            if text.get("clip_skip", 1) != 1:
+                notes.append(
+                    f"clip_skip={text['clip_skip']} is not stored by diffusers: "
+                    "pass clip_skip to the pipeline call"
+                )
+            index.update(
+                {
+                    "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"],
+                    "safety_checker": [None, None],
+                    "feature_extractor": [None, None],
+                    "requires_safety_checker": False,
+                }
+            )
+            write_json_atomic(work / "model_index.json", index)
+        else:
+            notes.append(
+                "no CLIP text encoder: wrote unet/, vae/, scheduler/ without "
+                "model_index.json (load the components one by one)"
+            )
+        replace_dir_atomic(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {"dst": str(dst), "format": fmt, "notes": notes}
