@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,8 @@ from .. import sampling, schedules
 from ..denoisers import make_denoiser
 from ..errors import UserError
 from ..guidance import CFGDenoiser
-from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict
+from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict, read_model_json
+from ..io.lazy import build_module, open_safetensors
 from ..models.presets import UNetConfig
 from ..models.unet import UNet
 
@@ -95,18 +97,34 @@ class LoadedModel:
         return self.vae.decode(x / self.scaling_factor, tile_size=tile_size).clamp(-1, 1)
 
 
-def build_denoiser(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def build_denoiser(
+    meta: dict, state: Mapping[str, torch.Tensor] | None = None, *, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The denoiser a model.json describes; `state` (tensors or lazy tensors) is loaded strictly,
+    tensor by tensor into a network built on the meta device, so an SD-size U-Net never exists
+    twice in memory. dtype=torch.bfloat16 gives bf16 weights."""
     config = UNetConfig.from_dict(meta["unet"])
-    if meta.get("task") in ("superres", "inpaint"):  # the conditioning image is concatenated
-        from ..models.conditioned import ConcatUNet
 
-        unet = ConcatUNet(config, meta["concat_channels"], noise_level=meta["task"] == "superres")
-    else:
-        unet = UNet(config)
-    if state is not None:
-        load_state_strict(unet, state, "U-Net")
+    def network() -> nn.Module:
+        if meta.get("task") in ("superres", "inpaint"):  # the conditioning image is concatenated
+            from ..models.conditioned import ConcatUNet
+
+            return ConcatUNet(
+                config, meta["concat_channels"], noise_level=meta["task"] == "superres"
+            )
+        return UNet(config)
+
+    unet = network() if state is None else build_module(network, state, "U-Net", dtype=dtype)
     unet.eval().requires_grad_(False)
     return make_denoiser(unet, meta["parameterization"])
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def load_vae(path: str | Path) -> tuple[nn.Module, dict]:
@@ -126,11 +144,13 @@ def load_vae(path: str | Path) -> tuple[nn.Module, dict]:
 def load_diffusion_model(path: str | Path | None = None) -> LoadedModel:
     """Load a native model folder; None means the embedded default model."""
     folder = default_model_dir() if path is None else Path(path)
-    meta, state = load_model_folder(folder)
+    meta = read_model_json(folder)
     if meta.get("kind") != "diffusion":
         raise UserError(f"{folder}: model kind {meta.get('kind')!r} is not a diffusion model")
-    digest = hashlib.sha256((folder / MODEL_WEIGHTS).read_bytes()).hexdigest()[:16]
-    model = LoadedModel(build_denoiser(meta, state), meta, folder, digest)
+    state, _ = open_safetensors(folder / MODEL_WEIGHTS)
+    model = LoadedModel(
+        build_denoiser(meta, state), meta, folder, _file_digest(folder / MODEL_WEIGHTS)
+    )
     if meta.get("latent"):
         model.vae, _ = load_vae(folder / meta["latent"].get("vae", "vae"))
     if meta.get("text_encoder"):
