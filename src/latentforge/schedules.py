@@ -15,7 +15,16 @@ import torch
 from .errors import UserError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-SPACINGS = ("karras", "exponential", "linspace", "leading", "trailing")
+SPACINGS = (
+    "karras",
+    "exponential",
+    "polyexponential",
+    "vp",
+    "optimized",
+    "linspace",
+    "leading",
+    "trailing",
+)
 
 # alpha_bar used for the last step of a zero-terminal-SNR schedule, so sigma stays finite
 # (the same trick diffusers' Euler scheduler uses: 2**-24).
@@ -112,6 +121,78 @@ def get_sigmas_exponential(
     return _append_zero(log.exp().to(device))
 
 
+def get_sigmas_polyexponential(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 1.0, device="cpu"
+) -> torch.Tensor:
+    """n levels with log sigma following a ramp**rho from log sigma_max to log sigma_min
+    (k-diffusion's polyexponential; rho = 1 is `exponential`), then a final 0."""
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    log = ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)
+    return _append_zero(log.exp().to(device))
+
+
+def get_sigmas_vp(
+    n: int,
+    sigma_min: float,
+    sigma_max: float,
+    beta_d: float = 19.9,
+    beta_min: float = 0.1,
+    device="cpu",
+) -> torch.Tensor:
+    """Uniform in t for Song et al.'s continuous VP SDE (2021), alpha_bar(t) =
+    exp(-(beta_d t^2 / 2 + beta_min t)), so sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1).
+
+    The t range is where sigma(t) spans [sigma_min, sigma_max] (Song's eps_s and T = 1 for the
+    default betas and sigma_max = 152), so every spacing covers the same noise levels."""
+    if beta_d <= 0 or beta_min < 0:
+        raise UserError(f"vp spacing needs beta_d > 0 and beta_min >= 0, got {beta_d}, {beta_min}")
+
+    def t_of(sigma: float) -> float:  # root of beta_d/2 t^2 + beta_min t = log(1 + sigma^2)
+        return (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sigma**2)) - beta_min) / beta_d
+
+    t = torch.linspace(t_of(sigma_max), t_of(sigma_min), n, dtype=torch.float64)
+    sigmas = torch.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt()
+    sigmas[0] = sigma_max  # exact endpoint despite the round trip
+    return _append_zero(sigmas.to(device))
+
+
+# The "optimized" spacing: knots of log sigma, as the fraction of the way from log sigma_max to
+# log sigma_min, at K + 1 evenly spaced step positions u = k / K. Fitted in the spirit of
+# Align-Your-Steps (Sabour et al. 2024) by `latentforge.benchmarks.samplers.fit_optimized`
+# (`latentforge bench samplers --fit` reproduces them): minimise the error of DPM-Solver++(2M),
+# UniPC and Euler against the exact ODE solution on random Gaussian mixtures (2-D and 64-D,
+# seeds 1000-1005, never the benchmark's), at 5 and 10 denoiser calls, over SD's sigma range.
+OPTIMIZED_KNOTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def get_sigmas_optimized(
+    n: int,
+    sigma_min: float,
+    sigma_max: float,
+    knots: tuple[float, ...] | None = None,
+    device="cpu",
+) -> torch.Tensor:
+    """n levels from the fitted knots (`OPTIMIZED_KNOTS`, K + 1 of them), then a final 0.
+
+    Level i sits at knot position u = K i / n, so the final 0 takes position K and n = K
+    reproduces the first K knots. Between knots log sigma is interpolated linearly; in the last
+    interval sigma itself goes linearly from knot K-1 to sigma_min (knot K), so the last nonzero
+    level approaches sigma_min as n grows (like 1/n) and never falls below it."""
+    k = torch.tensor(OPTIMIZED_KNOTS if knots is None else knots, dtype=torch.float64)
+    K = len(k) - 1
+    log_lo, log_hi = math.log(sigma_min), math.log(sigma_max)
+    sig_knots = (log_hi + k * (log_lo - log_hi)).exp()
+    sig_knots[0], sig_knots[-1] = sigma_max, sigma_min
+    u = torch.arange(n, dtype=torch.float64) * (K / n)
+    lo = u.floor().long().clamp(max=K - 1)
+    w = u - lo
+    log_sig = (1 - w) * sig_knots[lo].log() + w * sig_knots[lo + 1].log()
+    lin_sig = (1 - w) * sig_knots[lo] + w * sig_knots[lo + 1]
+    sigmas = torch.where(lo == K - 1, lin_sig, log_sig.exp())
+    sigmas[0] = sigma_max  # exactly, not exp(log(sigma_max))
+    return _append_zero(sigmas.to(device))
+
+
 def discrete_timesteps(spacing: str, n: int, num_train_timesteps: int) -> torch.Tensor:
     """Timesteps of diffusers' spacings (Lin et al. 2024, Table 2), decreasing, as float64.
 
@@ -138,20 +219,35 @@ def get_sigmas(
     sigma_min: float,
     sigma_max: float,
     train_sigmas: torch.Tensor | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
+    beta_d: float = 19.9,
+    beta_min: float = 0.1,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Noise levels for `steps` denoising steps: decreasing, length steps + 1, ending in 0.
 
-    karras / exponential work for any model; leading / trailing / linspace pick timesteps of
-    the discrete training schedule `train_sigmas` (increasing in t) as diffusers does.
+    karras (rho, default 7), exponential, polyexponential (rho, default 1), vp (beta_d,
+    beta_min) and optimized work for any model and start at sigma_max; leading / trailing /
+    linspace pick timesteps of the discrete training schedule `train_sigmas` (increasing in t)
+    as diffusers does.
     """
     if not isinstance(steps, int) or steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps!r}")
+    if spacing in ("karras", "exponential", "polyexponential", "vp", "optimized") and not (
+        0 < sigma_min < sigma_max
+    ):
+        raise UserError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
     if spacing == "karras":
-        return get_sigmas_karras(steps, sigma_min, sigma_max, rho, device)
+        return get_sigmas_karras(steps, sigma_min, sigma_max, 7.0 if rho is None else rho, device)
     if spacing == "exponential":
         return get_sigmas_exponential(steps, sigma_min, sigma_max, device)
+    if spacing == "polyexponential":
+        rho = 1.0 if rho is None else rho
+        return get_sigmas_polyexponential(steps, sigma_min, sigma_max, rho, device)
+    if spacing == "vp":
+        return get_sigmas_vp(steps, sigma_min, sigma_max, beta_d, beta_min, device)
+    if spacing == "optimized":
+        return get_sigmas_optimized(steps, sigma_min, sigma_max, device=device)
     if spacing in ("linspace", "leading", "trailing"):
         if train_sigmas is None:
             raise UserError(f"spacing {spacing!r} needs a discrete-time model")
