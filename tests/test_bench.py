@@ -12,3 +12,20 @@ def test_latent_vs_pixel_bench_json(capsys):
                 "quality_latent", "vae_psnr_db"):  # fmt: skip
         assert key in out
     assert out["latent_shape"] == [4, 8, 8] and out["train_speedup"] > 0
+
+
+def test_samplers_bench_json_records(capsys):
+    """A tiny run of `bench samplers --json`: the records have the documented shape, every
+    error is finite, and exact solutions make the highest-order runs accurate at NFE 20."""
+    argv = ["bench", "samplers", "--json", "--draws", "32", "--nfe", "5,20", "--no-unseen",
+            "--repeats", "1"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    keys = {"impl", "sampler", "schedule", "nfe", "rms_error", "median_error", "flips"}
+    assert all(keys | {"overhead_us"} <= set(r) for r in rows)
+    assert {r["impl"] for r in rows} == {"latentforge", "diffusers"}
+    assert all(0 <= r["median_error"] < 10 and 0 <= r["rms_error"] < 10 for r in rows)
+    assert all(0 <= r["flips"] <= 32 and r["overhead_us"] > 0 for r in rows)
+    lf20 = [r for r in rows if r["impl"] == "latentforge" and r["nfe"] == 20]
+    assert min(r["rms_error"] for r in lf20) < 5e-3
+    assert all(r["nfe_used"] <= r["nfe"] for r in rows)

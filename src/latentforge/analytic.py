@@ -95,6 +95,14 @@ class GaussianMixture:
         post = self.means[:, None] + shrunk  # per-component posterior means
         return (resp[..., None] * post).sum(0).reshape(shape).to(dtype)
 
+    def component(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+        """Index of each input's most likely component at noise level sigma, shape (B,)."""
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        var = self.evals[:, None, :] + sigma**2
+        z = (xf[None] - self.means[:, None]) @ self.evecs
+        log_like = -0.5 * ((z**2 / var).sum(-1) + var.log().sum(-1))
+        return (log_like + self.log_weights[:, None]).argmax(0)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws, (n, dim) float64."""
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)

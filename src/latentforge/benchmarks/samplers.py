@@ -2,9 +2,17 @@
 
 Every run starts from the same state x_T at Stable Diffusion's sigma_max (the scaled_linear
 1000-step schedule, sigma 14.6146 .. 0.0292) and is compared with the exact probability-flow
-ODE solution at sigma = 0 of the same x_T (`analytic.ode_solution`, rtol 1e-10), on a 2-D and
-a 64-D Gaussian mixture drawn from `--seed`. x_T = z sqrt(1 + sigma_max^2) for unit noise z:
-diffusers' convention (init_noise_sigma), the same point for every implementation.
+ODE solution at sigma = 0 of the same x_T (`analytic.ode_solution`, DOP853 at rtol 1e-9), on a
+2-D and a 64-D Gaussian mixture of 8 components drawn from `--seed`, 16,384 noise draws each
+(the few draws that end in another component than the exact solution dominate an RMS over a few
+hundred). x_T = z sqrt(1 + sigma_max^2) for unit noise z; each diffusers scheduler gets the z
+that its loop (`z * init_noise_sigma`, in its own VP or VE coordinates) turns into that x_T.
+
+Per run: rms_error (over all draws and coordinates), median_error (median over draws of each
+draw's RMS error), flips (draws whose result lies in another mixture component than the exact
+solution's: the most likely component at sigma 0) and overhead_us (the sampler's own time per
+step around a zero-cost denoiser, on a batch of 16 4x32x32 latents; `--json` adds the `tiny`
+U-Net's forward time on that batch as the yardstick).
 
 NFE = denoiser calls, counted. Samplers with 2 calls per step (heun, dpm2, dpmpp_2s) get
 (NFE + 1) // 2 steps, i.e. 2 * steps - 1 <= NFE calls (their last step, to sigma 0, is one
@@ -32,7 +40,10 @@ DEFAULT_SEED = 0
 FIT_SEEDS = (1000, 1001, 1002, 1003, 1004, 1005)  # the optimized schedule is fitted on these
 UNSEEN_SEEDS = (2000, 2001, 2002, 2003, 2004)  # ... and checked on these (and DEFAULT_SEED)
 NFES = (5, 10, 20, 50)
-DIMS = {2: 1024, 64: 256}  # dimension -> draws (enough that a few mode flips do not dominate)
+DIMS = {2: 16384, 64: 16384}  # dimension -> noise draws of the benchmark
+FIT_DRAWS = {2: 2048, 64: 256}  # draws per mixture when fitting the optimized schedule
+UNSEEN_DRAWS = {2: 4096, 64: 1024}  # draws per mixture when checking it on unseen seeds
+ODE_RTOL = 1e-9
 COMPONENTS = 8
 
 # (label, sampler, knobs, denoiser calls per step)
@@ -60,7 +71,7 @@ LF_SPACINGS = (
     "trailing",
 )
 # The samplers the optimized schedule is fitted for, and reported on.
-FIT_SAMPLERS = ("dpmpp_2m", "unipc(bh2)")
+FIT_SAMPLERS = ("dpmpp_2m", "unipc(bh2)", "unipc(order=3)")
 
 
 def sd_train_sigmas() -> torch.Tensor:
@@ -79,7 +90,8 @@ class Problem:
 
 
 def make_problem(dim: int, seed: int, draws: int | None = None) -> Problem:
-    """The mixture of `seed`, draws of unit noise from seed + 1, and their exact solutions."""
+    """The mixture of `seed`, draws of unit noise from seed + 1, and their exact solutions.
+    A problem's first n draws are the same whatever `draws` is."""
     train = sd_train_sigmas()
     sigma_min, sigma_max = float(train[0]), float(train[-1])
     oracle = analytic.random_mixture(
@@ -88,7 +100,8 @@ def make_problem(dim: int, seed: int, draws: int | None = None) -> Problem:
     g = torch.Generator().manual_seed(seed + 1)
     z = torch.randn(draws or DIMS[dim], dim, generator=g, dtype=torch.float64)
     x_T = z * math.sqrt(1 + sigma_max**2)
-    return Problem(dim, seed, oracle, x_T, analytic.ode_solution(oracle, x_T, sigma_max))
+    exact = analytic.ode_solution(oracle, x_T, sigma_max, rtol=ODE_RTOL, atol=ODE_RTOL * 1e-2)
+    return Problem(dim, seed, oracle, x_T, exact)
 
 
 class _Counted:
@@ -119,17 +132,37 @@ def lf_sigmas(spacing: str, steps: int, knots=None) -> torch.Tensor:
     )
 
 
-def run_lf(problem: Problem, run, spacing: str, nfe: int, knots=None) -> tuple[float, int]:
-    """(RMS error vs the exact solution, denoiser calls) of one latentforge run, float32."""
+def lf_output(problem: Problem, run, spacing: str, nfe: int, knots=None):
+    """(result, denoiser calls) of one latentforge run, float32 like a real model's."""
     _, name, knobs, per_step = run
     den = _Counted(problem.oracle)
     sigmas = lf_sigmas(spacing, lf_steps(nfe, per_step), knots)
     out = sampling.sample(name, den, problem.x_T.float(), sigmas, **knobs)
-    return _rms(out, problem.exact), den.calls
+    return out, den.calls
+
+
+def run_lf(problem: Problem, run, spacing: str, nfe: int, knots=None) -> tuple[float, int]:
+    """(RMS error vs the exact solution, denoiser calls) of one latentforge run."""
+    out, calls = lf_output(problem, run, spacing, nfe, knots)
+    return _rms(out, problem.exact), calls
 
 
 def _rms(out: torch.Tensor, exact: torch.Tensor) -> float:
     return float((out.double() - exact).pow(2).mean().sqrt())
+
+
+def errors(problem: Problem, out: torch.Tensor) -> dict:
+    """rms_error, median_error (of the per-draw RMS errors) and flips against the exact ODE
+    solution; a flip is a draw whose most likely component differs from the exact one's."""
+    err = (out.double() - problem.exact).pow(2).mean(1)
+    if not torch.isfinite(err).all():
+        return {"rms_error": float("inf"), "median_error": float("inf"), "flips": len(err)}
+    flips = problem.oracle.component(out) != problem.oracle.component(problem.exact)
+    return {
+        "rms_error": float(f"{float(err.mean().sqrt()):.4e}"),
+        "median_error": float(f"{float(err.sqrt().median()):.4e}"),
+        "flips": int(flips.sum()),
+    }
 
 
 # ----- diffusers, side by side -------------------------------------------------------------------
@@ -189,22 +222,42 @@ def run_diffusers_loop(scheduler, model, z: torch.Tensor, steps: int) -> torch.T
     return x
 
 
-def run_diffusers(problem: Problem, factory, spacing_kw, per_step, nfe) -> tuple[float, int]:
-    sigma_max = problem.oracle.sigma_max
-    z = (problem.x_T / math.sqrt(1 + sigma_max**2)).float()
+def _start_noise(scheduler, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """The z for which diffusers' loop starts at x_T: x = z * init_noise_sigma, in VE
+    coordinates for schedulers whose scale_model_input rescales (Euler, Heun), VP otherwise."""
+    scheduler.set_timesteps(steps)
+    sigma_max = float(sd_train_sigmas()[-1])
+    t0 = scheduler.timesteps[0]
+    probe = torch.ones(1)
+    ve = not torch.equal(scheduler.scale_model_input(probe, t0), probe)
+    if hasattr(scheduler, "_step_index"):
+        scheduler._step_index = None  # scale_model_input may have started the step counter
+    x = x_T if ve else x_T / math.sqrt(1 + sigma_max**2)
+    return x / float(scheduler.init_noise_sigma)
+
+
+def diffusers_output(problem: Problem, factory, spacing_kw, per_step, nfe):
+    steps = lf_steps(nfe, per_step)
+    z = _start_noise(factory(**spacing_kw), problem.x_T, steps).float()
     model = _EpsModel(problem.oracle)
-    out = run_diffusers_loop(factory(**spacing_kw), model, z, lf_steps(nfe, per_step))
-    return _rms(out, problem.exact), model.calls
+    out = run_diffusers_loop(factory(**spacing_kw), model, z, steps)
+    return out, model.calls
+
+
+def run_diffusers(problem: Problem, factory, spacing_kw, per_step, nfe) -> tuple[float, int]:
+    out, calls = diffusers_output(problem, factory, spacing_kw, per_step, nfe)
+    return _rms(out, problem.exact), calls
 
 
 # ----- overhead: the sampler's own time per step, with a zero-cost denoiser -------------------
-OVERHEAD_SHAPE = (1, 4, 64, 64)  # one SD latent
+OVERHEAD_SHAPE = (16, 4, 32, 32)  # a batch of 16 latents at 32x32, as the target states
 OVERHEAD_STEPS = 20
+REPEATS = {"n": 5}  # timing repeats (median taken); --repeats
 
 
-def _median_time(fn: Callable[[], object], repeats: int = 5) -> float:
+def _median_time(fn: Callable[[], object]) -> float:
     times = []
-    for _ in range(repeats):
+    for _ in range(REPEATS["n"]):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -247,6 +300,19 @@ def diffusers_overhead_us(factory, per_step: int, spacing_kw: dict) -> float:
     return _median_time(go) / steps * 1e6
 
 
+def unet_forward_us() -> float:
+    """The yardstick for overhead: one forward of the `tiny` U-Net on OVERHEAD_SHAPE."""
+    from ..models.presets import unet_preset
+    from ..models.unet import UNet
+
+    unet = UNet(unet_preset("tiny", in_channels=OVERHEAD_SHAPE[1], out_channels=OVERHEAD_SHAPE[1]))
+    unet.eval()
+    x, t = torch.randn(OVERHEAD_SHAPE), torch.full((OVERHEAD_SHAPE[0],), 500.0)
+    with torch.no_grad():
+        unet(x, t)
+        return _median_time(lambda: unet(x, t)) * 1e6
+
+
 # ----- the optimized schedule: ratio vs karras and its fit ---------------------------------------
 def opt_vs_karras(problems: list[Problem], nfes=(5, 10), knots=None) -> dict:
     """Geometric-mean RMS ratio optimized / karras over `problems`, per sampler and NFE, and
@@ -280,28 +346,33 @@ def _theta_from(knots) -> list[float]:
 
 
 def fit_optimized(
-    seeds=FIT_SEEDS, knots: int = 10, nfes=(5, 10), maxfev: int = 400, log=print
+    seeds=FIT_SEEDS, nfes=(5, 10), maxfev: int = 250, start=None, log=print
 ) -> tuple[float, ...]:
     """Fit OPTIMIZED_KNOTS: minimise the mean over mixtures (2-D and 64-D, `seeds`), samplers
     (FIT_SAMPLERS) and NFE (`nfes`) of log(RMS error / RMS error with karras), by Powell's
-    method over softmax increments of the knots, starting from the karras schedule's knots."""
+    method over softmax increments of the knots, starting from `start` (default: the current
+    OPTIMIZED_KNOTS; the first fit started from the karras schedule's levels)."""
     from scipy.optimize import minimize
 
-    problems = [make_problem(dim, seed) for dim in DIMS for seed in seeds]
+    problems = [make_problem(dim, seed, FIT_DRAWS[dim]) for dim in DIMS for seed in seeds]
     runs = [r for r in LF_RUNS if r[0] in FIT_SAMPLERS]
     cases = [(p, r, nfe) for p in problems for r in runs for nfe in nfes]
     base = [math.log(run_lf(p, r, "karras", nfe)[0]) for p, r, nfe in cases]
 
+    evals = [0]
+
     def loss(theta) -> float:
         k = _knots_from(theta)
         logs = [math.log(run_lf(p, r, "optimized", nfe, k)[0]) for p, r, nfe in cases]
-        return sum(a - b for a, b in zip(logs, base, strict=True)) / len(cases)
+        value = sum(a - b for a, b in zip(logs, base, strict=True)) / len(cases)
+        evals[0] += 1
+        if evals[0] % 20 == 0:
+            log(f"fit: evaluation {evals[0]}, loss {value:.4f}, knots {k}")
+        return value
 
-    train = sd_train_sigmas()
-    lo, hi = math.log(float(train[0])), math.log(float(train[-1]))
-    start = lf_sigmas("karras", knots + 1)[:-1].log()
+    start = schedules.OPTIMIZED_KNOTS if start is None else start
     res = minimize(
-        loss, _theta_from(((hi - start) / (hi - lo)).tolist()), method="Powell",
+        loss, _theta_from(start), method="Powell",
         options={"maxfev": maxfev, "xtol": 1e-3, "ftol": 1e-5},
     )  # fmt: skip
     log(f"fit: mean log(RMS / karras RMS) = {res.fun:.4f} after {res.nfev} evaluations")
@@ -309,93 +380,170 @@ def fit_optimized(
 
 
 # ----- main --------------------------------------------------------------------------------------
-def run_benchmark(seed: int, nfes, use_diffusers: bool, unseen=UNSEEN_SEEDS, log=print) -> dict:
-    rows = []
+def _record(dim, impl, sampler, schedule, nfe, calls, errs, over) -> dict:
+    return {"impl": impl, "sampler": sampler, "schedule": schedule, "nfe": nfe, **errs,
+            "overhead_us": round(over, 1), "dim": dim, "nfe_used": calls}  # fmt: skip
+
+
+def run_benchmark(seed: int, nfes, use_diffusers: bool, log=print) -> list[dict]:
+    """Every record of the benchmark (see the module docstring)."""
     problems = {}
-    for dim in DIMS:
-        log(f"[dim {dim}] exact ODE solutions ...")
-        problems[dim] = make_problem(dim, seed)
-    lf_over = {run[0]: lf_overhead_us(run) for run in LF_RUNS}
-    for dim, prob in problems.items():
-        for run in LF_RUNS:
+    for dim, draws in DIMS.items():
+        log(f"[dim {dim}] exact ODE solutions of {draws} draws ...")
+        problems[dim] = make_problem(dim, seed, draws)
+    rows = []
+    for run in LF_RUNS:
+        over = lf_overhead_us(run)
+        for dim, prob in problems.items():
             for spacing in LF_SPACINGS:
                 for nfe in nfes:
-                    rms, calls = run_lf(prob, run, spacing, nfe)
-                    rows.append(_row(dim, run[0], spacing, nfe, calls, "latentforge", rms,
-                                     lf_over[run[0]]))  # fmt: skip
+                    out, calls = lf_output(prob, run, spacing, nfe)
+                    errs = errors(prob, out)
+                    rows.append(
+                        _record(dim, "latentforge", run[0], spacing, nfe, calls, errs, over)
+                    )
+        log(f"latentforge {run[0]} done")
     if use_diffusers:
         for label, factory, per_step, karras in diffusers_runs():
             for spacing, kw in _diffusers_spacings(karras).items():
                 over = diffusers_overhead_us(factory, per_step, kw)
                 for dim, prob in problems.items():
                     for nfe in nfes:
-                        rms, calls = run_diffusers(prob, factory, kw, per_step, nfe)
-                        rows.append(_row(dim, label, spacing, nfe, calls, "diffusers", rms, over))
-    summary = {"best_at_nfe10": {}, "optimized_vs_karras": {}}
-    for dim in DIMS:
-        best = {}
-        for impl in ("latentforge", "diffusers"):
-            cands = [r for r in rows if r["dim"] == dim and r["nfe"] == 10 and r["impl"] == impl]
-            if cands:
-                b = min(cands, key=lambda r: r["rms"])
-                best[impl] = {k: b[k] for k in ("sampler", "schedule", "rms")}
-        if len(best) == 2:
-            best["ratio"] = round(best["latentforge"]["rms"] / best["diffusers"]["rms"], 4)
-        summary["best_at_nfe10"][str(dim)] = best
-    log("optimized vs karras on the benchmark seed and unseen seeds ...")
-    summary["optimized_vs_karras"]["benchmark_seed"] = opt_vs_karras(list(problems.values()))
-    unseen_problems = [make_problem(dim, s) for s in unseen for dim in DIMS]
-    summary["optimized_vs_karras"][f"unseen_seeds_{min(unseen)}-{max(unseen)}"] = opt_vs_karras(
-        unseen_problems
-    )
-    config = {
-        "seed": seed, "nfe": list(nfes), "dims_draws": DIMS, "components": COMPONENTS,
-        "sigma_max": problems[2].oracle.sigma_max, "sigma_min": problems[2].oracle.sigma_min,
-        "fit_seeds": list(FIT_SEEDS), "unseen_seeds": list(unseen),
-        "overhead": f"us per step, zero-cost denoiser, shape {list(OVERHEAD_SHAPE)}, float32",
-    }  # fmt: skip
-    return {"config": config, "rows": rows, "summary": summary}
+                        out, calls = diffusers_output(prob, factory, kw, per_step, nfe)
+                        errs = errors(prob, out)
+                        rows.append(
+                            _record(dim, "diffusers", label, spacing, nfe, calls, errs, over)
+                        )
+            log(f"diffusers {label} done")
+    return rows
 
 
-def _row(dim, sampler, schedule, nfe, calls, impl, rms, over) -> dict:
-    return {
-        "dim": dim, "sampler": sampler, "schedule": schedule, "nfe": nfe, "nfe_used": calls,
-        "impl": impl, "rms": float(f"{rms:.4e}"), "overhead_us_per_step": round(over, 1),
-    }  # fmt: skip
+def best_at(rows: list[dict], dim: int, nfe: int) -> dict:
+    """The lowest-RMS record per implementation at (dim, nfe), and latentforge / diffusers."""
+    best = {}
+    for impl in ("latentforge", "diffusers"):
+        cands = [r for r in rows if r["dim"] == dim and r["nfe"] == nfe and r["impl"] == impl]
+        if cands:
+            b = min(cands, key=lambda r: r["rms_error"])
+            best[impl] = {k: b[k] for k in ("sampler", "schedule", "rms_error", "flips")}
+    if len(best) == 2:
+        best["ratio"] = round(best["latentforge"]["rms_error"] / best["diffusers"]["rms_error"], 4)
+    return best
 
 
-def format_table(result: dict) -> str:
-    """Rows per (dim, impl, sampler, schedule); RMS at each NFE; then the summary ratios."""
-    rows, nfes = result["rows"], result["config"]["nfe"]
-    lines = []
+def summarize(rows: list[dict], seed: int, unseen=UNSEEN_SEEDS, log=print) -> dict:
+    """Best per implementation at NFE 10; optimized vs karras on the benchmark's seed (from the
+    rows) and on unseen seeds (fresh problems with FIT_DRAWS draws)."""
+    summary = {"best_at_nfe10": {str(d): best_at(rows, d, 10) for d in DIMS}}
+    ratios = {}
+    for run in FIT_SAMPLERS:
+        for nfe in (5, 10):
+            pick = {r["schedule"]: r["rms_error"] for r in rows if r["sampler"] == run
+                    and r["nfe"] == nfe and r["impl"] == "latentforge"
+                    and r["schedule"] in ("optimized", "karras") and r["dim"] == 64}  # fmt: skip
+            if len(pick) == 2:
+                ratios.setdefault(run, {})[str(nfe)] = round(pick["optimized"] / pick["karras"], 4)
+    summary["optimized_vs_karras_64d_seed"] = {"seed": seed, "ratio": ratios}
+    if unseen:
+        log(f"optimized vs karras on unseen seeds {list(unseen)} ...")
+        probs = [make_problem(dim, s, UNSEEN_DRAWS[dim]) for s in unseen for dim in DIMS]
+        summary["optimized_vs_karras_unseen"] = {"seeds": list(unseen), **opt_vs_karras(probs)}
+        summary["best_at_nfe10_unseen_64d"] = unseen_head_to_head(
+            [p for p in probs if p.dim == 64], log
+        )
+    return summary
+
+
+def unseen_head_to_head(problems: list[Problem], log=print) -> list[dict]:
+    """Per unseen 64-D mixture at NFE 10: latentforge's best (FIT_SAMPLERS x karras/optimized)
+    against diffusers' best scheduler with Karras sigmas (skipped without diffusers)."""
+    try:
+        runs = [d for d in diffusers_runs() if d[3]]
+    except ImportError:
+        return []
+    out = []
+    for prob in problems:
+        lf = min(
+            (run_lf(prob, run, sp, 10)[0], f"{run[0]}/{sp}")
+            for run in LF_RUNS
+            if run[0] in FIT_SAMPLERS
+            for sp in ("karras", "optimized")
+        )
+        kw = _diffusers_spacings(True)["karras"]
+        df = min((run_diffusers(prob, f, kw, per, 10)[0], label) for label, f, per, _ in runs)
+        ratio = round(lf[0] / df[0], 4)
+        out.append({"seed": prob.seed, "latentforge": lf[1], "latentforge_rms": lf[0],
+                    "diffusers": df[1], "diffusers_rms": df[0], "ratio": ratio})  # fmt: skip
+        log(f"unseen seed {prob.seed}: {out[-1]}")
+    return out
+
+
+def format_table(rows: list[dict], nfes) -> str:
+    """RMS error per (dim, impl, sampler, schedule) at each NFE, then the overhead per step."""
     keys = sorted(
         {(r["dim"], r["impl"], r["sampler"], r["schedule"]) for r in rows},
         key=lambda k: (k[0], k[1] != "latentforge"),
     )
     by_key = {(r["dim"], r["impl"], r["sampler"], r["schedule"], r["nfe"]): r for r in rows}
     head = f"{'dim':>3} {'impl':11} {'sampler':16} {'schedule':15}"
-    head += "".join(f"{'NFE ' + str(n):>10}" for n in nfes) + f"{'us/step':>9}"
-    lines.append(head)
+    lines = [head + "".join(f"{'NFE ' + str(n):>10}" for n in nfes) + f"{'us/step':>9}"]
     for key in keys:
         cells = [by_key.get((*key, n)) for n in nfes]
         line = f"{key[0]:>3} {key[1]:11} {key[2]:16} {key[3]:15}"
-        line += "".join(f"{c['rms']:>10.2e}" if c else f"{'-':>10}" for c in cells)
-        over = next(c["overhead_us_per_step"] for c in cells if c)
-        lines.append(line + f"{over:>9.0f}")
-    lines.append("")
-    for dim, best in result["summary"]["best_at_nfe10"].items():
-        lines.append(f"{dim}-D best at NFE 10: {json.dumps(best)}")
-    for where, ratios in result["summary"]["optimized_vs_karras"].items():
-        lines.append(f"optimized / karras RMS ({where}): {json.dumps(ratios)}")
+        line += "".join(f"{c['rms_error']:>10.2e}" if c else f"{'-':>10}" for c in cells)
+        lines.append(line + f"{next(c['overhead_us'] for c in cells if c):>9.0f}")
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """RMS error vs NFE, one panel per dimension: every latentforge sampler at its best
+    schedule per NFE, and every diffusers scheduler likewise (dashed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(
+            "latentforge: error: --plot needs matplotlib (pip install matplotlib)"
+        ) from e
+    dims = sorted({r["dim"] for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(6.5 * len(dims), 5), squeeze=False)
+    for ax, dim in zip(axes[0], dims, strict=True):
+        for impl, style in (("latentforge", "-"), ("diffusers", "--")):
+            names = dict.fromkeys(r["sampler"] for r in rows if r["impl"] == impl)
+            for name in names:
+                pts = {}
+                for r in rows:
+                    if (r["impl"], r["sampler"], r["dim"]) == (impl, name, dim):
+                        pts[r["nfe"]] = min(pts.get(r["nfe"], math.inf), r["rms_error"])
+                nfe = sorted(pts)
+                tag = "lf" if impl == "latentforge" else "diffusers"
+                ax.plot(
+                    nfe, [pts[n] for n in nfe], style, marker="o", ms=3, label=f"{name} ({tag})"
+                )
+        ax.set(xscale="log", yscale="log", xlabel="NFE (denoiser calls)")
+        ax.set(ylabel="RMS error vs exact ODE solution", title=f"{dim}-D mixture, best schedule")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="latentforge bench samplers", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="latentforge bench samplers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="mixture seed")
     parser.add_argument("--nfe", default=",".join(map(str, NFES)), help="e.g. 5,10,20,50")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers runs")
+    parser.add_argument("--draws", type=int, help="noise draws per mixture (default 16384)")
+    parser.add_argument("--no-unseen", action="store_true", help="skip the unseen-seed check")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
+    parser.add_argument("--plot", metavar="PNG", help="also plot error vs NFE (matplotlib)")
     parser.add_argument("--fit", action="store_true", help="refit OPTIMIZED_KNOTS and print them")
     args = parser.parse_args(argv)
     if args.fit:
@@ -407,6 +555,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nfe must be comma-separated integers, got {args.nfe!r}")
     if any(n < 2 for n in nfes):
         parser.error("every --nfe must be >= 2")
+    if args.draws is not None:
+        if args.draws < 1:
+            parser.error("--draws must be >= 1")
+        for dim in DIMS:
+            DIMS[dim] = args.draws
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    REPEATS["n"] = args.repeats
     use_diffusers = not args.no_diffusers
     if use_diffusers:
         try:
@@ -414,7 +570,22 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("diffusers is not installed: running latentforge only", file=sys.stderr)
             use_diffusers = False
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    result = run_benchmark(args.seed, nfes, use_diffusers, log=log)
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
+
+    def log(*a):
+        print(*a, file=sys.stderr)
+
+    rows = run_benchmark(args.seed, nfes, use_diffusers, log=log)
+    summary = summarize(rows, args.seed, () if args.no_unseen else UNSEEN_SEEDS, log=log)
+    summary["overhead_yardstick"] = {
+        "tiny_unet_forward_us": round(unet_forward_us(), 1),
+        "shape": list(OVERHEAD_SHAPE),
+    }
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        log(json.dumps(summary, indent=1))
+    else:
+        print(format_table(rows, nfes))
+        print(json.dumps(summary, indent=1))
     return 0
