@@ -105,3 +105,50 @@ def test_torchrun_two_processes(tmp_path):
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["step"] == 3
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000003"]
+
+
+def test_parallel_render_matches_in_process():
+    """Worker-process rendering (used to cache big datasets on GPU machines) is bit-exact."""
+    from latentforge.training.data import load_dataset
+    from latentforge.training.loop import render_dataset
+
+    ds = load_dataset("shapes:16:40:holdout")
+    serial, parallel = render_dataset(ds), render_dataset(ds, workers=2)
+    assert torch.equal(serial["image"], parallel["image"])
+    assert serial["caption"] == parallel["caption"] and len(serial["caption"]) == 40
+
+
+def test_training_device(monkeypatch):
+    from latentforge.training.loop import step_generator, training_device
+
+    monkeypatch.setenv("LATENTFORGE_DEVICE", "cpu")
+    assert training_device() == torch.device("cpu")
+    assert step_generator(0, 3).device == torch.device("cpu")
+    monkeypatch.setenv("LATENTFORGE_DEVICE", "tpu9")
+    with pytest.raises(UserError, match="LATENTFORGE_DEVICE"):
+        training_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LATENTFORGE_DEVICE", "cuda")
+        with pytest.raises(UserError, match="CUDA is not available"):
+            training_device()
+
+
+def test_sigterm_saves_and_exits_130(tmp_path):
+    """A time budget (`timeout -s TERM`) ends training cleanly: checkpoint, model, status 130."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "LATENTFORGE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "latentforge.cli", "train", "diffusion", "--data", "digits",
+           "--cond", "class", "--max-steps", "100000", "--batch-size", "4", "--sample-every",
+           "0", "--ckpt-every", "100000", "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # fit() makes out/ just before it installs its handlers
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["step"] >= 1

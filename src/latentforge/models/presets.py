@@ -63,6 +63,15 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         num_heads=4,
         norm_groups=16,
     ),
+    # ~10M parameters: the embedded default text-to-image model (f4 latents of shapes:64,
+    # 16x16x4). Cross-attention to the MiniLM tokens at every level (16x16, 8x8, 4x4).
+    "shapes-t2i": UNetConfig(
+        block_out_channels=(48, 96, 192),
+        layers_per_block=1,
+        attention_levels=(True, True, True),
+        num_heads=(2, 4, 4),
+        norm_groups=16,
+    ),
     # Stable Diffusion 1.x U-Net (Rombach et al. 2022): 859,520,964 parameters.
     "sd15": UNetConfig(
         in_channels=4,

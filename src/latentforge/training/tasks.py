@@ -151,8 +151,8 @@ class SuperResTrainer(_ConcatTrainer):
     def task_cond(self, batch: dict, g: torch.Generator) -> dict:
         low = downsample(batch["image"], self.scale)  # (B, C, H / s, W / s)
         cond = lowres_condition(low, self.size)  # (B, C, h, w) at the denoiser's resolution
-        level = torch.rand((cond.shape[0],), generator=g) * MAX_AUG_LEVEL
-        noise = torch.randn(cond.shape, generator=g)
+        level = torch.rand((cond.shape[0],), generator=g, device=g.device) * MAX_AUG_LEVEL
+        noise = torch.randn(cond.shape, generator=g, device=g.device)
         return {"concat": augment(cond, level, noise), "noise_level": level}
 
     def sample_images(self, n: int = 8, steps: int = 20) -> torch.Tensor:
@@ -177,7 +177,11 @@ class InpaintTrainer(_ConcatTrainer):
 
     def task_cond(self, batch: dict, g: torch.Generator) -> dict:
         images = batch["image"]
+        if g.device.type != "cpu":  # masks are many scalar draws: a CPU generator seeded by g
+            seed = int(torch.randint(2**62, (), generator=g, device=g.device))
+            g = torch.Generator().manual_seed(seed)
         masks, _ = random_masks(images.shape[0], images.shape[-2:], g)
+        masks = masks.to(images.device)
         masked = self.encode(masked_image(images, masks))
         return {"concat": inpaint_condition(masks, masked)}
 

@@ -118,7 +118,8 @@ class VAETrainer(Trainer):
     def _held_out(self) -> torch.Tensor:
         """Fixed evaluation images: the last indices of the dataset (a deterministic sample)."""
         n = min(self.cfg.eval_images, len(self.dataset))
-        return torch.stack([self.dataset[len(self.dataset) - 1 - i]["image"] for i in range(n)])
+        images = [self.dataset[len(self.dataset) - 1 - i]["image"] for i in range(n)]
+        return torch.stack(images).to(self.device)
 
     @torch.no_grad()
     def measure(self) -> dict:
@@ -126,7 +127,7 @@ class VAETrainer(Trainer):
         latents, recons = [], []
         for chunk in images.split(64):
             posterior = self.ema.encode(chunk)
-            latents.append(posterior.sample(torch.Generator().manual_seed(0)))
+            latents.append(posterior.sample(torch.Generator().manual_seed(0)).float())
             recons.append(self.ema.decode(posterior.mode()))
         z = torch.cat(latents)
         rgb_map = fit_latent_rgb_map(self.ema, images) if images.shape[1] == 3 else None
@@ -144,7 +145,7 @@ class VAETrainer(Trainer):
         images = self._held_out()[:8]
         with torch.no_grad():
             recon = self.ema.decode(self.ema.encode(images).mode()).clamp(-1, 1)
-        return torch.cat([images, recon])
+        return torch.cat([images, recon]).cpu()
 
     def save_model(self) -> None:
         m = self.measure()
