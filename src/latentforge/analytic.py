@@ -81,19 +81,37 @@ class GaussianMixture:
         return torch.einsum("k,kij->ij", self.weights, self.covs) + between
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
-        shape, dtype = x.shape, x.dtype
-        xf = x.reshape(shape[0], -1).to(torch.float64)  # (B, d)
+        """The posterior mean E[x0 | x] at noise level sigma (one scalar for the batch, or one per
+        input). The maths runs in float64; the result has the input's dtype.
+
+        Per component, with W = U diag(1/sqrt(l + s^2)) and A = U diag(l / (l + s^2)) U^T:
+        log N(x; mu, Sigma + s^2 I) = -|W^T (x - mu)|^2 / 2 - sum log(l + s^2) / 2 + const and
+        E[x0 | x, k] = mu + A (x - mu); both come from one GEMM of x against [W | A] of every
+        component, less the same product of mu (folded in as a last row, against a column of
+        ones appended to x)."""
+        shape = x.shape
+        dtype = torch.float64
+        xf = x.reshape(shape[0], -1).to(dtype)  # (B, d)
         if xf.shape[1] != self.dim:
             raise UserError(f"oracle is {self.dim}-D, got inputs of {xf.shape[1]} values")
-        s2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2  # (B or 1, 1)
-        var = self.evals[:, None, :] + s2[None]  # (K, B|1, d): eigenvalues of Sigma_k + s^2 I
-        z = (xf[None] - self.means[:, None]) @ self.evecs  # (K, B, d): coordinates in U_k
-        # log N(x; mu_k, Sigma_k + s^2 I), up to the shared constant -d/2 log(2 pi)
-        log_like = -0.5 * ((z**2 / var).sum(-1) + var.log().sum(-1))  # (K, B)
-        resp = torch.softmax(log_like + self.log_weights[:, None], dim=0)  # (K, B)
-        shrunk = (z * (self.evals[:, None] / var)) @ self.evecs.transpose(1, 2)  # (K, B, d)
-        post = self.means[:, None] + shrunk  # per-component posterior means
-        return (resp[..., None] * post).sum(0).reshape(shape).to(dtype)
+        s2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        if s2.numel() > 1 and not bool((s2 == s2[0]).all()):
+            return torch.cat([self(x[i : i + 1], s2[i]) for i in range(shape[0])]).to(x.dtype)
+        s2 = float(s2[0]) ** 2
+        var = self.evals + s2  # (K, d): eigenvalues of Sigma_k + s^2 I
+        W = self.evecs / var.sqrt()[:, None, :]  # (K, d, d), columns scaled
+        A = (self.evecs * (self.evals / var)[:, None, :]) @ self.evecs.transpose(1, 2)  # (K,d,d)
+        M = torch.cat([W, A.transpose(1, 2)], dim=2)  # (K, d, 2d): x @ M[k] = [W^T x, A x]
+        off = torch.einsum("kd,kde->ke", self.means, M)  # (K, 2d): the same product of mu
+        M_aug = torch.cat([M.permute(1, 0, 2).reshape(self.dim, -1), -off.reshape(1, -1)])
+        x_aug = torch.cat([xf, torch.ones(len(xf), 1, dtype=dtype)], dim=1)  # (B, d + 1)
+        prod = (x_aug @ M_aug).view(-1, self.k, 2 * self.dim)  # (B, K, 2d)
+        y, shrunk = prod[..., : self.dim], prod[..., self.dim :]
+        sq = torch.linalg.vector_norm(y, dim=-1).square()
+        log_like = -0.5 * (sq + var.log().sum(-1))  # (B, K)
+        resp = torch.softmax(log_like + self.log_weights, dim=1)  # (B, K)
+        out = resp @ self.means + torch.bmm(resp[:, None, :], shrunk).squeeze(1)
+        return out.reshape(shape).to(x.dtype)
 
     def component(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """Index of each input's most likely component at noise level sigma, shape (B,)."""
