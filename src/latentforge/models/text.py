@@ -51,8 +51,14 @@ class TextEncoder(nn.Module):
             prompts, padding="max_length", truncation=True, max_length=self.max_length,
             return_tensors="pt",
         )  # fmt: skip
-        full = self.tokenizer(prompts, truncation=False)["input_ids"]
-        too_long = [p for p, ids in zip(prompts, full, strict=True) if len(ids) > self.max_length]
+        # Only prompts that fill every position can have been cut: re-tokenize just those.
+        full = [p for p, m in zip(prompts, tok["attention_mask"].tolist(), strict=True) if all(m)]
+        lengths = (
+            [len(ids) for ids in self.tokenizer(full, truncation=False)["input_ids"]]
+            if full
+            else []
+        )
+        too_long = [p for p, n in zip(full, lengths, strict=True) if n > self.max_length]
         if too_long:
             warnings.warn(
                 f"{len(too_long)} prompt(s) longer than {self.max_length} tokens were truncated "
