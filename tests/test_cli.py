@@ -47,6 +47,19 @@ def test_generate_with_a_model_folder(tiny_digits_model, tmp_path):
     assert read_png_metadata(out)["prompt"] == "a seven"
 
 
+def test_sampler_knobs_via_opt_change_the_image_and_round_trip(tiny_digits_model, tmp_path):
+    m, base = str(tiny_digits_model), ["--sampler", "ddim", "--steps", "3", "--seed", "1"]
+    a, b, c = (tmp_path / f"{n}.png" for n in "abc")
+    assert main(["generate", "7", "--model", m, *base, "--opt", "eta=1", "--out", str(a)]) == 0
+    assert main(["generate", "7", "--model", m, *base, "--out", str(b)]) == 0
+    assert read_png_metadata(a)["options"] == '{"eta": 1}'
+    with Image.open(a) as ia, Image.open(b) as ib:
+        assert ia.tobytes() != ib.tobytes()  # eta = 1 draws fresh noise at every step
+    assert main(["generate", "--from-png", str(a), "--model", m, "--out", str(c)]) == 0
+    with Image.open(a) as ia, Image.open(c) as ic:
+        assert ia.tobytes() == ic.tobytes()
+
+
 def test_user_errors_exit_2_with_one_line(tiny_digits_model, tmp_path, capsys):
     m = str(tiny_digits_model)
     out = str(tmp_path / "x.png")
@@ -64,6 +77,9 @@ def test_user_errors_exit_2_with_one_line(tiny_digits_model, tmp_path, capsys):
     _one_line_error(capsys, ["sample", "--model", m, "--steps", "-5", "--out", out], "steps")
     _one_line_error(capsys, ["sample", "--model", m, "--label", "cat", "--out", out], "label")
     _one_line_error(capsys, ["generate", "x", "--model", m, "--num", "0", "--out", out], "num")
+    _one_line_error(capsys, ["sample", "--model", m, "--opt", "eta", "--out", out], "KEY=VALUE")
+    _one_line_error(capsys, ["sample", "--model", m, "--sampler", "euler", "--opt", "eta=0.5",
+                             "--out", out], "no option", "s_churn")  # fmt: skip
     _one_line_error(capsys, ["frobnicate"], "frobnicate")
 
 

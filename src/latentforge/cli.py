@@ -93,14 +93,38 @@ def train_vae_cmd(resume: bool, **kw) -> int:
 
 
 # ----- sample / generate -----------------------------------------------------------------------
+def _parse_options(ctx, param, values: tuple[str, ...]) -> dict | None:
+    """--opt KEY=VALUE pairs -> {key: value}, values read as JSON where they parse (numbers,
+    true/false), as strings otherwise (variant=bh1)."""
+    import json
+
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out or None
+
+
 def _sampling_options(f):
     from .sampling import SAMPLERS
+    from .schedules import SPACINGS
 
     f = click.option("--sampler", default=None, help=f"one of {', '.join(sorted(SAMPLERS))}")(f)
     f = click.option(
         "--steps", type=click.IntRange(min=1), default=None, help="denoising steps (model default)"
     )(f)
-    f = click.option("--spacing", default=None, help="noise-level spacing (karras, trailing...)")(f)
+    f = click.option(
+        "--spacing", default=None, help=f"noise-level spacing: one of {', '.join(SPACINGS)}"
+    )(f)
+    f = click.option(
+        "--opt", "options", multiple=True, metavar="KEY=VALUE", callback=_parse_options,
+        help="sampler knob, repeatable (e.g. --opt eta=0.5 --opt order=3; see docs/samplers.md)",
+    )(f)  # fmt: skip
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
     f = click.option("--num", type=click.IntRange(min=1), default=1, show_default=True)(f)
     return f
@@ -112,7 +136,7 @@ def _sampling_options(f):
 @click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
 @_sampling_options
-def sample(model_dir, label, guidance, out, sampler, steps, spacing, seed, num) -> None:
+def sample(model_dir, label, guidance, out, sampler, steps, spacing, options, seed, num) -> None:
     """Sample a grid of images from a model folder."""
     from .io.images import save_grid
     from .pipelines.generate import generate, load_diffusion_model
@@ -130,6 +154,7 @@ def sample(model_dir, label, guidance, out, sampler, steps, spacing, seed, num) 
         steps=steps,
         spacing=spacing,
         guidance=guidance,
+        **(options or {}),
     )
     save_grid(images, out, seed=seed, sampler=sampler or "", steps=steps or "")
     click.echo(f"wrote {num} image(s) to {out}")

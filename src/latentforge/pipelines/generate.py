@@ -6,6 +6,7 @@ encode conditioning -> prior noise -> sampler (any registered one) -> images in 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -284,7 +285,9 @@ def generate(
 
 
 # ----- the CLI's generate: PNG in, PNG out, parameters in the PNG's text chunks -----------------
-PARAM_KEYS = ("prompt", "negative", "seed", "num", "sampler", "steps", "spacing", "guidance")
+PARAM_KEYS = (
+    "prompt", "negative", "seed", "num", "sampler", "steps", "spacing", "guidance", "options",
+)  # fmt: skip
 
 
 def describe_conditioning(model: LoadedModel, prompt: str) -> tuple[dict, str]:
@@ -318,6 +321,7 @@ def generate_to_png(
     sampler, steps, guidance = sampling_defaults(
         model, params.pop("sampler", None), params.pop("steps", None), params.pop("guidance", None)
     )
+    options = params.pop("options", None) or {}  # sampler knobs, e.g. {"eta": 0.5}
     params = {k: v for k, v in params.items() if v is not None}
     num, seed = params.setdefault("num", 1), params.setdefault("seed", 0)
     frames: list[torch.Tensor] = []
@@ -331,12 +335,13 @@ def generate_to_png(
 
     images = generate(
         model, **cond_kwargs, negative=negative or None, sampler=sampler, steps=steps,
-        guidance=guidance, callback=callback, **params,
+        guidance=guidance, callback=callback, **params, **options,
     )  # fmt: skip
     meta = {
         "prompt": prompt or "", "negative": negative or "", "seed": seed, "num": num,
         "sampler": sampler, "steps": steps, "guidance": guidance,
         "spacing": params.get("spacing") or model.meta.get("sampling", {}).get("spacing", ""),
+        "options": json.dumps(options, sort_keys=True) if options else "",
         "model": model.sha256,
         "model_path": "" if model_dir is None else str(Path(model_dir).resolve()),
     }  # fmt: skip
@@ -364,6 +369,7 @@ def params_from_png(path: str | Path) -> dict:
         "steps": int(text["steps"]),
         "guidance": float(text.get("guidance", 1.0)),
         "spacing": text.get("spacing") or None,
+        "options": json.loads(text["options"]) if text.get("options") else None,
     }
     if text.get("model_path"):
         out["model_path"] = text["model_path"]
