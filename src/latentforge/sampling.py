@@ -149,18 +149,31 @@ def _lam(sigma: float) -> float:
     return -math.log(sigma)
 
 
+def _edm_steps(denoiser, x, sigmas, cond, generator, callback, churn, *, second_order):
+    """EDM Algorithm 2 (Karras et al. 2022): optional churn, an Euler step, and for Heun the
+    trapezoidal correction (one more call) on every step but the last, to sigma = 0."""
+    for i, sigma, sigma_next in _levels(sigmas):
+        x, sigma = _churn(x, sigma, len(sigmas) - 1, *churn, generator)
+        denoised = _denoise(denoiser, x, sigma, cond)
+        _report(callback, i, sigma, x, denoised)
+        x_euler = _euler_step(x, sigma, sigma_next, denoised)
+        if not second_order or sigma_next == 0:  # Alg. 2 line 9: the last step stays first order
+            x = x_euler
+            continue
+        d = (x - denoised) / sigma
+        d_next = (x_euler - _denoise(denoiser, x_euler, sigma_next, cond)) / sigma_next
+        x = x + (d + d_next) * ((sigma_next - sigma) / 2)
+    return x
+
+
 @torch.no_grad()
 def sample_euler(
     denoiser, x, sigmas, *, cond=None, generator=None, callback=None,
     s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
 ):  # fmt: skip
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 with Euler steps)."""
-    for i, sigma, sigma_next in _levels(sigmas):
-        x, sigma = _churn(x, sigma, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = _denoise(denoiser, x, sigma, cond)
-        _report(callback, i, sigma, x, denoised)
-        x = _euler_step(x, sigma, sigma_next, denoised)
-    return x
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _edm_steps(denoiser, x, sigmas, cond, generator, callback, churn, second_order=False)
 
 
 @torch.no_grad()
@@ -169,18 +182,8 @@ def sample_heun(
     s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
 ):  # fmt: skip
     """Heun's 2nd-order method with optional churn (Karras et al. 2022, EDM Algorithm 2)."""
-    for i, sigma, sigma_next in _levels(sigmas):
-        x, sigma = _churn(x, sigma, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = _denoise(denoiser, x, sigma, cond)
-        _report(callback, i, sigma, x, denoised)
-        x_euler = _euler_step(x, sigma, sigma_next, denoised)
-        if sigma_next == 0:  # Alg. 2 line 9: the last step stays first order
-            x = x_euler
-            continue
-        d = (x - denoised) / sigma
-        d_next = (x_euler - _denoise(denoiser, x_euler, sigma_next, cond)) / sigma_next
-        x = x + (d + d_next) * ((sigma_next - sigma) / 2)
-    return x
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _edm_steps(denoiser, x, sigmas, cond, generator, callback, churn, second_order=True)
 
 
 @torch.no_grad()
