@@ -286,3 +286,19 @@ def test_cli_eval(tiny_digits_model, tmp_path, capsys):
     _one_line_error(capsys, ["eval", "digits", "--model", m, "--sampler", "magic"], "sampler")
     _one_line_error(capsys, ["eval", "digits", "--model", m, "--per-class", "0"], "per-class")
     _one_line_error(capsys, ["eval", "prompts", "--model", m], "--prompts")
+
+
+def test_inversion_round_trip_improves_with_steps(capsys):
+    from latentforge.cli import main
+    from latentforge.metrics.inversion_eval import evaluate_inversion
+    from latentforge.pipelines.generate import load_diffusion_model
+
+    model = load_diffusion_model(None)  # the embedded digits model
+    coarse = evaluate_inversion(model, n=3, steps=3)
+    fine = evaluate_inversion(model, n=3, steps=25)
+    assert coarse["conditioning"] == ["labels"] and fine["n"] == 3 and fine["steps"] == 25
+    # DDIM inversion is first order: more steps, a closer round trip
+    assert fine["psnr_db"] > coarse["psnr_db"] + 3 and fine["ssim"] > coarse["ssim"]
+    assert fine["psnr_min_db"] <= fine["psnr_db"]
+    assert main(["eval", "inversion", "--n", "2", "--steps", "2", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2

@@ -241,7 +241,80 @@ def test_upscale_command_errors(sr_dir, tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, ["upscale", str(src), *model, "--scale", "2"], "x4, not x2")
     _one_line_error(capsys, ["upscale", str(src), "--model", str(tmp_path)], str(tmp_path))
     monkeypatch.setattr(superres, "default_upscaler_dir", lambda: tmp_path / "no-upscaler")
-    _one_line_error(capsys, ["upscale", str(src)], "no upscaler", "--task superres --scale 4")
+    _one_line_error(
+        capsys, ["upscale", str(src)], "embedded upscaler is missing", "--task superres --scale 4"
+    )
     out = str(tmp_path / "run")
     _one_line_error(capsys, ["train", "diffusion", "--data", "shapes:32", "--out", out,
                              "--task", "superres", "--scale", "3"], "--scale")  # fmt: skip
+
+
+# ----- crops and the super-resolution evaluator ------------------------------------------------
+def test_random_crops_are_aligned_windows_of_each_image():
+    from latentforge.training.tasks import random_crops
+
+    images = torch.arange(3 * 2 * 16 * 16, dtype=torch.float32).reshape(3, 2, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        crops = random_crops(images, 8, 4, g)
+        assert crops.shape == (3, 2, 8, 8)
+        for im, crop in zip(images, crops, strict=True):
+            y, x = divmod(int(crop[0, 0, 0] - im[0, 0, 0]), 16)
+            assert y % 4 == 0 and x % 4 == 0 and 0 <= y <= 8 and 0 <= x <= 8
+            assert torch.equal(crop, im[:, y : y + 8, x : x + 8])
+            seen.add((y, x))
+    assert len(seen) == 9  # every aligned offset turns up
+
+
+def test_superres_trains_on_crops_and_upscales_whole_images(tmp_path, monkeypatch):
+    shapes = []
+    original = SuperResTrainer.task_cond
+
+    def spy(self, batch, g):
+        shapes.append(tuple(batch["image"].shape))
+        cond = original(self, batch, g)
+        assert cond["concat"].shape[-2:] == batch["image"].shape[-2:]
+        return cond
+
+    monkeypatch.setattr(SuperResTrainer, "task_cond", spy)
+    out = tmp_path / "sr"
+    assert train_diffusion(_cfg(out, data="shapes:32", task="superres", crop=16)) == 0
+    assert shapes == [(4, 3, 16, 16)] * 2
+    model = load_diffusion_model(out)
+    assert model.meta["training"]["config"]["crop"] == 16
+    assert upscale(model, _low(0), steps=1).shape == (1, 3, 32, 32)
+    for crop in (10, 64):
+        with pytest.raises(UserError, match="--crop"):
+            train_diffusion(_cfg(tmp_path / f"bad{crop}", data="shapes:32", task="superres",
+                                 crop=crop))  # fmt: skip
+
+
+def test_superres_evaluator_scores_model_and_bicubic(sr):
+    from latentforge.metrics.quality import psnr_per_image
+    from latentforge.metrics.superres_eval import bicubic, evaluate_superres, held_out_images
+
+    kw = {"n": 4, "steps": 2, "batch": 3, "data": "shapes:32"}
+    result = evaluate_superres(sr, **kw)
+    assert result == {**evaluate_superres(sr, **kw), "images_per_s": result["images_per_s"]}
+    images = held_out_images("shapes:32", 4, 1)
+    assert not torch.equal(images, held_out_images("shapes:32", 4, 0))  # not the training stream
+    base = psnr_per_image(bicubic(torch.nn.functional.avg_pool2d(images, 4), 4), images)
+    assert result["psnr_bicubic_db"] == round(base.mean().item(), 3)
+    assert result["psnr_gain_db"] == pytest.approx(
+        result["psnr_db"] - result["psnr_bicubic_db"], abs=2e-3
+    )
+    assert 0 <= result["wins"] <= 1 and 0 < result["ssim_bicubic"] <= 1
+    assert result["settings"]["steps"] == 2 and result["n"] == 4 and result["scale"] == 4
+
+
+def test_eval_superres_command(sr_dir, tmp_path, capsys, monkeypatch):
+    argv = ["eval", "superres", "--model", str(sr_dir), "--n", "2", "--steps", "1", "--quiet"]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"psnr_db", "psnr_bicubic_db", "psnr_gain_db", "ssim", "ssim_bicubic"} <= set(result)
+    assert main(argv) == 0
+    assert "bicubic" in capsys.readouterr().out
+    monkeypatch.setattr(superres, "default_upscaler_dir", lambda: tmp_path / "no-upscaler")
+    _one_line_error(capsys, ["eval", "superres"], "embedded upscaler is missing")
+    _one_line_error(capsys, ["eval", "superres", "--model", str(tmp_path)], str(tmp_path))

@@ -53,6 +53,9 @@ def train() -> None:
 @click.option("--scale", type=click.Choice(["2", "4"]), default="4", show_default=True,
               callback=lambda ctx, param, v: int(v),
               help="--task superres: upscaling factor")  # fmt: skip
+@click.option("--crop", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--task superres: train on random CROPxCROP crops (0: whole images); "
+                   "the model still upscales whole images, tile by tile")  # fmt: skip
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:

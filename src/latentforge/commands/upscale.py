@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..errors import UserError
-
 
 def _scale(ctx, param, value):
     return None if value is None else int(value)
@@ -49,16 +47,11 @@ def upscale(image, model_dir, scale, noise_level, steps, sampler, seed, tile, ou
     """Upscale IMAGE with a super-resolution model (tiled when larger than the model)."""
     from ..io.images import load_image
     from ..pipelines.generate import load_diffusion_model
-    from ..pipelines.superres import TRAIN_HINT, default_upscaler_dir
+    from ..pipelines.superres import require_default_upscaler
     from ..pipelines.superres import upscale as run
     from .edit import _save
 
-    if model_dir is None:
-        model_dir = default_upscaler_dir()
-        if not model_dir.is_dir():
-            raise UserError(f"no upscaler ships with latentforge yet; pass --model DIR, "
-                            f"or train one: {TRAIN_HINT}")  # fmt: skip
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir or require_default_upscaler())
     picture = load_image(image, model.output_shape[0])
     params = {"scale": scale, "noise_level": noise_level, "steps": steps, "sampler": sampler,
               "seed": seed, "tile": tile}  # fmt: skip

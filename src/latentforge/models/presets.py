@@ -72,6 +72,15 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         num_heads=(2, 4, 4),
         norm_groups=16,
     ),
+    # ~2.3M parameters: the embedded x4 upscaler (pixels; 3 + 3 input channels). Super-resolution
+    # is local: no attention above the 16x16 level of a 64x64 output.
+    "shapes-sr": UNetConfig(
+        block_out_channels=(32, 64, 96),
+        layers_per_block=1,
+        attention_levels=(False, False, True),
+        num_heads=2,
+        norm_groups=8,
+    ),
     # Stable Diffusion 1.x U-Net (Rombach et al. 2022): 859,520,964 parameters.
     "sd15": UNetConfig(
         in_channels=4,

@@ -33,8 +33,17 @@ TRAIN_HINT = "latentforge train diffusion --task superres --scale 4 --data shape
 
 
 def default_upscaler_dir() -> Path:
-    """Where an embedded upscaler would ship inside the package (none does yet)."""
+    """The embedded x4 upscaler's folder inside the package (scripts/train-upscaler.sh)."""
     return Path(str(resources.files("latentforge") / "assets" / UPSCALER))
+
+
+def require_default_upscaler() -> Path:
+    """The embedded upscaler's folder, or a one-line error saying how to get an upscaler."""
+    folder = default_upscaler_dir()
+    if not (folder / "model.json").is_file():
+        raise UserError(f"the embedded upscaler is missing from {folder}; pass --model DIR, "
+                        f"or train one: {TRAIN_HINT}")  # fmt: skip
+    return folder
 
 
 def require_task(model: LoadedModel, task: str) -> None:

@@ -75,6 +75,7 @@ class TrainConfig:
     quiet: bool = False
     task: str = "generate"  # generate | superres | inpaint (training/tasks.py)
     scale: int = 4  # superres: the upscaling factor, 2 or 4
+    crop: int = 0  # superres: train on random crops of this size (0: whole images)
 
 
 def step_generator(

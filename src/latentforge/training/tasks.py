@@ -68,11 +68,11 @@ class _ConcatTrainer(DiffusionTrainer):
         """The extra network inputs for this batch: {"concat": (B, extra, h, w), ...}."""
         raise NotImplementedError
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """The denoiser's spatial size (the latent size for latent models)."""
-        res = self.meta["data"]["resolution"]
-        return res, res
+    def size(self, images: torch.Tensor) -> tuple[int, int]:
+        """The denoiser's spatial size for these pixel images (the latent size for latent
+        models)."""
+        f = self.vae.downsample_factor if self.vae is not None else 1
+        return images.shape[-2] // f, images.shape[-1] // f
 
     def build_meta(self) -> dict:
         meta = super().build_meta()
@@ -125,6 +125,7 @@ class _ConcatTrainer(DiffusionTrainer):
 
 class SuperResTrainer(_ConcatTrainer):
     task = "superres"
+    resume_keys = (*_ConcatTrainer.resume_keys, "crop")
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -134,6 +135,18 @@ class SuperResTrainer(_ConcatTrainer):
         if res % cfg.scale:
             raise UserError(f"image size {res} is not a multiple of --scale {cfg.scale}")
         super().setup()
+        if cfg.crop:
+            f = self.vae.downsample_factor if self.vae is not None else 1
+            step = math.lcm(cfg.scale, f)
+            if cfg.crop > res or cfg.crop % step:
+                raise UserError(f"--crop {cfg.crop} must be a multiple of {step} (the scale and "
+                                f"the VAE's f) and at most the image size {res}")  # fmt: skip
+
+    def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        if self.cfg.crop and self.cfg.crop < batch["image"].shape[-1]:
+            step = math.lcm(self.scale, self.vae.downsample_factor if self.vae else 1)
+            batch = {**batch, "image": random_crops(batch["image"], self.cfg.crop, step, g)}
+        return super().compute_loss(batch, g)
 
     @property
     def scale(self) -> int:
@@ -150,7 +163,8 @@ class SuperResTrainer(_ConcatTrainer):
 
     def task_cond(self, batch: dict, g: torch.Generator) -> dict:
         low = downsample(batch["image"], self.scale)  # (B, C, H / s, W / s)
-        cond = lowres_condition(low, self.size)  # (B, C, h, w) at the denoiser's resolution
+        # (B, C, h, w) at the denoiser's resolution
+        cond = lowres_condition(low, self.size(batch["image"]))
         level = torch.rand((cond.shape[0],), generator=g, device=g.device) * MAX_AUG_LEVEL
         noise = torch.randn(cond.shape, generator=g, device=g.device)
         return {"concat": augment(cond, level, noise), "noise_level": level}
@@ -166,6 +180,19 @@ class SuperResTrainer(_ConcatTrainer):
         out = upscale(self.loaded_ema(), low, steps=steps, **kw)
         shown = F.interpolate(low, size=images.shape[-2:], mode="nearest")
         return torch.cat([shown, out, images])
+
+
+def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:
+    """A size x size crop of each image at a random offset that is a multiple of `step` (so the
+    crop's low-res version and its latents line up with the full image's grid)."""
+    B, _, H, W = images.shape
+    n_y, n_x = (H - size) // step + 1, (W - size) // step + 1
+    ys = torch.randint(n_y, (B,), generator=g, device=g.device).tolist()
+    xs = torch.randint(n_x, (B,), generator=g, device=g.device).tolist()
+    return torch.stack(
+        [im[:, y * step : y * step + size, x * step : x * step + size]
+         for im, y, x in zip(images, ys, xs, strict=True)]
+    )  # fmt: skip
 
 
 class InpaintTrainer(_ConcatTrainer):

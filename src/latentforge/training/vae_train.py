@@ -7,13 +7,13 @@ on held-out images are measured at every save and stored in model.json.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import __version__
 from ..io.checkpoint import save_model_folder
+from ..metrics.quality import psnr_db, ssim
 from ..models.vae import fit_latent_rgb_map
 from .loop import Trainer, run_training
 
@@ -42,12 +42,6 @@ class VAETrainConfig:
     keep_checkpoints: int = 2
     eval_images: int = 256
     quiet: bool = False
-
-
-def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR of images in [-1, 1], measured on the [0, 1] scale."""
-    mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).mean().item()
-    return 10 * math.log10(1 / max(mse, 1e-12))
 
 
 class VAETrainer(Trainer):
@@ -137,6 +131,7 @@ class VAETrainer(Trainer):
             if rgb_map is None
             else [[round(v, 6) for v in row] for row in rgb_map.tolist()],
             "psnr_db": round(psnr_db(torch.cat(recons), images), 3),
+            "ssim": round(ssim(torch.cat(recons).cpu(), images.cpu()).mean().item(), 4),
             "eval_images": len(images),
         }
 
