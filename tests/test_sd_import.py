@@ -1,7 +1,8 @@
 """Stable Diffusion import/export: diffusers folders and LDM single files <-> native, exactly.
 
-Every model is a tiny random config built here (diffusers' own tiny SD test config); nothing is
-downloaded. Equality is checked on outputs, not only on weights.
+Every model is a tiny random config built in the tests (diffusers' own tiny SD test config; the
+`sd_folder` and `native` fixtures live in conftest.py); nothing is downloaded. Equality is
+checked on outputs, not only on weights.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
+
+from conftest import SD_SCHEDULER, TINY_UNET, perturbed, tiny_clip  # noqa: E402
 
 from latentforge.denoisers import make_denoiser  # noqa: E402
 from latentforge.errors import UserError  # noqa: E402
@@ -38,70 +41,7 @@ from latentforge.models.unet import UNet  # noqa: E402
 from latentforge.models.vae import AutoencoderKL  # noqa: E402
 from latentforge.pipelines.generate import load_vae as load_native_vae  # noqa: E402
 
-TINY_UNET = {
-    "block_out_channels": (32, 64),
-    "layers_per_block": 2,
-    "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
 SD2_UNET = {**TINY_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True}
-TINY_VAE = {
-    "block_out_channels": (32, 64),
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 64,
-}
-SD_SCHEDULER = {
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
-
-
-def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (no zero-initialised layer can hide a wrong mapping)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return module.eval()
-
-
-def _clip(act: str = "quick_gelu", layers: int = 2, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.CLIPTextConfig(
-        vocab_size=520,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=1,
-        max_position_embeddings=77,
-        hidden_act=act,
-    )
-    return transformers.CLIPTextModel(config).eval()
-
-
-def _tokenizer():
-    """A character-level CLIP tokenizer (every byte and byte</w> a token, no merges)."""
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    cs = bs + [256 + i for i in range(256 - len(bs))]
-    bs += [b for b in range(256) if b not in bs]
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def _inputs(seed: int = 0, size: int = 16):
@@ -113,33 +53,6 @@ def _inputs(seed: int = 0, size: int = 16):
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory) -> Path:
-    """A tiny diffusers StableDiffusionPipeline folder, as save_pretrained writes it."""
-    torch.manual_seed(0)
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=_perturbed(diffusers.UNet2DConditionModel(**TINY_UNET), 1),
-        vae=_perturbed(diffusers.AutoencoderKL(**TINY_VAE), 2),
-        text_encoder=_clip(),
-        tokenizer=_tokenizer(),
-        scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    folder = tmp_path_factory.mktemp("sd") / "diffusers"
-    pipe.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def native(sd_folder, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("native") / "model"
-    info = import_model(sd_folder, dst)
-    assert info["format"] == "diffusers" and info["text_encoder"]
-    return dst
 
 
 def _native_unet(folder: Path) -> UNet:
@@ -206,7 +119,7 @@ def test_sd_vae_config_maps_to_preset():
 @pytest.mark.parametrize("kwargs", [TINY_UNET, SD2_UNET], ids=["sd1", "sd2"])
 def test_unet_import_matches_diffusers(kwargs, tmp_path):
     torch.manual_seed(0)
-    ref = _perturbed(diffusers.UNet2DConditionModel(**kwargs))
+    ref = perturbed(diffusers.UNet2DConditionModel(**kwargs))
     ref.save_pretrained(tmp_path / "unet")
     unet = _native_unet(tmp_path / "unet")
     assert unet.config.linear_projection == kwargs.get("use_linear_projection", False)
@@ -289,7 +202,7 @@ def test_single_file_import(text_kind, sd_folder, tmp_path):
     ref = diffusers.UNet2DConditionModel.from_pretrained(sd_folder / "unet").eval()
     ref_vae = diffusers.AutoencoderKL.from_pretrained(sd_folder / "vae").eval()
     openclip = text_kind == "openclip"
-    text = _clip("gelu", layers=3) if openclip else _clip()
+    text = tiny_clip("gelu", layers=3) if openclip else tiny_clip()
     unet_config, unet_state = load_unet(sd_folder)
     vae_config, vae_state = load_vae(sd_folder)
     text_state = ldm.canonical_clip_names(text.state_dict())
@@ -373,7 +286,7 @@ def test_export_round_trip(native, tmp_path):
 def test_export_class_embedding_and_single_file(tmp_path):
     config = UNetConfig(**{**unet_config_from_diffusers(TINY_UNET).to_dict(), "num_classes": 3})
     torch.manual_seed(0)
-    unet = _perturbed(UNet(config))
+    unet = perturbed(UNet(config))
     meta = {
         "kind": "diffusion",
         "unet": config.to_dict(),

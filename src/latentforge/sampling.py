@@ -54,13 +54,22 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
 
 
 def prior_noise(
-    denoiser, shape: Sequence[int], sigma_max: float, generator: Generator = None
+    denoiser,
+    shape: Sequence[int],
+    sigma_max: float,
+    generator: Generator = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The starting point x_T: unit noise scaled to the prior std at sigma_max."""
+    """The starting point x_T: unit noise scaled to the prior std at sigma_max. The noise is
+    drawn from `generator`, or is `noise` when given (unit Gaussian, of shape `shape`)."""
     scale = (
         denoiser.prior_scale(float(sigma_max)) if hasattr(denoiser, "prior_scale") else sigma_max
     )
-    return randn_like(torch.empty(tuple(shape)), generator) * scale
+    if noise is None:
+        return randn_like(torch.empty(tuple(shape)), generator) * scale
+    if tuple(noise.shape) != tuple(shape):
+        raise UserError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+    return noise.to(torch.float32) * scale
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:

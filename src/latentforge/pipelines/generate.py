@@ -262,19 +262,25 @@ def generate(
     spacing: str | None = None,
     guidance: float | None = None,
     callback: sampling.Callback = None,
+    noise: torch.Tensor | None = None,
     **knobs,
 ) -> torch.Tensor:
     """Sample `num` images (B, C, H, W) in [-1, 1]; image i uses seed `seed + i`.
 
     labels (class models) / prompts (text models): one per image or one for all; guidance != 1
     applies classifier-free guidance against the null class / the negative prompt.
+    noise: the unit Gaussian noise (num, *model.image_shape) to start from instead of the seeds'
+    draw (the seeds still drive stochastic samplers); it is scaled to the prior std as drawn
+    noise is. For an imported SD model it is what diffusers' pipelines take as `latents=` (with
+    DDIM, or Euler under leading spacing: tests/test_sd_pipeline.py).
     """
     if num < 1:
         raise UserError(f"num must be >= 1, got {num}")
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     sigmas = make_sigmas(model, steps, spacing)
     gen = sampling.BatchGenerator(range(seed, seed + num))
-    x = sampling.prior_noise(model.denoiser, (num, *model.image_shape), float(sigmas[0]), gen)
+    shape = (num, *model.image_shape)
+    x = sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), gen, noise)
     denoiser, cond = conditioning(
         model, num, labels=labels, prompts=prompts, negative=negative, guidance=guidance
     )
