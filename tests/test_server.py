@@ -3,6 +3,7 @@ and a schemathesis fuzz of the OpenAPI schema (no 5xx but the documented 501s)."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import importlib.util
@@ -21,8 +22,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from latentforge import sampling
-from latentforge.server import ServerConfig, create_app
-from latentforge.server.jobs import JobQueue, Task
+from latentforge.server import ServerConfig, create_app, schemas
+from latentforge.server.jobs import Job, JobQueue, Task
 
 FINAL = ("done", "failed", "cancelled")
 
@@ -167,8 +168,8 @@ def test_txt2img_runs_to_pngs_with_metadata(client, tmp_path):
     assert png(alone["images"][0]["png"]).tobytes() == png(job["images"][1]["png"]).tobytes()
 
 
-def test_event_stream_reports_progress_then_the_result(client):
-    job_id = submit(client, prompt="two", steps=4, seed=0)
+def events_of(client, job_id: str) -> list[tuple[str, dict]]:
+    """A job's server-sent events, read to the end of the stream: [(event name, data)]."""
     events = []
     with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -178,11 +179,72 @@ def test_event_stream_reports_progress_then_the_result(client):
                 name = line[7:]
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[6:])))
+    return events
+
+
+def test_event_stream_reports_progress_then_the_result(client):
+    job_id = submit(client, prompt="two", steps=4, seed=0)
+    events = events_of(client, job_id)
     names = [n for n, _ in events]
     assert names[-1] == "done" and set(names[:-1]) <= {"progress"}
     steps = [e["step"] for n, e in events if n == "progress"]
     assert steps == sorted(steps) and steps[-1] <= 4
     assert len(events[-1][1]["images"]) == 1
+    # the final event is the job as GET /v1/jobs/{id} shows it, every field of the schema
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert events[-1][1] == job and set(job) == set(schemas.JobInfo.model_fields)
+    schemas.JobInfo.model_validate(job)
+    bare = client.get(f"/v1/jobs/{job_id}", params={"preview": "false"}).json()
+    assert bare["preview"] is None and bare["images"] == job["images"] and job["preview"]
+
+
+def test_event_stream_coalesces_steps_and_sends_each_preview_once(models_dir):
+    """Steps go out at most every progress_interval (not one event per step), state changes at
+    once, and a progress event carries the preview only when it is new (else null)."""
+    with make_client(models_dir, progress_interval=0.2, preview_interval=3600.0) as c:
+        events = events_of(c, submit(c, prompt="3", steps=60, seed=0))
+    progress = [e for n, e in events if n == "progress"]
+    assert events[-1][0] == "done" and 1 <= len(progress) < 30, [e["step"] for e in progress]
+    assert progress[0]["status"] in ("queued", "running")
+    assert not any(e["preview"] for e in progress) and events[-1][1]["preview"] is None
+    # a preview every 0.25 s, events every 0.02 s: each preview is sent once, then null
+    with make_client(models_dir, progress_interval=0.02, preview_interval=0.25) as c:
+        events = events_of(c, submit(c, prompt="3", steps=60, seed=0))
+    previews = [e["preview"] for n, e in events if n == "progress" and e["preview"]]
+    assert len(set(previews)) == len(previews)
+
+
+def test_preview_false_makes_no_previews(client):
+    job = wait(client, submit(client, prompt="4", steps=3, seed=1, preview=False))
+    assert job["status"] == "done" and job["preview"] is None and job["images"]
+    assert job["timings"]["preview_s"] == 0.0
+    assert "preview" not in job["parameters"]  # it changes nothing in the image
+
+
+def test_job_wakeups_steps_and_state_changes():
+    """A stream waiting with state_only sleeps through steps; a status change wakes it."""
+    job = Job(Task("txt2img", "m", {}, 10, None))
+
+    async def main():
+        waiter = asyncio.create_task(job.changed(job.version, 10))
+        await asyncio.sleep(0.01)
+        await asyncio.to_thread(job.report, 1)  # from another thread, as the worker does
+        await asyncio.wait_for(waiter, 5)
+        waiter = asyncio.create_task(job.changed(job.state_version, 10, state_only=True))
+        await asyncio.sleep(0.01)
+        await asyncio.to_thread(job.report, 2)
+        await asyncio.sleep(0.1)
+        assert not waiter.done()  # a step alone did not wake it
+        await asyncio.to_thread(job.update, status="running")
+        await asyncio.wait_for(waiter, 5)
+        # already changed: no wait at all
+        await asyncio.wait_for(job.changed(-1, 10, state_only=True), 1)
+
+    asyncio.run(main())
+    assert job.step == 2 and job.final_json() is None and job.finished_at is None
+    job.update(status="done", images=[{"png": "x"}])
+    assert job.finished_at is not None and json.loads(job.final_json())["images"]
+    assert json.loads(job.final_json(False))["preview"] is None
 
 
 def test_cancel_queued_and_running(client):
@@ -358,6 +420,15 @@ def test_finished_jobs_are_bounded(keep, keep_bytes, kept):
         assert q.stats()["kept_bytes"] == 1000 * kept
     finally:
         q.stop()
+
+
+def test_queue_position_never_formats_the_job(monkeypatch):
+    """(deque.index's ValueError for a job not waiting formats repr(job): its images too)"""
+    q = JobQueue(lambda job: [], workers=0, max_queue=4)
+    a, b = q.submit(Task("t", "m", {}, 1, None)), q.submit(Task("t", "m", {}, 1, None))
+    monkeypatch.setattr(Job, "__repr__", lambda self: pytest.fail("repr(job) was called"))
+    assert (q.queue_position(a), q.queue_position(b)) == (0, 1)
+    assert q.queue_position(Job(Task("t", "m", {}, 1, None))) is None
 
 
 def test_serve_command_errors(tmp_path, monkeypatch):

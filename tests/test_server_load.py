@@ -7,6 +7,7 @@ the load, and memory stays bounded over repeated rounds (finished jobs are cappe
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -95,3 +96,36 @@ def test_50_clients_against_a_queue_of_8(server):
         assert app.state.queue.stats()["kept"] <= KEEP  # finished jobs are capped
     # after a warm-up round, another round does not grow memory (generous: allocator noise)
     assert rss[1] - rss[0] < 64, f"RSS grew from {rss[0]:.0f} to {rss[1]:.0f} MB"
+
+
+def test_bench_server_reports_the_overhead_split(tiny_digits_model):
+    """bench/server.py runs end to end; each job's overhead is exactly the sum of its parts."""
+    import json
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "server.py"
+    cmd = [sys.executable, str(bench), "--model", str(tiny_digits_model), "--clients", "1,2",
+           "--jobs", "2", "--steps", "3", "--rows"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert set(report["per_job"]) == {"previews_on", "previews_off"}
+    on = report["per_job"]["previews_on"]
+    assert on["overhead"]["p50"] > 0 and on["bare_sample"]["p50"] > 0
+    assert [(r["clients"], r["previews"]) for r in report["throughput"]] == [
+        (1, True),
+        (2, True),
+        (1, False),
+        (2, False),
+    ]
+    assert all(r["jobs_per_s"] > 0 and r["latency"]["p95"] > 0 for r in report["throughput"])
+    parts = ("submit", "queued", "previews", "encode", "other", "deliver")
+    for group in report["rows"]:
+        for job in group["jobs"]:
+            assert job["overhead"] == pytest.approx(sum(job[k] for k in parts), abs=1e-6)
+            assert job["overhead"] == pytest.approx(job["client_seen"] - job["sample"], abs=1e-9)
+            assert job["submit"] > 0 and job["deliver"] > 0
+        if not group["previews"]:
+            assert all(job["previews"] == 0 for job in group["jobs"])

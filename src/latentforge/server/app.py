@@ -9,6 +9,7 @@ Failures while a job runs make a failed job, never a 500.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ CSP = (
 SSE_KEEPALIVE_S = 15.0
 
 
+@functools.cache  # importlib.metadata reads and parses files: most of a /health request
 def _version() -> str:
     try:
         return metadata.version("latentforge")
@@ -123,8 +125,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     auth = _auth_dependency(config.api_key)
 
     # ----- open: health, UI --------------------------------------------------------------------
+    # Cheap routes are `async def`: they run on the event loop itself. A plain `def` route (or
+    # dependency) is run in a thread pool, a thread handoff each way per request. The routes
+    # that decode images or read model folders stay plain `def`.
     @app.get("/health", response_model=schemas.Health, tags=["server"])
-    def health() -> dict:
+    async def health() -> dict:
         s = queue.stats()
         return {
             "status": "ok",
@@ -212,7 +217,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         dependencies=[auth],
         response_model=schemas.JobAccepted,
     )
-    def txt2img(req: schemas.Txt2ImgRequest) -> JSONResponse:
+    async def txt2img(req: schemas.Txt2ImgRequest) -> JSONResponse:
         return submit("txt2img", req)
 
     @app.post(
@@ -277,8 +282,12 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         dependencies=[auth],
         responses=not_found,
     )
-    def job_status(job_id: str, preview: bool = True) -> dict:
-        return info(get_job(job_id), preview)
+    async def job_status(job_id: str, preview: bool = True) -> Response | dict:
+        job = get_job(job_id)
+        text = job.final_json(preview)  # a finished job: straight to JSON, no validation
+        if text is not None:
+            return Response(text, media_type="application/json")
+        return info(job, preview)
 
     @app.delete(
         "/v1/jobs/{job_id}",
@@ -287,7 +296,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         dependencies=[auth],
         responses={**not_found, 409: {"description": "finished"}},
     )
-    def cancel_job(job_id: str) -> dict:
+    async def cancel_job(job_id: str) -> dict:
         job = get_job(job_id)
         if job.finished:
             raise HTTPException(409, f"job {job_id} is already {job.status}")
@@ -300,12 +309,14 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         dependencies=[auth],
         responses={200: {"content": {"text/event-stream": {}}}, **not_found},
     )
-    def job_events(job_id: str) -> StreamingResponse:
-        """Server-sent events: `progress` (status, step, total, preview) on every change, then
-        one final `done` / `failed` / `cancelled` event holding the whole job, then the end."""
+    async def job_events(job_id: str) -> StreamingResponse:
+        """Server-sent events: `progress` (status, step, total, preview) when the job changes (a
+        status change at once, steps at most every `progress_interval` s; `preview` only when a
+        new one exists, else null), then one final `done` / `failed` / `cancelled` event holding
+        the whole job, then the end."""
         job = get_job(job_id)
         return StreamingResponse(
-            _event_stream(job, queue),
+            _event_stream(job, queue, config.progress_interval),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -313,28 +324,42 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     return app
 
 
-async def _event_stream(job: Job, queue: JobQueue):
-    seen = -1
+async def _event_stream(job: Job, queue: JobQueue, interval: float):
+    """The SSE body of one job. Woken by the job itself (never by polling): at once for a state
+    change (status, cancel request, the result), and for mere steps at most every `interval` s
+    (while it waits out the interval it is not woken by steps at all)."""
+    loop = asyncio.get_running_loop()
+    seen = seen_state = -1
+    next_progress = -math.inf
+    sent_preview = None
     while True:
-        version = job.version
+        final = job.final_json()
+        if final is not None:
+            yield _sse_text(job.status, final)
+            return
+        version, state, event = job.progress()
+        if event["status"] in FINAL:  # it finished just now: the final event, next time round
+            continue
         if version == seen:
             await job.changed(seen, SSE_KEEPALIVE_S)
             if job.version == seen:
                 yield ": keep-alive\n\n"
             continue
-        seen = version
-        snap = job.snapshot()
-        if snap["status"] in FINAL:
-            yield _sse(snap["status"], snap)
-            return
-        keys = ("id", "status", "step", "total", "progress", "preview", "cancel_requested")
-        event = {k: snap[k] for k in keys}
+        now = loop.time()
+        if state == seen_state and now < next_progress:
+            await job.changed(seen_state, next_progress - now, state_only=True)
+            continue
+        seen, seen_state, next_progress = version, state, now + interval
+        if event["preview"] is sent_preview:
+            event["preview"] = None  # the client has it already
+        else:
+            sent_preview = event["preview"]
         event["queue_position"] = queue.queue_position(job)
-        yield _sse("progress", event)
+        yield _sse_text("progress", json.dumps(event, ensure_ascii=True))
 
 
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=True)}\n\n"
+def _sse_text(event: str, data: str) -> str:
+    return f"event: {event}\ndata: {data}\n\n"
 
 
 def _model_info(view) -> dict:
@@ -378,7 +403,7 @@ def _auth_dependency(api_key: str | None):
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: KEY")
 
-    def check(
+    async def check(  # async: no thread handoff per request
         cred: HTTPAuthorizationCredentials | None = Depends(bearer),
         key: str | None = Depends(header),
     ) -> None:

@@ -21,7 +21,8 @@ class ServerConfig:
     keep_finished: int = 256  # finished jobs kept for GET /v1/jobs/{id}
     keep_mb: int = 256  # ... and at most this many MB of their results
     max_loaded: int = 2  # models kept in memory
-    preview_interval: float = 0.1  # seconds between two live previews of one job
+    preview_interval: float = 0.25  # seconds between two live previews of one job
+    progress_interval: float = 0.1  # seconds between two progress events of one event stream
     preload: bool = True  # load the default model when the server starts
     max_body_bytes: int = 24_000_000
 

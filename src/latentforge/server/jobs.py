@@ -5,12 +5,19 @@ progress through `Job.report` from the sampler callback; `Job.report` raises `Jo
 once a cancel was requested, so a running job stops at its next step. Every failure becomes a
 failed job (the HTTP layer never sees it): UserError with its message, anything else as an
 internal error (the traceback goes to the log).
+
+Wake-ups are events, never polling: workers wait on a `threading.Condition` (notified by
+`submit`), event streams on an `asyncio.Event` set from the worker thread through
+`call_soon_threadsafe`. A stream can ask to be woken by state changes only (status, cancel
+request: `Job.update`) and not by every sampler step (`Job.report`), so a fast sampler does
+not wake the event loop, and take the GIL from the sampler, at every step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -50,30 +57,34 @@ class Task:
     total: int
     run: Callable
     seeds: list[int] | None = None  # per-image seed for each image's metadata
+    preview: bool = True  # live previews while sampling (the request's `preview`)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue finds a job by `is`, not by comparing every field
 class Job:
     task: Task
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = "queued"
     step: int = 0
-    preview: str | None = None
-    images: list[dict] = field(default_factory=list)
+    preview: str | None = field(default=None, repr=False)  # base64: large
+    images: list[dict] = field(default_factory=list, repr=False)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
-    version: int = 0  # bumped on every change; the event stream waits on it
+    finished_at: float | None = None  # time.monotonic() when it became final (benchmarks)
+    version: int = 0  # bumped on every change (steps too); event streams wait on it
+    state_version: int = 0  # bumped on state changes only (status, cancel request, result)
     cancel_requested: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _waiters: list = field(default_factory=list, repr=False)  # (event loop, asyncio.Event)
+    _waiters: list = field(default_factory=list, repr=False)  # (loop, asyncio.Event, state_only)
 
     @property
     def finished(self) -> bool:
         return self.status in FINAL
 
     def report(self, step: int, preview: str | None = None) -> None:
-        """Progress from the sampler callback (steps only go forward: RePaint repeats some)."""
+        """Progress from the sampler callback (steps only go forward: RePaint repeats some).
+        Wakes only the streams that asked for every step (`changed(state_only=False)`)."""
         if self.cancel_requested:
             raise JobCancelled
         with self._lock:
@@ -81,27 +92,27 @@ class Job:
             if preview is not None:
                 self.preview = preview
             self.version += 1
-        self._notify()
+            waiters = [w for w in self._waiters if not w[2]]
+        _wake(waiters)
 
     def update(self, **changes) -> None:
+        """A state change (status, cancel request, results): wakes every waiting stream."""
         with self._lock:
             for k, v in changes.items():
                 setattr(self, k, v)
+            if self.status in FINAL and self.finished_at is None:
+                self.finished_at = time.monotonic()
             self.version += 1
-        self._notify()
-
-    def _notify(self) -> None:
-        with self._lock:
+            self.state_version += 1
             waiters = list(self._waiters)
-        for loop, event in waiters:
-            with contextlib.suppress(RuntimeError):  # that loop has closed
-                loop.call_soon_threadsafe(event.set)
+        _wake(waiters)
 
-    async def changed(self, seen: int, timeout: float) -> None:
-        """Wait (in an event loop) until `version` differs from `seen`, or `timeout` s pass."""
-        waiter = (asyncio.get_running_loop(), asyncio.Event())
+    async def changed(self, seen: int, timeout: float, *, state_only: bool = False) -> None:
+        """Wait (in an event loop) until `version` differs from `seen`, or `timeout` s pass.
+        state_only: compare `state_version` instead, and sleep through mere steps."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event(), state_only)
         with self._lock:
-            if self.version != seen:
+            if (self.state_version if state_only else self.version) != seen:
                 return
             self._waiters.append(waiter)
         try:
@@ -114,22 +125,56 @@ class Job:
 
     def snapshot(self, *, images: bool = True, preview: bool = True) -> dict[str, Any]:
         with self._lock:
+            return self._snapshot(images, preview)
+
+    def _snapshot(self, images: bool, preview: bool) -> dict[str, Any]:
+        total = self.task.total
+        done = self.status == "done"
+        return {
+            "id": self.id,
+            "kind": self.task.kind,
+            "status": self.status,
+            "step": total if done else self.step,
+            "total": total,
+            "progress": 1.0 if done else (self.step / total if total else 0.0),
+            "cancel_requested": self.cancel_requested,
+            "preview": self.preview if preview else None,
+            "images": list(self.images) if images else [],
+            "error": self.error,
+            "parameters": self.task.parameters,
+            "timings": dict(self.timings),
+        }
+
+    def progress(self) -> tuple[int, int, dict[str, Any]]:
+        """(version, state_version, the small progress view) read at one instant."""
+        with self._lock:
             total = self.task.total
-            done = self.status == "done"
-            return {
+            event = {
                 "id": self.id,
-                "kind": self.task.kind,
                 "status": self.status,
-                "step": total if done else self.step,
+                "step": self.step,
                 "total": total,
-                "progress": 1.0 if done else (self.step / total if total else 0.0),
+                "progress": self.step / total if total else 0.0,
+                "preview": self.preview,
                 "cancel_requested": self.cancel_requested,
-                "preview": self.preview if preview else None,
-                "images": list(self.images) if images else [],
-                "error": self.error,
-                "parameters": self.task.parameters,
-                "timings": dict(self.timings),
             }
+            return self.version, self.state_version, event
+
+    def final_json(self, preview: bool = True) -> str | None:
+        """A finished job as JSON text (GET /v1/jobs/{id} and the final event), or None while it
+        is not finished. Encoded directly: no response-model validation of the images. (Not
+        kept: a finished job is typically read once, and a copy would double its memory.)"""
+        with self._lock:
+            if self.status not in FINAL:
+                return None
+            snap = {**self._snapshot(True, preview), "queue_position": None}
+        return json.dumps(snap, ensure_ascii=True)
+
+
+def _wake(waiters: list) -> None:
+    for loop, event, _ in waiters:
+        with contextlib.suppress(RuntimeError):  # that loop has closed
+            loop.call_soon_threadsafe(event.set)
 
 
 class JobQueue:
@@ -218,11 +263,9 @@ class JobQueue:
             return job
 
     def queue_position(self, job: Job) -> int | None:
+        # not deque.index: its ValueError for a job not waiting (most calls) formats repr(job)
         with self._cond:
-            try:
-                return self._waiting.index(job)
-            except ValueError:
-                return None
+            return next((i for i, w in enumerate(self._waiting) if w is job), None)
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -260,13 +303,13 @@ class JobQueue:
                 job = self._waiting.popleft()
                 self._running += 1
                 job.update(status="running")
+            status, changes = "failed", {"error": "internal error: the worker stopped"}
             try:
                 status, changes = self._run(job)
             finally:
                 with self._cond:
                     self._running -= 1
-            with self._cond:
-                self._retire(job, status, **changes)
+                    self._retire(job, status, **changes)
 
     def _run(self, job: Job) -> tuple[str, dict]:
         start = time.monotonic()

@@ -69,6 +69,9 @@ class SamplingParams(_Request):
     knobs: dict[Annotated[Text, Field(max_length=64)], KnobValue] = Field(
         default_factory=dict, max_length=16, description="sampler options, e.g. {'eta': 0.5}"
     )
+    preview: bool = Field(
+        True, description="live x0 previews while sampling; false: none (a little faster)"
+    )
 
 
 class PromptParams(_Request):

@@ -34,6 +34,7 @@ from .jobs import Job, JobCancelled, Task
 from .store import ModelStore
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+PREVIEW_COST_RATIO = 20  # a preview that took c seconds waits >= 20 c for the next one
 
 
 class BadImage(UserError):
@@ -94,13 +95,13 @@ def mask_tensor(data: str, size: tuple[int, int]) -> torch.Tensor:
     return (m > 0.5).float()
 
 
-def png_base64(image: torch.Tensor, metadata: dict | None = None) -> str:
+def png_base64(image: torch.Tensor, metadata: dict | None = None, compress_level: int = 6) -> str:
     """(C, H, W) in [-1, 1] -> base64 PNG with `metadata` as text chunks (as io.images.save_png)."""
     info = PngImagePlugin.PngInfo()
     for k, v in (metadata or {}).items():
         info.add_text(k, str(v))
     buf = io.BytesIO()
-    to_pil(image).save(buf, format="PNG", pnginfo=info)
+    to_pil(image).save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -187,7 +188,8 @@ class _Prepared:
         num = getattr(req, "num", 1)
         if num > config.max_num:
             raise FieldError("num", f"num must be <= {config.max_num} on this server")
-        accepted = sampling.sampler_knobs(self.sampler)
+        # (inspect.signature is a noticeable part of a request: only when knobs are given)
+        accepted = sampling.sampler_knobs(self.sampler) if req.knobs else {}
         unknown = sorted(set(req.knobs) - set(accepted))
         if unknown:
             raise FieldError(
@@ -238,7 +240,7 @@ def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig
 
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num, **p.params}
     seeds = [p.seed + i for i in range(req.num)]
-    return Task("txt2img", p.name, params, p.steps, run, seeds)
+    return Task("txt2img", p.name, params, p.steps, run, seeds, preview=req.preview)
 
 
 def img2img(req: schemas.Img2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
@@ -267,7 +269,8 @@ def img2img(req: schemas.Img2ImgRequest, store: ModelStore, config: ServerConfig
         **p.params,
     }
     total = max(1, round(req.strength * p.steps))
-    return Task("img2img", p.name, params, total, run, [p.seed + i for i in range(req.num)])
+    seeds = [p.seed + i for i in range(req.num)]
+    return Task("img2img", p.name, params, total, run, seeds, preview=req.preview)
 
 
 def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig) -> Task:
@@ -304,7 +307,8 @@ def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig
         **p.params,
     }
     total = max(1, round(req.strength * p.steps))
-    return Task("inpaint", p.name, params, total, run, [p.seed + i for i in range(req.num)])
+    seeds = [p.seed + i for i in range(req.num)]
+    return Task("inpaint", p.name, params, total, run, seeds, preview=req.preview)
 
 
 def upscale(req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig) -> Task:
@@ -325,7 +329,7 @@ def upscale(req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig
 
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "scale": scale,
               "noise_level": req.noise_level, **p.params}  # fmt: skip
-    return Task("upscale", p.name, params, p.steps, run, [p.seed])
+    return Task("upscale", p.name, params, p.steps, run, [p.seed], preview=req.preview)
 
 
 def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: ServerConfig) -> Task:
@@ -366,7 +370,7 @@ def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: Serv
         del params["seed"]
     else:
         params["sampler"] = "ddim"
-    return Task("interpolate", p.name, params, p.steps, run)
+    return Task("interpolate", p.name, params, p.steps, run, preview=req.preview)
 
 
 BUILDERS = {
@@ -383,7 +387,7 @@ def preview_base64(model: LoadedModel, denoised: torch.Tensor) -> str:
     """The x0 estimate, decoded cheaply, as one PNG (a grid when the batch holds several)."""
     images = model.preview(denoised[:16]).clamp(-1, 1)  # (B, C, H, W)
     grid = images[0] if len(images) == 1 else make_grid(images, pad=1)
-    return png_base64(grid)
+    return png_base64(grid, compress_level=1)  # shown once, for a moment: fast over small
 
 
 def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list[dict]]:
@@ -394,19 +398,24 @@ def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list
         t["load_s"] = time.monotonic() - start
         if job.cancel_requested:
             raise JobCancelled
-        last_preview, preview_s = -math.inf, 0.0
+        # Live previews: the first one interval in (a job done sooner needs none), then one per
+        # interval but never more than ~5% of the time, and none at the last step (the result
+        # itself follows at once).
+        next_preview = time.monotonic() + config.preview_interval if task.preview else math.inf
+        preview_s = 0.0
 
         def callback(step, sigma, x, denoised) -> None:
-            nonlocal last_preview, preview_s
+            nonlocal next_preview, preview_s
             if job.cancel_requested:
                 raise JobCancelled
-            preview = None
+            preview, step = None, int(step) + 1
             now = time.monotonic()
-            if now - last_preview >= config.preview_interval:
+            if now >= next_preview and step < task.total:
                 preview = preview_base64(model, denoised)
-                last_preview = time.monotonic()
-                preview_s += last_preview - now
-            job.report(int(step) + 1, preview)
+                cost = time.monotonic() - now
+                preview_s += cost
+                next_preview = now + max(config.preview_interval, PREVIEW_COST_RATIO * cost)
+            job.report(step, preview)
 
         start = time.monotonic()
         images = task.run(model, callback)
