@@ -489,3 +489,19 @@ def test_openapi_fuzz_no_server_errors(models_dir):
     finally:
         app.state.queue.stop()
     assert sum(seen.values()) > 50 and all(code < 500 or code == 501 for _, code in seen)
+
+
+def test_embedded_upscaler_is_served_beside_the_embedded_model(models_dir, monkeypatch):
+    from latentforge.pipelines import superres
+    from latentforge.server.store import ModelStore
+
+    monkeypatch.setattr(superres, "default_upscaler_dir", lambda: models_dir / "sr2")
+    store = ModelStore()
+    assert store.names() == ["default", "upscaler"]
+    assert store.resolve("upscaler") == ("upscaler", models_dir / "sr2")
+    assert store.default_name == "default"
+    # an explicit model or models directory serves exactly what was asked for
+    assert "upscaler" not in ModelStore(models_dir=models_dir).names()
+    assert ModelStore(model=models_dir / "digits").names() == ["digits"]
+    monkeypatch.setattr(superres, "default_upscaler_dir", lambda: models_dir / "missing")
+    assert ModelStore().names() == ["default"]

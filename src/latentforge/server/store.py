@@ -44,6 +44,13 @@ class ModelStore:
             if model is not None:
                 _check_diffusion_folder(folder)
             self.single = (folder.name if model is not None else "default", folder)
+        # Serving the embedded model also serves the embedded upscaler (for /v1/upscale).
+        self.embedded: dict[str, Path] = {}
+        if model is None and self.models_dir is None:
+            from ..pipelines.superres import UPSCALER, default_upscaler_dir
+
+            if (default_upscaler_dir() / MODEL_JSON).is_file():
+                self.embedded[UPSCALER] = default_upscaler_dir()
         self.max_loaded = max(1, max_loaded)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._meta: dict[Path, tuple[float, dict]] = {}
@@ -53,6 +60,7 @@ class ModelStore:
     # ----- names -------------------------------------------------------------------------------
     def names(self) -> list[str]:
         out = [self.single[0]] if self.single and (self.single[1] / MODEL_JSON).is_file() else []
+        out += [name for name in self.embedded if name not in out]
         if self.models_dir is not None:
             for p in sorted(self.models_dir.iterdir()):
                 if p.name in out or not _NAME.fullmatch(p.name) or not self._inside(p):
@@ -77,6 +85,8 @@ class ModelStore:
         name = self.default_name if name is None else name
         if self.single is not None and name == self.single[0]:
             folder = self.single[1]
+        elif name in self.embedded:
+            folder = self.embedded[name]
         else:
             if not _NAME.fullmatch(name) or ".." in name:
                 raise BadModelName(f"invalid model name {name!r}: use a name from /v1/models")
