@@ -9,13 +9,12 @@ interpolation and editing pipelines can reproduce their end frames at a given st
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..pipelines.generate import LoadedModel
 from ..pipelines.interpolate import decode_noise, invert
 from ..pipelines.superres import require_task
+from .batching import run_batched
 from .quality import psnr_per_image, ssim
 
 
@@ -45,18 +44,13 @@ def evaluate_inversion(
         cond["labels"] = [it["label"] for it in items]
     if model.meta.get("text_encoder"):
         cond["prompts"] = [it["caption"] for it in items]
-    outs, t0 = [], time.perf_counter()
-    starts = range(0, n, batch)
-    if progress:
-        from tqdm import tqdm
 
-        starts = tqdm(starts, desc="inverting", unit="batch")
-    for i in starts:
-        part = {k: v[i : i + batch] for k, v in cond.items()}
-        x_T = invert(model, images[i : i + batch], steps=steps, spacing=spacing, **part)
-        outs.append(decode_noise(model, x_T, steps=steps, spacing=spacing, **part))
-    seconds = time.perf_counter() - t0
-    out = torch.cat(outs)
+    def round_trip(start: int, stop: int) -> torch.Tensor:
+        part = {k: v[start:stop] for k, v in cond.items()}
+        x_T = invert(model, images[start:stop], steps=steps, spacing=spacing, **part)
+        return decode_noise(model, x_T, steps=steps, spacing=spacing, **part)
+
+    out, seconds = run_batched(round_trip, n, batch, progress=progress, desc="inverting")
     psnr = psnr_per_image(out, images)
     return {
         "n": n,

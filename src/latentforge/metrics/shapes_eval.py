@@ -26,7 +26,6 @@ never touch and corners that stay background):
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -51,6 +50,7 @@ from ..training.shapes import (
     render_shapes,
     shapes_record,
 )
+from .batching import run_batched
 
 OBJECT_ATTRIBUTES = ("colour", "shape", "size", "position")
 ATTRIBUTES = ("background", *OBJECT_ATTRIBUTES, "relation", "count")
@@ -387,24 +387,16 @@ def generate_batched(
     ``prompts`` / ``labels``: one per image (text / class models). Returns the images
     (num, C, H, W) in [-1, 1] and the seconds spent sampling.
     """
-    from tqdm.auto import tqdm
 
-    if batch < 1:
-        raise UserError(f"batch must be >= 1, got {batch}")
-    out, seconds = [], 0.0
-    with tqdm(total=num, desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, num, batch):
-            stop = min(start + batch, num)
-            cond: dict[str, Any] = {}
-            if prompts is not None:
-                cond["prompts"] = list(prompts[start:stop])
-            if labels is not None:
-                cond["labels"] = list(labels[start:stop])
-            t0 = time.perf_counter()
-            out.append(generate(model, num=stop - start, seed=seed + start, **cond, **kwargs))
-            seconds += time.perf_counter() - t0
-            bar.update(stop - start)
-    return torch.cat(out), seconds
+    def run(start: int, stop: int) -> torch.Tensor:
+        cond: dict[str, Any] = {}
+        if prompts is not None:
+            cond["prompts"] = list(prompts[start:stop])
+        if labels is not None:
+            cond["labels"] = list(labels[start:stop])
+        return generate(model, num=stop - start, seed=seed + start, **cond, **kwargs)
+
+    return run_batched(run, num, batch, progress=progress, desc=desc)
 
 
 def _conditioning(model: LoadedModel, prompts: list[str]) -> dict[str, list]:

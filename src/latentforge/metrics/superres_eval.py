@@ -9,15 +9,13 @@ training image.
 
 from __future__ import annotations
 
-import time
-
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
-from ..models.conditioned import downsample
+from ..models.conditioned import downsample, lowres_condition
 from ..pipelines.generate import LoadedModel, sampling_defaults
 from ..pipelines.superres import require_task, upscale
+from .batching import run_batched
 from .quality import psnr_per_image, ssim
 
 
@@ -32,8 +30,9 @@ def held_out_images(spec: str, n: int, data_seed: int) -> torch.Tensor:
 
 
 def bicubic(low: torch.Tensor, scale: int) -> torch.Tensor:
-    """The baseline: bicubic upsampling (a = -0.75, PyTorch's), clamped to [-1, 1]."""
-    return F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+    """The baseline: bicubic upsampling (PyTorch's, a = -0.75) clamped to [-1, 1], the same
+    resize the upscaler's conditioning gets (`lowres_condition`)."""
+    return lowres_condition(low, (low.shape[-2] * scale, low.shape[-1] * scale))
 
 
 def evaluate_superres(
@@ -55,19 +54,12 @@ def evaluate_superres(
     spec = data or model.meta["data"]["spec"]
     images = held_out_images(spec, n, data_seed)
     low = downsample(images, scale)
-    outs, t0 = [], time.perf_counter()
-    starts = range(0, n, batch)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="upscaling", unit="batch")
-    for i in starts:
-        outs.append(
-            upscale(model, low[i : i + batch], seed=seed + i, sampler=sampler, steps=steps,
-                    noise_level=noise_level)
-        )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    out, base = torch.cat(outs), bicubic(low, scale)
+    out, seconds = run_batched(
+        lambda a, b: upscale(model, low[a:b], seed=seed + a, sampler=sampler, steps=steps,
+                             noise_level=noise_level),
+        n, batch, progress=progress, desc="upscaling",
+    )  # fmt: skip
+    base = bicubic(low, scale)
     p_model, p_base = psnr_per_image(out, images), psnr_per_image(base, images)
     s_model, s_base = ssim(out, images), ssim(base, images)
     sampler, steps, _ = sampling_defaults(model, sampler, steps, None)

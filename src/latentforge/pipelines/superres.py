@@ -23,6 +23,7 @@ from torch import nn
 from .. import sampling
 from ..errors import UserError
 from ..guidance import CFGDenoiser
+from ..io.checkpoint import MODEL_JSON
 from ..models.conditioned import augment, lowres_condition
 from .generate import LoadedModel, _per_image, conditioning, make_sigmas, sampling_defaults
 from .img2img import batch_images
@@ -40,7 +41,7 @@ def default_upscaler_dir() -> Path:
 def require_default_upscaler() -> Path:
     """The embedded upscaler's folder, or a one-line error saying how to get an upscaler."""
     folder = default_upscaler_dir()
-    if not (folder / "model.json").is_file():
+    if not (folder / MODEL_JSON).is_file():
         raise UserError(f"the embedded upscaler is missing from {folder}; pass --model DIR, "
                         f"or train one: {TRAIN_HINT}")  # fmt: skip
     return folder

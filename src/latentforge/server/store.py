@@ -49,8 +49,9 @@ class ModelStore:
         if model is None and self.models_dir is None:
             from ..pipelines.superres import UPSCALER, default_upscaler_dir
 
-            if (default_upscaler_dir() / MODEL_JSON).is_file():
-                self.embedded[UPSCALER] = default_upscaler_dir()
+            upscaler = default_upscaler_dir()
+            if (upscaler / MODEL_JSON).is_file():
+                self.embedded[UPSCALER] = upscaler
         self.max_loaded = max(1, max_loaded)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._meta: dict[Path, tuple[float, dict]] = {}

@@ -68,11 +68,15 @@ class _ConcatTrainer(DiffusionTrainer):
         """The extra network inputs for this batch: {"concat": (B, extra, h, w), ...}."""
         raise NotImplementedError
 
+    @property
+    def vae_factor(self) -> int:
+        """The VAE's downsampling factor f (1 for pixel models)."""
+        return self.vae.downsample_factor if self.vae is not None else 1
+
     def size(self, images: torch.Tensor) -> tuple[int, int]:
         """The denoiser's spatial size for these pixel images (the latent size for latent
         models)."""
-        f = self.vae.downsample_factor if self.vae is not None else 1
-        return images.shape[-2] // f, images.shape[-1] // f
+        return images.shape[-2] // self.vae_factor, images.shape[-1] // self.vae_factor
 
     def build_meta(self) -> dict:
         meta = super().build_meta()
@@ -135,17 +139,21 @@ class SuperResTrainer(_ConcatTrainer):
         if res % cfg.scale:
             raise UserError(f"image size {res} is not a multiple of --scale {cfg.scale}")
         super().setup()
-        if cfg.crop:
-            f = self.vae.downsample_factor if self.vae is not None else 1
-            step = math.lcm(cfg.scale, f)
-            if cfg.crop > res or cfg.crop % step:
-                raise UserError(f"--crop {cfg.crop} must be a multiple of {step} (the scale and "
-                                f"the VAE's f) and at most the image size {res}")  # fmt: skip
+        step = self.crop_step
+        if cfg.crop and (cfg.crop > res or cfg.crop % step):
+            raise UserError(f"--crop {cfg.crop} must be a multiple of {step} (the scale and "
+                            f"the VAE's f) and at most the image size {res}")  # fmt: skip
+
+    @property
+    def crop_step(self) -> int:
+        """Crop sizes and offsets are multiples of this, so a crop's low-res version and its
+        latents line up with the whole image's grid."""
+        return math.lcm(self.scale, self.vae_factor)
 
     def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         if self.cfg.crop and self.cfg.crop < batch["image"].shape[-1]:
-            step = math.lcm(self.scale, self.vae.downsample_factor if self.vae else 1)
-            batch = {**batch, "image": random_crops(batch["image"], self.cfg.crop, step, g)}
+            crops = random_crops(batch["image"], self.cfg.crop, self.crop_step, g)
+            batch = {**batch, "image": crops}
         return super().compute_loss(batch, g)
 
     @property

@@ -123,15 +123,15 @@ class VAETrainer(Trainer):
             posterior = self.ema.encode(chunk)
             latents.append(posterior.sample(torch.Generator().manual_seed(0)).float())
             recons.append(self.ema.decode(posterior.mode()))
-        z = torch.cat(latents)
+        z, recon = torch.cat(latents), torch.cat(recons)
         rgb_map = fit_latent_rgb_map(self.ema, images) if images.shape[1] == 3 else None
         return {
             "scaling_factor": 1.0 / z.flatten().std().item(),
             "latent_rgb": None
             if rgb_map is None
             else [[round(v, 6) for v in row] for row in rgb_map.tolist()],
-            "psnr_db": round(psnr_db(torch.cat(recons), images), 3),
-            "ssim": round(ssim(torch.cat(recons).cpu(), images.cpu()).mean().item(), 4),
+            "psnr_db": round(psnr_db(recon, images), 3),
+            "ssim": round(ssim(recon.cpu(), images.cpu()).mean().item(), 4),
             "eval_images": len(images),
         }
 
