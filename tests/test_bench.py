@@ -29,3 +29,24 @@ def test_samplers_bench_json_records(capsys):
     lf20 = [r for r in rows if r["impl"] == "latentforge" and r["nfe"] == 20]
     assert min(r["rms_error"] for r in lf20) < 5e-3
     assert all(r["nfe_used"] <= r["nfe"] for r in rows)
+
+
+def test_latent_vs_pixel_bench_quality_with_trained_models(tmp_path, capsys):
+    """With model folders the bench scores both on held-out images and reads the VAE from the
+    latent model's folder; quality_ratio is latent / pixel."""
+    from latentforge.training.loop import TrainConfig, train_diffusion
+    from latentforge.training.vae_train import VAETrainConfig, train_vae
+
+    common = dict(data="shapes:16", max_steps=1, batch_size=2, sample_every=0, quiet=True)
+    train_vae(VAETrainConfig(out=str(tmp_path / "vae"), eval_images=4, **common))
+    train_diffusion(TrainConfig(out=str(tmp_path / "pixel"), **common))
+    train_diffusion(TrainConfig(out=str(tmp_path / "latent"), vae=str(tmp_path / "vae"), **common))
+    argv = ["bench", "latent-vs-pixel", "--data", "shapes:16", "--batch-size", "2", "--repeats",
+            "1", "--nfe", "1", "--quality-n", "24", "--pixel-model", str(tmp_path / "pixel"),
+            "--latent-model", str(tmp_path / "latent"), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["quality_pixel"] > 0 and out["quality_latent"] > 0
+    assert out["quality_ratio"] == round(out["quality_latent"] / out["quality_pixel"], 3)
+    assert out["vae_psnr_db"] > 0 and 0 < out["vae_ssim"] <= 1
+    assert out["latent_shape"] == [4, 4, 4]

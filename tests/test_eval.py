@@ -302,3 +302,39 @@ def test_inversion_round_trip_improves_with_steps(capsys):
     assert fine["psnr_min_db"] <= fine["psnr_db"]
     assert main(["eval", "inversion", "--n", "2", "--steps", "2", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
+
+
+def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
+    from latentforge.metrics.quality import psnr_per_image
+    from latentforge.metrics.superres_eval import held_out_images
+    from latentforge.metrics.vae_eval import evaluate_vae
+    from latentforge.pipelines.generate import load_vae
+    from latentforge.training.vae_train import VAETrainConfig, train_vae
+
+    folder = tmp_path / "vae"
+    cfg = VAETrainConfig(data="shapes:16", out=str(folder), max_steps=1, batch_size=2,
+                         sample_every=0, eval_images=8, quiet=True)  # fmt: skip
+    assert train_vae(cfg) == 0
+    vae, meta = load_vae(folder)
+    result = evaluate_vae(vae, meta, n=6, batch=4)  # two batches, the second one short
+    x = held_out_images("shapes:16", 6, 1)
+    with torch.no_grad():
+        z = vae.encode(x).mode()
+        recon = vae.decode(z)
+    assert result["psnr_db"] == pytest.approx(psnr_per_image(recon, x).mean().item(), abs=1e-3)
+    assert result["psnr_min_db"] == pytest.approx(psnr_per_image(recon, x).min().item(), abs=1e-3)
+    rms = meta["scaling_factor"] * z.pow(2).mean().sqrt().item()
+    assert result["scaled_latent_rms"] == pytest.approx(rms, abs=1e-3)
+    assert (result["n"], result["data"], result["downsample_factor"]) == (6, "shapes:16", 4)
+
+    # the CLI reads a VAE folder, or the vae/ of a latent diffusion model folder
+    assert main(["eval", "vae", "--model", str(folder), "--n", "6", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["psnr_db"] == result["psnr_db"]
+    from latentforge.training.loop import TrainConfig, train_diffusion
+
+    latent = tmp_path / "latent"
+    train_diffusion(TrainConfig(data="shapes:16", out=str(latent), vae=str(folder), max_steps=1,
+                                batch_size=2, sample_every=0, quiet=True))  # fmt: skip
+    assert main(["eval", "vae", "--model", str(latent), "--n", "6", "--quiet"]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    assert main(["eval", "vae", "--model", str(tmp_path / "missing"), "--quiet"]) == 2

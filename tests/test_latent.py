@@ -98,14 +98,16 @@ def test_cheap_preview_uses_the_fitted_map(tiny_vae, tmp_path):
     assert model.preview(z).shape == (2, 3, 8, 8)  # latent resolution, no decoder pass
 
 
-def test_vae_with_patch_discriminator_resumes_exactly(tmp_path):
-    """The discriminator and its optimizer are checkpointed: resume == uninterrupted run."""
+@pytest.mark.parametrize("crop", [0, 12])
+def test_vae_with_patch_discriminator_resumes_exactly(tmp_path, crop):
+    """The discriminator and its optimizer are checkpointed: resume == uninterrupted run (also
+    when training on random crops, whose real crops for the discriminator are seeded too)."""
     from safetensors.torch import load_file
 
     def cfg(out, steps):
         return VAETrainConfig(
             data="shapes:16", out=str(out), max_steps=steps, batch_size=2, disc_start=1,
-            sample_every=0, ckpt_every=2, eval_images=8, quiet=True,
+            sample_every=0, ckpt_every=2, eval_images=8, crop=crop, quiet=True,
         )  # fmt: skip
 
     train_vae(cfg(tmp_path / "a", 4))
@@ -115,3 +117,39 @@ def test_vae_with_patch_discriminator_resumes_exactly(tmp_path):
         a = load_file(tmp_path / "a/checkpoints/step-0000004" / f"{name}.safetensors")
         b = load_file(tmp_path / "b/checkpoints/step-0000004" / f"{name}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_vae_trains_on_crops_and_evaluates_on_whole_held_out_images(tmp_path, monkeypatch):
+    from latentforge.models.vae import AutoencoderKL
+    from latentforge.training.data import load_dataset
+    from latentforge.training.vae_train import VAETrainer
+
+    sizes = []
+    forward = AutoencoderKL.forward
+
+    def spy(self, x, *args, **kwargs):
+        sizes.append(x.shape[-1])
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "forward", spy)
+    cfg = VAETrainConfig(
+        data="shapes:32", out=str(tmp_path), max_steps=2, batch_size=3, crop=16,
+        sample_every=0, ckpt_every=2, eval_images=4, quiet=True,
+    )  # fmt: skip
+    assert train_vae(cfg) == 0
+    assert sizes == [16, 16]  # the training forwards saw crops only
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["eval"]["eval_images"] == 4 and meta["training"]["config"]["crop"] == 16
+
+    # held-out images: the next shapes stream (seed + 1), not the training stream
+    held = VAETrainer(cfg)._held_out()
+    assert held.shape == (4, 3, 32, 32)
+    other = load_dataset("shapes:32", seed=1)
+    assert torch.equal(held, torch.stack([other[i]["image"] for i in range(4)]))
+    train = load_dataset("shapes:32", seed=0)
+    assert not torch.equal(held[0], train[0]["image"])
+
+    with pytest.raises(UserError, match="multiple of 4"):
+        train_vae(VAETrainConfig(data="shapes:32", out=str(tmp_path / "bad"), crop=18))
+    with pytest.raises(UserError, match="at most the image size"):
+        train_vae(VAETrainConfig(data="shapes:32", out=str(tmp_path / "bad"), crop=64))

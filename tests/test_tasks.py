@@ -251,7 +251,7 @@ def test_upscale_command_errors(sr_dir, tmp_path, capsys, monkeypatch):
 
 # ----- crops and the super-resolution evaluator ------------------------------------------------
 def test_random_crops_are_aligned_windows_of_each_image():
-    from latentforge.training.tasks import random_crops
+    from latentforge.training.data import random_crops
 
     images = torch.arange(3 * 2 * 16 * 16, dtype=torch.float32).reshape(3, 2, 16, 16)
     g = torch.Generator().manual_seed(0)

@@ -75,3 +75,35 @@ def test_cfg_is_the_guided_combination(text_model):
     c = text_model.denoiser(x, sigma, **cond)
     u = text_model.denoiser(x, sigma, **uncond)
     assert (den(x, sigma, **cond) - (u + 4.0 * (c - u))).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("cache_images", [False, True])
+def test_cached_caption_table_matches_the_live_encoder(tmp_path, monkeypatch, cache_images):
+    """--cache-text: every caption encoded once before training (float16 table); a step's
+    context equals the live encoder's to float16 precision, dropped captions are the empty
+    prompt, and no step calls the encoder."""
+    from latentforge.training import loop
+    from latentforge.training.diffusion import DiffusionTrainer
+
+    if not cache_images:  # shapes:16:40 is small enough to be cached in memory: forbid it
+        monkeypatch.setattr(loop, "CACHE_ELEMENTS", 0)
+    cfg = TrainConfig(
+        data="shapes:16:40", out=str(tmp_path), cond="text", cache_text=True, max_steps=2,
+        batch_size=8, label_dropout=0.5, sample_every=0, quiet=True,
+    )  # fmt: skip
+    trainer = DiffusionTrainer(cfg)
+    assert (trainer._cache is not None) == cache_images
+    table = trainer._text_table
+    assert table["rows"].shape == (40,) and table["hidden"].dtype == torch.float16
+    batch = trainer.batch(0, 0)
+    drop = torch.tensor([i % 3 == 0 for i in range(8)])
+    hidden, mask = trainer.text_context(batch, drop)
+    live = [("" if d else c) for d, c in zip(drop.tolist(), batch["caption"], strict=True)]
+    ref_hidden, ref_mask = trainer.text_encoder.encode(live)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(hidden, ref_hidden, atol=5e-3, rtol=1e-3)
+
+    calls = []
+    monkeypatch.setattr(trainer.text_encoder, "_encode", lambda p: calls.append(p))
+    trainer.train_step()
+    assert calls == []

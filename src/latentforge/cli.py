@@ -47,6 +47,8 @@ def train() -> None:
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--vae", type=click.Path(), default=None, help="VAE folder: latent diffusion")
 @click.option("--cache-latents", is_flag=True, help="encode the dataset once (with --vae)")
+@click.option("--cache-text", is_flag=True,
+              help="encode every training caption once (--cond text; float16 table)")  # fmt: skip
 @click.option("--text-encoder", type=click.Choice(["minilm"]), default="minilm", show_default=True)
 @click.option("--task", type=click.Choice(["generate", "superres", "inpaint"]), default="generate",
               show_default=True, help="superres / inpaint: an image-conditioned model")  # fmt: skip
@@ -82,6 +84,9 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
     help="step at which the patch discriminator (hinge loss) starts; 0 = never",
 )
 @click.option("--disc-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--crop", type=click.IntRange(min=0), default=0, show_default=True,
+              help="train on random CROPxCROP crops (a multiple of the downsampling factor; "
+                   "0: whole images); evaluation uses whole images")  # fmt: skip
 @click.option("--bf16/--no-bf16", default=False)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)

@@ -3,8 +3,9 @@
 Same U-Net preset, same data (shapes:64 by default): a pixel model on 3x64x64 images against a
 latent model on the 4x16x16 latents of an f=4 VAE. Prints training images/s (latents encoded
 per step, and cached once), sampling images/s at 20 NFE including the VAE decode, and, when
-trained models are given, a quality figure for each (Fréchet distance on 8x8-pooled pixels,
-lower is better) plus the VAE's reconstruction PSNR.
+trained models are given, a quality figure for each (Fréchet distance on 8x8-pooled pixels
+against held-out images, lower is better; `quality_ratio` is latent / pixel) plus the VAE's
+reconstruction PSNR and SSIM on held-out images.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from .. import sampling
 from ..denoisers import make_denoiser
+from ..io.checkpoint import read_model_json
 from ..metrics.fd import fd
+from ..metrics.superres_eval import held_out_images
+from ..metrics.vae_eval import evaluate_vae
 from ..models.presets import unet_preset
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL, vae_preset
@@ -62,11 +67,17 @@ def run(args) -> dict:
     torch.manual_seed(0)
     ds = load_dataset(args.data)
     images = torch.stack([ds[i]["image"] for i in range(args.batch_size)])
-    if args.vae:
-        vae, vae_meta = load_vae(args.vae)
-        scaling, psnr = vae_meta["scaling_factor"], vae_meta.get("eval", {}).get("psnr_db")
+    vae_dir = args.vae
+    if not vae_dir and args.latent_model:  # a latent model folder carries its VAE
+        meta = read_model_json(args.latent_model)
+        vae_dir = str(Path(args.latent_model) / meta.get("latent", {}).get("vae", "vae"))
+    vae_eval = None
+    if vae_dir:
+        vae, vae_meta = load_vae(vae_dir)
+        scaling = vae_meta["scaling_factor"]
+        vae_eval = evaluate_vae(vae, vae_meta, n=args.quality_n, data=args.data)
     else:
-        vae, scaling, psnr = AutoencoderKL(vae_preset("f4-tiny")).eval(), 1.0, None
+        vae, scaling = AutoencoderKL(vae_preset("f4-tiny")).eval(), 1.0
     f, lc = vae.downsample_factor, vae.latent_channels
     res = ds.resolution
 
@@ -117,16 +128,21 @@ def run(args) -> dict:
         "quality_metric": "fd_pooled8 (Fréchet distance, 8x8-pooled RGB, lower is better)",
         "quality_pixel": None,
         "quality_latent": None,
-        "vae_psnr_db": psnr,
+        "quality_ratio": None,
+        "vae_psnr_db": vae_eval and vae_eval["psnr_db"],
+        "vae_ssim": vae_eval and vae_eval["ssim"],
     }
     if args.pixel_model and args.latent_model:
-        real = torch.stack([ds[len(ds) - 1 - i]["image"] for i in range(args.quality_n)])
+        # held-out real images (stream 1; training draws from stream 0), DDIM at --nfe for both
+        real = held_out_images(args.data, args.quality_n, 1)
         for name, model in (("pixel", pixel), ("latent", latent)):
             fake = torch.cat([
-                generate(model, num=64, seed=s, steps=args.nfe)
+                generate(model, num=min(64, args.quality_n - s), seed=s, steps=args.nfe,
+                         sampler="ddim")
                 for s in range(0, args.quality_n, 64)
-            ])[: args.quality_n]  # fmt: skip
+            ])  # fmt: skip
             result[f"quality_{name}"] = round(fd(fake, real), 4)
+        result["quality_ratio"] = round(result["quality_latent"] / result["quality_pixel"], 3)
     return result
 
 
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--nfe", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="timed training steps")
-    p.add_argument("--vae", help="trained VAE folder (scaling factor, PSNR)")
+    p.add_argument("--vae", help="trained VAE folder (default: the --latent-model's)")
     p.add_argument("--pixel-model", help="trained pixel model folder (quality)")
     p.add_argument("--latent-model", help="trained latent model folder (quality)")
     p.add_argument("--quality-n", type=int, default=512)

@@ -155,6 +155,44 @@ def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, see
     click.echo("\n".join(lines))
 
 
+@eval_group.command("vae")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="VAE folder, or a latent diffusion model folder (its vae/)")  # fmt: skip
+@click.option("--n", "n", type=click.IntRange(min=1), default=256, show_default=True,
+              help="held-out images")  # fmt: skip
+@click.option("--data", default=None, help="data spec (default: the VAE's training data)")
+@click.option("--data-seed", type=int, default=1, show_default=True,
+              help="stream of held-out images (the trainer uses stream 0)")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def vae_cmd(model_dir, n, data, data_seed, batch, as_json, quiet) -> None:
+    """Encode and decode held-out images; PSNR and SSIM of the reconstructions."""
+    from pathlib import Path
+
+    from ..io.checkpoint import read_model_json
+    from ..metrics.vae_eval import evaluate_vae
+    from ..pipelines.generate import load_vae
+
+    folder = Path(model_dir)
+    meta = read_model_json(folder)
+    if meta.get("kind") == "diffusion" and meta.get("latent"):
+        folder = folder / meta["latent"].get("vae", "vae")
+    vae, meta = load_vae(folder)
+    result = evaluate_vae(vae, meta, n=n, data=data, data_seed=data_seed, batch=batch,
+                          progress=not quiet)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"f={result['downsample_factor']} VAE, {n} held-out images of {result['data']} "
+        f"(stream {result['data_seed']})\n"
+        f"PSNR {result['psnr_db']:.2f} dB (worst {result['psnr_min_db']:.2f}), "
+        f"SSIM {result['ssim']:.4f}, scaled latent rms {result['scaled_latent_rms']:.3f}, "
+        f"{result['images_per_s']:.1f} images/s"
+    )
+
+
 @eval_group.command("inversion")
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)

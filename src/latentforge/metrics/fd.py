@@ -12,7 +12,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 
 
 def pooled_pixels(images: torch.Tensor, size: int = 8) -> np.ndarray:
@@ -21,12 +20,18 @@ def pooled_pixels(images: torch.Tensor, size: int = 8) -> np.ndarray:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+    S_a S_b is similar to the PSD matrix S_a^(1/2) S_b S_a^(1/2), so the trace of its square
+    root is the sum of the square roots of its (real, non-negative) eigenvalues; no matrix
+    square root is formed, and rank-deficient covariances (fewer samples than features) are fine.
+    """
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+    eig = np.linalg.eigvals(s_a @ s_b).real.clip(min=0)
+    return float(
+        ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.sqrt(eig).sum()
+    )
 
 
 def fd(

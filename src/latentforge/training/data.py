@@ -410,3 +410,16 @@ def load_dataset(spec: str, *, seed: int = 0, resolution: int | None = None) -> 
         length = opts.get("length", SHAPES_LENGTH)
         return ShapesDataset(res, length, seed=seed, exclude=exclude, spec=spec)
     return FolderDataset(opts["path"], res, spec=spec)
+
+
+def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:
+    """A size x size crop of each image at a random offset that is a multiple of `step` (so the
+    crop's low-res version and its latents line up with the full image's grid)."""
+    B, _, H, W = images.shape
+    n_y, n_x = (H - size) // step + 1, (W - size) // step + 1
+    ys = torch.randint(n_y, (B,), generator=g, device=g.device).tolist()
+    xs = torch.randint(n_x, (B,), generator=g, device=g.device).tolist()
+    return torch.stack(
+        [im[:, y * step : y * step + size, x * step : x * step + size]
+         for im, y, x in zip(images, ys, xs, strict=True)]
+    )  # fmt: skip

@@ -30,7 +30,7 @@ class DiffusionTrainer(Trainer):
                 raise UserError(f"--vae {cfg.vae} expects {self.vae_meta['data']['channels']}-"
                                 f"channel images; {cfg.data!r} has {ds.channels}")  # fmt: skip
             self.scaling_factor = self.vae_meta["scaling_factor"]
-        self.text_encoder = None
+        self.text_encoder, self._text_table = None, None
         if cfg.cond == "text":
             from ..models.text import build_text_encoder
 
@@ -112,7 +112,48 @@ class DiffusionTrainer(Trainer):
                 moments = [self.vae.encode(chunk).moments for chunk in cache["image"].split(256)]
             cache["moments"] = torch.cat(moments)
             del cache["image"]
+        self._text_table = None
+        if self.text_encoder is not None and self.cfg.cache_text:
+            captions = cache["caption"] if cache is not None else None
+            self._text_table = self._encode_captions(captions)
         return cache
+
+    @torch.no_grad()
+    def _encode_captions(self, captions: list[str] | None) -> dict:
+        """Every training caption through the text encoder once: a table of the distinct ones
+        (hidden states stored in float16, masks) and, per dataset index, a row of the table.
+        Row 0 is the empty prompt (caption dropout)."""
+        from tqdm.auto import tqdm
+
+        ds = self.dataset
+        if captions is None:
+            get = getattr(ds, "caption", None) or (lambda i: ds[i]["caption"])
+            captions = [get(i) for i in range(len(ds))]
+        distinct = list(dict.fromkeys(["", *captions]))
+        row = {c: i for i, c in enumerate(distinct)}
+        hidden, masks = [], []
+        quiet = self.cfg.quiet or self.rank != 0
+        for start in tqdm(range(0, len(distinct), 512), desc="encoding captions", disable=quiet):
+            h, m = self.text_encoder._encode(distinct[start : start + 512])
+            hidden.append(h.to(torch.float16))
+            masks.append(m)
+        return {
+            "hidden": torch.cat(hidden),
+            "mask": torch.cat(masks),
+            "rows": torch.tensor([row[c] for c in captions], device=self.device),
+        }
+
+    def text_context(self, batch: dict, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, mask) of the batch's captions; dropped ones (drop True) are the empty prompt."""
+        if self._text_table is None:
+            captions = [
+                "" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)
+            ]
+            return self.text_encoder.encode(captions)
+        table = self._text_table
+        rows = table["rows"][batch["index"].to(self.device)]
+        rows = torch.where(drop, torch.zeros_like(rows), rows)
+        return table["hidden"][rows].float(), table["mask"][rows]
 
     def latents(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Images -> scaled latents z ~ q(z | x) * scaling_factor (pixels when there is no VAE)."""
@@ -136,10 +177,7 @@ class DiffusionTrainer(Trainer):
             labels = batch["label"]
             cond["class_labels"] = torch.where(drop, torch.full_like(labels, null), labels)
         if self.text_encoder is not None:
-            captions = [
-                "" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)
-            ]
-            cond["context"], cond["context_mask"] = self.text_encoder.encode(captions)
+            cond["context"], cond["context_mask"] = self.text_context(batch, drop)
         # DDP's gradient hooks live on the wrapper: run the loss through it.
         self.denoiser.model = self.ddp
         try:

@@ -71,6 +71,7 @@ class TrainConfig:
     min_snr_gamma: float | None = 5.0
     vae: str | None = None  # a VAE model folder: train in its latent space
     cache_latents: bool = False  # encode the dataset once (posterior moments) instead of per step
+    cache_text: bool = False  # text models: encode every training caption once, not per step
     text_encoder: str = "minilm"
     quiet: bool = False
     task: str = "generate"  # generate | superres | inpaint (training/tasks.py)

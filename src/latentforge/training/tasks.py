@@ -27,6 +27,7 @@ from ..models.conditioned import (
     masked_image,
 )
 from ..pipelines.superres import DEFAULT_NOISE_LEVEL
+from .data import random_crops
 from .diffusion import DiffusionTrainer
 from .loop import Trainer
 
@@ -188,19 +189,6 @@ class SuperResTrainer(_ConcatTrainer):
         out = upscale(self.loaded_ema(), low, steps=steps, **kw)
         shown = F.interpolate(low, size=images.shape[-2:], mode="nearest")
         return torch.cat([shown, out, images])
-
-
-def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:
-    """A size x size crop of each image at a random offset that is a multiple of `step` (so the
-    crop's low-res version and its latents line up with the full image's grid)."""
-    B, _, H, W = images.shape
-    n_y, n_x = (H - size) // step + 1, (W - size) // step + 1
-    ys = torch.randint(n_y, (B,), generator=g, device=g.device).tolist()
-    xs = torch.randint(n_x, (B,), generator=g, device=g.device).tolist()
-    return torch.stack(
-        [im[:, y * step : y * step + size, x * step : x * step + size]
-         for im, y, x in zip(images, ys, xs, strict=True)]
-    )  # fmt: skip
 
 
 class InpaintTrainer(_ConcatTrainer):

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import __version__
+from ..errors import UserError
 from ..io.checkpoint import save_model_folder
 from ..metrics.quality import psnr_db, ssim
 from ..models.vae import fit_latent_rgb_map
+from .data import ShapesDataset, load_dataset, random_crops
 from .loop import Trainer, run_training
 
 
@@ -41,11 +43,12 @@ class VAETrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     eval_images: int = 256
+    crop: int = 0  # train on random crops of this size (0: whole images); eval on whole images
     quiet: bool = False
 
 
 class VAETrainer(Trainer):
-    resume_keys = ("data", "preset", "loss")
+    resume_keys = ("data", "preset", "loss", "crop")
 
     def setup(self) -> None:
         from ..models.vae import AutoencoderKL, vae_preset
@@ -53,7 +56,12 @@ class VAETrainer(Trainer):
         self.config = vae_preset(self.cfg.preset, in_channels=self.dataset.channels,
                                  out_channels=self.dataset.channels)  # fmt: skip
         self.model = AutoencoderKL(self.config)
+        f, crop, res = self.model.downsample_factor, self.cfg.crop, self.dataset.resolution
+        if crop and (crop > res or crop % f):
+            raise UserError(f"--crop {crop} must be a multiple of {f} (the VAE's downsampling "
+                            f"factor) and at most the image size {res}")  # fmt: skip
         self.disc = self.disc_opt = self._fake = None
+        self._eval_images: torch.Tensor | None = None
         if self.cfg.disc_start:
             from ..models.discriminator import PatchDiscriminator
 
@@ -75,6 +83,8 @@ class VAETrainer(Trainer):
 
     def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         x = batch["image"]
+        if self.cfg.crop and self.cfg.crop < x.shape[-1]:
+            x = random_crops(x, self.cfg.crop, self.model.downsample_factor, g)
         recon, posterior = self.ddp(x, sample_posterior=True, generator=g)
         diff = recon - x
         rec = diff.abs().mean() if self.cfg.loss == "l1" else diff.pow(2).mean()
@@ -98,6 +108,9 @@ class VAETrainer(Trainer):
             from ..models.discriminator import hinge_d_loss
 
             real = self.batch(self.step - 1, self.cfg.grad_accum - 1)["image"]
+            if real.shape[-1] != self._fake.shape[-1]:  # crops: compare like with like
+                real = random_crops(real, self._fake.shape[-1], self.model.downsample_factor,
+                                    self.generator(self.step - 1, 1 << 20))  # fmt: skip
             d_loss = hinge_d_loss(self.disc(real), self.disc(self._fake))
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -110,10 +123,18 @@ class VAETrainer(Trainer):
         return {**super().checkpointed(), **extra}
 
     def _held_out(self) -> torch.Tensor:
-        """Fixed evaluation images: the last indices of the dataset (a deterministic sample)."""
-        n = min(self.cfg.eval_images, len(self.dataset))
-        images = [self.dataset[len(self.dataset) - 1 - i]["image"] for i in range(n)]
-        return torch.stack(images).to(self.device)
+        """Fixed evaluation images never trained on: for shapes, the first images of the next
+        data stream (seed + 1); for fixed datasets (digits, folders), the last indices."""
+        if self._eval_images is None:
+            if isinstance(self.dataset, ShapesDataset):
+                ds = load_dataset(self.cfg.data, seed=self.cfg.seed + 1)
+                idx = range(min(self.cfg.eval_images, len(ds)))
+            else:
+                ds = self.dataset
+                n = min(self.cfg.eval_images, len(ds))
+                idx = range(len(ds) - 1, len(ds) - 1 - n, -1)
+            self._eval_images = torch.stack([ds[i]["image"] for i in idx])
+        return self._eval_images.to(self.device)
 
     @torch.no_grad()
     def measure(self) -> dict:
