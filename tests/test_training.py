@@ -152,3 +152,22 @@ def test_sigterm_saves_and_exits_130(tmp_path):
     assert proc.wait(timeout=120) == 130
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["step"] >= 1
+
+
+def test_lr_schedules():
+    """Linear warm-up, then constant or a half cosine that reaches 0 at max_steps."""
+    import itertools
+    from types import SimpleNamespace
+
+    from latentforge.training import loop
+
+    def lr(schedule, step):
+        cfg = TrainConfig(data="digits", out="x", lr=1.0, warmup_steps=10, max_steps=110,
+                          lr_schedule=schedule)  # fmt: skip
+        return loop.Trainer.lr_at(SimpleNamespace(cfg=cfg), step)
+
+    assert [lr("constant", s) for s in (0, 4, 9, 50, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert lr("cosine", 4) == 0.5 and lr("cosine", 10) == 1.0
+    assert lr("cosine", 60) == pytest.approx(0.5) and lr("cosine", 110) == pytest.approx(0.0)
+    cos = [lr("cosine", s) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(cos))

@@ -33,6 +33,9 @@ def train() -> None:
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True, help="after warm-up: constant, or cosine decay to 0 at "
+                                      "--max-steps (may change on --resume)")  # fmt: skip
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
 @click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default="eps")
 @click.option(
@@ -74,6 +77,10 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
 @click.option("--max-steps", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True, help="after warm-up: constant, or cosine decay to 0 at "
+                                      "--max-steps (may change on --resume)")  # fmt: skip
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-6, show_default=True)
 @click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
 @click.option(

@@ -57,6 +57,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 200
+    lr_schedule: str = "constant"  # after warm-up: constant, or cosine decay to 0 at max_steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -198,7 +199,16 @@ class Trainer:
         return out
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        """Linear warm-up over warmup_steps, then constant or (lr_schedule "cosine") a half
+        cosine from lr down to 0 at max_steps."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+            span = max(1, cfg.max_steps - cfg.warmup_steps)
+            return (
+                cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+            )
+        return cfg.lr * warm
 
     def train_step(self) -> float:
         cfg = self.cfg

@@ -30,6 +30,7 @@ class VAETrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant, or cosine decay to 0 at max_steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
