@@ -9,6 +9,8 @@
 # checkpoint and the model folder, and exits 130. The steps reached are in model.json
 # ("training.step"); `--max-steps` with that number reproduces the run without a budget.
 # Uses the GPU when there is one (LATENTFORGE_DEVICE overrides), bf16 autocast.
+# VAE=DIR skips the VAE stage and trains the U-Net in the latent space of that VAE folder.
+# Every training caption is encoded once by MiniLM before the U-Net stage (--cache-text).
 set -euo pipefail
 out=${1:?usage: $0 OUT [VAE_SECONDS] [DIFFUSION_SECONDS] [MAX_STEPS]}
 vae_seconds=${2:-150}
@@ -37,15 +39,18 @@ PY
 }
 
 t0=$SECONDS
-stage "$vae_seconds" python3 -m latentforge.cli train vae --data "$data" --preset f4-tiny \
-    --batch-size 64 --lr 1e-3 $bf16 --max-steps "$max_steps" --sample-every 0 \
-    --ckpt-every 2000 --quiet --out "$out/vae"
-report "$out/vae"
+vae=${VAE:-$out/vae}
+if [ -z "${VAE:-}" ]; then
+    stage "$vae_seconds" python3 -m latentforge.cli train vae --data "$data" --preset f4-tiny \
+        --batch-size 64 --lr 1e-3 $bf16 --max-steps "$max_steps" --sample-every 0 \
+        --ckpt-every 2000 --quiet --out "$vae"
+fi
+report "$vae"
 echo "vae stage: $((SECONDS - t0)) s"
 
 t1=$SECONDS
 stage "$diffusion_seconds" python3 -m latentforge.cli train diffusion --data "$data" \
-    --cond text --vae "$out/vae" --cache-latents --preset shapes-t2i --prediction v \
+    --cond text --vae "$vae" --cache-latents --cache-text --preset shapes-t2i --prediction v \
     --batch-size 256 --lr 5e-4 --warmup-steps 500 $bf16 --max-steps "$max_steps" \
     --sample-every 0 --ckpt-every 2000 --quiet --out "$out/t2i"
 report "$out/t2i"
