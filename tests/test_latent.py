@@ -153,3 +153,20 @@ def test_vae_trains_on_crops_and_evaluates_on_whole_held_out_images(tmp_path, mo
         train_vae(VAETrainConfig(data="shapes:32", out=str(tmp_path / "bad"), crop=18))
     with pytest.raises(UserError, match="at most the image size"):
         train_vae(VAETrainConfig(data="shapes:32", out=str(tmp_path / "bad"), crop=64))
+
+
+def test_cli_prediction_default_is_v_for_latent_models(tiny_vae, tmp_path):
+    """Unstated --prediction: v in latent space (no range to clip eps models' x0 estimates to),
+    eps in pixel space; a stated one is kept."""
+    common = ["--data", "shapes:16", "--max-steps", "1", "--batch-size", "2",
+              "--sample-every", "0", "--quiet"]  # fmt: skip
+    runs = {
+        "latent": ["--vae", str(tiny_vae)],
+        "pixel": [],
+        "latent-eps": ["--vae", str(tiny_vae), "--prediction", "eps"],
+    }
+    for name, extra in runs.items():
+        assert main(["train", "diffusion", *common, *extra, "--out", str(tmp_path / name)]) == 0
+    pred = {n: json.loads((tmp_path / n / "model.json").read_text())["parameterization"]
+            ["prediction"] for n in runs}  # fmt: skip
+    assert pred == {"latent": "v", "pixel": "eps", "latent-eps": "eps"}

@@ -37,7 +37,8 @@ def train() -> None:
               show_default=True, help="after warm-up: constant, or cosine decay to 0 at "
                                       "--max-steps (may change on --resume)")  # fmt: skip
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
-@click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default="eps")
+@click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
+              help="what the network predicts [default: v with --vae, eps for pixels]")  # fmt: skip
 @click.option(
     "--beta-schedule",
     type=click.Choice(["linear", "scaled_linear", "cosine"]),
@@ -67,6 +68,10 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
     """Train a diffusion U-Net, in pixel space or (with --vae) in a VAE's latent space."""
     from .training.loop import TrainConfig, train_diffusion
 
+    if kw["prediction"] is None:
+        # Latents have no fixed range to clip x0 estimates to, and an eps model's x0 estimate at
+        # high noise is its eps error times sigma: v-prediction stays bounded there.
+        kw["prediction"] = "v" if kw["vae"] else "eps"
     return train_diffusion(TrainConfig(**kw), resume=resume)
 
 
