@@ -21,13 +21,12 @@ from .. import sampling
 from ..denoisers import make_denoiser
 from ..io.checkpoint import read_model_json
 from ..metrics.fd import fd
-from ..metrics.superres_eval import held_out_images
 from ..metrics.vae_eval import evaluate_vae
 from ..models.presets import unet_preset
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL, vae_preset
 from ..pipelines.generate import LoadedModel, generate, load_diffusion_model, load_vae
-from ..training.data import load_dataset
+from ..training.data import held_out_images, load_dataset
 
 PARAM = {"type": "vp", "prediction": "eps", "beta_schedule": "cosine"}
 

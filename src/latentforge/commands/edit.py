@@ -85,16 +85,21 @@ def img2img(image, prompt, strength, model_dir, negative, out, **opts) -> None:
     click.echo(f"wrote {len(images)} image(s) ({what}, strength {strength}) to {out}")
 
 
+def inpaint_options(f):
+    """The RePaint and seam options shared by `inpaint` and `eval inpaint`."""
+    f = click.option("--feather", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="soften the seam over this many pixels inside the mask")(f)  # fmt: skip
+    f = click.option("--jump", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="RePaint: steps per stretch before jumping back up")(f)  # fmt: skip
+    return click.option("--resample", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="RePaint: run each stretch of steps N times")(f)  # fmt: skip
+
+
 @click.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mask", type=click.Path(dir_okay=False))
 @click.argument("prompt", required=False, default="")
-@click.option("--resample", type=click.IntRange(min=1), default=1, show_default=True,
-              help="RePaint: run each stretch of steps N times")  # fmt: skip
-@click.option("--jump", type=click.IntRange(min=1), default=1, show_default=True,
-              help="RePaint: steps per stretch before jumping back up")  # fmt: skip
-@click.option("--feather", type=click.IntRange(min=0), default=0, show_default=True,
-              help="soften the seam over this many pixels inside the mask")  # fmt: skip
+@inpaint_options
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="below 1: start the masked region from the noised image")  # fmt: skip
 @_common_options

@@ -7,6 +7,8 @@ import math
 
 import click
 
+from .edit import inpaint_options
+
 
 def _common_options(f):
     f = click.option("--quiet", is_flag=True, help="no progress bar")(f)
@@ -241,12 +243,7 @@ def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json,
 @click.option("--data-seed", type=int, default=1, show_default=True,
               help="stream of held-out scenes (models train on stream 0)")  # fmt: skip
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="steps (model default)")
-@click.option("--resample", type=click.IntRange(min=1), default=1, show_default=True,
-              help="RePaint: run each stretch of steps N times")  # fmt: skip
-@click.option("--jump", type=click.IntRange(min=1), default=1, show_default=True,
-              help="RePaint: steps per stretch before jumping back up")  # fmt: skip
-@click.option("--feather", type=click.IntRange(min=0), default=0, show_default=True,
-              help="soften the seam over this many pixels inside the mask")  # fmt: skip
+@inpaint_options
 @click.option(
     "--dilate",
     type=click.IntRange(min=0),

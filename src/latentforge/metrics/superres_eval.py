@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
 from ..models.conditioned import downsample, lowres_condition
 from ..pipelines.generate import LoadedModel, sampling_defaults
 from ..pipelines.superres import require_task, upscale
+from ..training.data import held_out_images
 from .batching import run_batched
 from .quality import psnr_per_image, ssim
-
-
-def held_out_images(spec: str, n: int, data_seed: int) -> torch.Tensor:
-    """The first n images of the stream `data_seed` of the data spec, (n, C, H, W) in [-1, 1]."""
-    from ..training.data import load_dataset
-
-    ds = load_dataset(spec, seed=data_seed)
-    if len(ds) < n:
-        raise UserError(f"{spec!r} has {len(ds)} images; asked for {n}")
-    return torch.stack([ds[i]["image"] for i in range(n)])
 
 
 def bicubic(low: torch.Tensor, scale: int) -> torch.Tensor:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..training.data import held_out_images
 from .batching import run_batched
 from .quality import psnr_per_image, ssim
-from .superres_eval import held_out_images
 
 
 def evaluate_vae(

@@ -423,3 +423,11 @@ def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator)
         [im[:, y * step : y * step + size, x * step : x * step + size]
          for im, y, x in zip(images, ys, xs, strict=True)]
     )  # fmt: skip
+
+
+def held_out_images(spec: str, n: int, data_seed: int) -> torch.Tensor:
+    """The first n images of the stream `data_seed` of the data spec, (n, C, H, W) in [-1, 1]."""
+    ds = load_dataset(spec, seed=data_seed)
+    if len(ds) < n:
+        raise UserError(f"{spec!r} has {len(ds)} images; asked for {n}")
+    return torch.stack([ds[i]["image"] for i in range(n)])

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..io.checkpoint import save_model_folder
 from ..metrics.quality import psnr_db, ssim
 from ..models.vae import fit_latent_rgb_map
-from .data import ShapesDataset, load_dataset, random_crops
+from .data import ShapesDataset, held_out_images, random_crops
 from .loop import Trainer, run_training
 
 
@@ -127,14 +127,11 @@ class VAETrainer(Trainer):
         """Fixed evaluation images never trained on: for shapes, the first images of the next
         data stream (seed + 1); for fixed datasets (digits, folders), the last indices."""
         if self._eval_images is None:
-            if isinstance(self.dataset, ShapesDataset):
-                ds = load_dataset(self.cfg.data, seed=self.cfg.seed + 1)
-                idx = range(min(self.cfg.eval_images, len(ds)))
+            ds, n = self.dataset, min(self.cfg.eval_images, len(self.dataset))
+            if isinstance(ds, ShapesDataset):
+                self._eval_images = held_out_images(self.cfg.data, n, self.cfg.seed + 1)
             else:
-                ds = self.dataset
-                n = min(self.cfg.eval_images, len(ds))
-                idx = range(len(ds) - 1, len(ds) - 1 - n, -1)
-            self._eval_images = torch.stack([ds[i]["image"] for i in idx])
+                self._eval_images = torch.stack([ds[len(ds) - 1 - i]["image"] for i in range(n)])
         return self._eval_images.to(self.device)
 
     @torch.no_grad()
