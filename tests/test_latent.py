@@ -1,6 +1,8 @@
 """Latent diffusion end to end with tiny configs: VAE training, --vae training, decode, previews."""
 
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -170,3 +172,46 @@ def test_cli_prediction_default_is_v_for_latent_models(tiny_vae, tmp_path):
     pred = {n: json.loads((tmp_path / n / "model.json").read_text())["parameterization"]
             ["prediction"] for n in runs}  # fmt: skip
     assert pred == {"latent": "v", "pixel": "eps", "latent-eps": "eps"}
+
+
+def test_cache_dir_stores_and_reuses_the_tables(tiny_vae, tmp_path, monkeypatch):
+    """--cache-dir: the first run stores the latent moments and the caption table; a second
+    run (or a resume) on the same data, VAE and text encoder reads them back, bit-exactly, and
+    calls neither the VAE encoder nor MiniLM. Another VAE gives another file."""
+    from latentforge.models.vae import AutoencoderKL
+    from latentforge.training.diffusion import DiffusionTrainer
+
+    def cfg(out, vae=tiny_vae):
+        return TrainConfig(
+            data="shapes:32:24", out=str(out), vae=str(vae), cond="text", cache_latents=True,
+            cache_text=True, cache_dir=str(tmp_path / "cache"), max_steps=1, batch_size=4,
+            sample_every=0, quiet=True,
+        )  # fmt: skip
+
+    first = DiffusionTrainer(cfg(tmp_path / "a"))
+    files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 1
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the stored tables should have been used")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", forbidden)
+    from latentforge.models.text import MiniLMEncoder
+
+    monkeypatch.setattr(MiniLMEncoder, "_encode", forbidden)
+    second = DiffusionTrainer(cfg(tmp_path / "b"))
+    assert second._cache["caption"] == first._cache["caption"]
+    assert torch.equal(second._cache["moments"], first._cache["moments"])
+    for k in ("hidden", "mask", "rows"):
+        assert torch.equal(second._text_table[k], first._text_table[k])
+    assert math.isfinite(second.train_step())  # a step runs from the stored tables
+
+    other_vae = tmp_path / "vae2"
+    shutil.copytree(tiny_vae, other_vae)
+    weights = other_vae / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one weight changes: another digest
+    weights.write_bytes(bytes(data))
+    monkeypatch.undo()
+    DiffusionTrainer(cfg(tmp_path / "c", other_vae))
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

@@ -81,3 +81,24 @@ def test_config_round_trip_and_errors():
         unet_preset("huge")
     with pytest.raises(UserError, match="unknown U-Net config"):
         UNetConfig.from_dict({"channels": 3})
+
+
+def test_position_embedding_is_learned_and_resizes():
+    """position_embedding=N: a learned N x N map added after conv_in. It starts at zero (the
+    same function as without it), is trained, and is resized for other input sizes."""
+    torch.manual_seed(0)
+    cfg = unet_preset("tiny", in_channels=4, out_channels=4)
+    plain, pos = UNet(cfg), UNet(UNetConfig.from_dict({**cfg.to_dict(), "position_embedding": 8}))
+    missing = pos.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["position_embedding"]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
+    torch.testing.assert_close(pos(x, t), plain(x, t))
+
+    pos(x, t).square().mean().backward()
+    assert pos.position_embedding.grad.abs().sum() > 0
+    with torch.no_grad():
+        pos.position_embedding.normal_()
+        # a shift of the input no longer shifts the output the same way: position is known
+        assert not torch.allclose(pos(x, t), plain(x, t))
+        for res in (8, 12, 16):
+            assert pos(torch.randn(1, 4, res, res), t[:1]).shape == (1, 4, res, res)

@@ -53,6 +53,9 @@ def train() -> None:
 @click.option("--cache-latents", is_flag=True, help="encode the dataset once (with --vae)")
 @click.option("--cache-text", is_flag=True,
               help="encode every training caption once (--cond text; float16 table)")  # fmt: skip
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="store the --cache-latents / --cache-text tables here and reuse them (resume, "
+                   "other runs on the same data, VAE and text encoder)")  # fmt: skip
 @click.option("--text-encoder", type=click.Choice(["minilm"]), default="minilm", show_default=True)
 @click.option("--task", type=click.Choice(["generate", "superres", "inpaint"]), default="generate",
               show_default=True, help="superres / inpaint: an image-conditioned model")  # fmt: skip

@@ -27,6 +27,9 @@ class UNetConfig:
     mid_attention: bool = True
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
+    # > 0: a learned position map (channels x N x N) added after conv_in, so attention and
+    # convolutions know where they are (resized bilinearly for other input sizes); 0: none.
+    position_embedding: int = 0
 
     def heads_at(self, level: int) -> int:
         if isinstance(self.num_heads, int):
@@ -71,6 +74,17 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         attention_levels=(True, True, True),
         num_heads=(2, 4, 4),
         norm_groups=16,
+    ),
+    # ~2M parameters: the embedded text-to-image model (f4 latents of shapes:64, 16x16x4):
+    # small enough for 10 images/s on a 2-core CPU. Cross-attention to the MiniLM tokens at 8x8,
+    # 4x4 and the middle; a learned 16x16 position map tells it where "top left" is.
+    "shapes-t2i-tiny": UNetConfig(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        attention_levels=(False, True, True),
+        num_heads=2,
+        norm_groups=8,
+        position_embedding=16,
     ),
     # ~2.3M parameters: the embedded x4 upscaler (pixels; 3 + 3 input channels). Super-resolution
     # is local: no attention above the 16x16 level of a 64x64 output.

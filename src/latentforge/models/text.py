@@ -46,13 +46,17 @@ class TextEncoder(nn.Module):
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _tokenize(self, prompts: list[str]) -> dict:
+    def _tokenize(self, prompts: list[str], padding: str = "max_length") -> dict:
         tok = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_length,
+            prompts, padding=padding, truncation=True, max_length=self.max_length,
             return_tensors="pt",
         )  # fmt: skip
         # Only prompts that fill every position can have been cut: re-tokenize just those.
-        full = [p for p, m in zip(prompts, tok["attention_mask"].tolist(), strict=True) if all(m)]
+        full = [
+            p
+            for p, m in zip(prompts, tok["attention_mask"].tolist(), strict=True)
+            if sum(m) == self.max_length
+        ]
         lengths = (
             [len(ids) for ids in self.tokenizer(full, truncation=False)["input_ids"]]
             if full
@@ -119,10 +123,19 @@ class MiniLMEncoder(TextEncoder):
         self.max_length = max_length
         self.spec = {"type": "minilm", "max_length": max_length}
 
-    def _encode(self, prompts):
-        tok = self._tokenize(prompts).to(self.model.device)
+    def _encode(self, prompts, longest: bool = False):
+        """longest: pad only to the batch's longest prompt, then with zeros (mask False) to
+        max_length. The real tokens' states are the same (padding is masked out of MiniLM's
+        attention) at a fraction of the cost; the padded rows differ, so only for consumers
+        that honour the mask, as our U-Net does."""
+        tok = self._tokenize(prompts, "longest" if longest else "max_length").to(self.model.device)
         out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-        return out.last_hidden_state.float(), tok["attention_mask"].bool()
+        hidden, mask = out.last_hidden_state.float(), tok["attention_mask"].bool()
+        if longest and hidden.shape[1] < self.max_length:
+            extra = self.max_length - hidden.shape[1]
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, extra))
+            mask = torch.nn.functional.pad(mask, (0, extra))
+        return hidden, mask
 
 
 class CLIPTextEncoder(TextEncoder):

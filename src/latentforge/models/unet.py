@@ -40,6 +40,8 @@ class UNet(nn.Module):
             raise ValueError("attention_levels needs one flag per entry of block_out_channels")
         temb_dim = chans[0] * 4
         self.conv_in = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
+        n = c.position_embedding
+        self.position_embedding = nn.Parameter(torch.zeros(1, chans[0], n, n)) if n else None
         self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
         # Class embedding with one extra row: index num_classes is the null (unconditional) class.
         self.class_embedding = nn.Embedding(c.num_classes + 1, temb_dim) if c.num_classes else None
@@ -123,6 +125,11 @@ class UNet(nn.Module):
             temb = temb + extra_emb
 
         h = self.conv_in(x)
+        if self.position_embedding is not None:
+            pos = self.position_embedding
+            if pos.shape[-2:] != h.shape[-2:]:
+                pos = F.interpolate(pos, size=h.shape[-2:], mode="bilinear", align_corners=False)
+            h = h + pos.to(h.dtype)
         skips = [h]
         for block in self.down_blocks:
             for i, res in enumerate(block.resnets):

@@ -99,6 +99,9 @@ class DiffusionTrainer(Trainer):
         return meta
 
     def _maybe_cache_dataset(self) -> dict | None:
+        stored = self._load_stored_cache()
+        if stored is not None:
+            return stored
         cache = super()._maybe_cache_dataset()
         if self.vae is not None and self.cfg.cache_latents:
             if cache is None:
@@ -116,7 +119,73 @@ class DiffusionTrainer(Trainer):
         if self.text_encoder is not None and self.cfg.cache_text:
             captions = cache["caption"] if cache is not None else None
             self._text_table = self._encode_captions(captions)
+        self._store_cache(cache)
         return cache
+
+    # ----- the --cache-dir file -------------------------------------------------------------
+    def _cache_file(self) -> Path | None:
+        """CACHE_DIR/<key>.safetensors, the key a digest of everything the tables depend on:
+        the data spec and seed, the VAE's weights (latents), the text encoder (captions)."""
+        import hashlib
+        import json
+
+        cfg = self.cfg
+        latents = self.vae is not None and cfg.cache_latents
+        text = self.text_encoder is not None and cfg.cache_text
+        if not cfg.cache_dir or not (latents or text):
+            return None
+        from ..io.checkpoint import MODEL_WEIGHTS
+        from ..pipelines.generate import _file_digest
+
+        key = {
+            "version": 1,
+            "data": cfg.data,
+            "seed": cfg.seed,
+            "vae": _file_digest(Path(cfg.vae) / MODEL_WEIGHTS) if latents else None,
+            "text": self.text_encoder.spec if text else None,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(cfg.cache_dir) / f"{digest}.safetensors"
+
+    def _store_cache(self, cache: dict | None) -> None:
+        import json
+
+        from tqdm.auto import tqdm
+
+        from ..io.checkpoint import save_tensors_atomic
+
+        path = self._cache_file()
+        if path is None or self.rank != 0 or path.exists():
+            return
+        tensors = {f"data.{k}": v for k, v in (cache or {}).items() if torch.is_tensor(v)}
+        tensors.update({f"text.{k}": v for k, v in (self._text_table or {}).items()})
+        meta = {"captions": json.dumps(cache["caption"])} if cache is not None else {}
+        save_tensors_atomic(path, tensors, {**meta, "spec": self.cfg.data})
+        if not self.cfg.quiet:
+            tqdm.write(f"cached tables stored in {path}")
+
+    def _load_stored_cache(self) -> dict | None:
+        import json
+
+        from safetensors import safe_open
+        from tqdm.auto import tqdm
+
+        path = self._cache_file()
+        if path is None or not path.is_file():
+            return None
+        tensors, meta = {}, {}
+        with safe_open(str(path), framework="pt", device=str(self.device)) as f:
+            meta = f.metadata() or {}
+            for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                tensors[k] = f.get_tensor(k)
+        cache = {k[5:]: v for k, v in tensors.items() if k.startswith("data.")}
+        table = {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}
+        if "captions" in meta:
+            cache["caption"] = json.loads(meta["captions"])
+        self._text_table = table or None
+        if not self.cfg.quiet and self.rank == 0:
+            tqdm.write(f"cached tables read from {path}")
+        return cache or None
 
     @torch.no_grad()
     def _encode_captions(self, captions: list[str] | None) -> dict:
@@ -131,15 +200,21 @@ class DiffusionTrainer(Trainer):
             captions = [get(i) for i in range(len(ds))]
         distinct = list(dict.fromkeys(["", *captions]))
         row = {c: i for i, c in enumerate(distinct)}
-        hidden, masks = [], []
+        # Batches of similar length, each padded only to its longest caption (half the cost).
+        order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+        hidden = torch.empty(len(distinct), self.text_encoder.max_length, self.text_encoder.dim,
+                             dtype=torch.float16, device=self.device)  # fmt: skip
+        masks = torch.zeros(len(distinct), self.text_encoder.max_length, dtype=torch.bool,
+                            device=self.device)  # fmt: skip
         quiet = self.cfg.quiet or self.rank != 0
         for start in tqdm(range(0, len(distinct), 512), desc="encoding captions", disable=quiet):
-            h, m = self.text_encoder._encode(distinct[start : start + 512])
-            hidden.append(h.to(torch.float16))
-            masks.append(m)
+            idx = order[start : start + 512]
+            h, m = self.text_encoder._encode([distinct[i] for i in idx], longest=True)
+            hidden[idx] = (h * m[..., None]).to(hidden)  # padding: zeros
+            masks[idx] = m.to(masks.device)
         return {
-            "hidden": torch.cat(hidden),
-            "mask": torch.cat(masks),
+            "hidden": hidden,
+            "mask": masks,
             "rows": torch.tensor([row[c] for c in captions], device=self.device),
         }
 

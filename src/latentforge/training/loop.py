@@ -73,6 +73,7 @@ class TrainConfig:
     vae: str | None = None  # a VAE model folder: train in its latent space
     cache_latents: bool = False  # encode the dataset once (posterior moments) instead of per step
     cache_text: bool = False  # text models: encode every training caption once, not per step
+    cache_dir: str | None = None  # keep the --cache-latents / --cache-text tables on disk here
     text_encoder: str = "minilm"
     quiet: bool = False
     task: str = "generate"  # generate | superres | inpaint (training/tasks.py)
