@@ -218,6 +218,12 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     assert result["n"] == 10
     assert result["prompt_accuracy"] == pytest.approx(0.8)
     assert [r["accuracy"] for r in result["per_prompt"]] == [1, 1, 1, 1, 0]
+    counts = [len(r["objects"]) for r in records]
+    by_objects = result["prompt_accuracy_by_objects"]
+    assert set(by_objects) == {str(c) for c in counts}
+    for c in set(counts):  # the last prompt (the wrong scene) counts against its own group
+        ok = [i != 4 for i, k in enumerate(counts) if k == c]
+        assert by_objects[str(c)] == pytest.approx(sum(ok) / len(ok))
     assert all(len(r["found"]) == 2 for r in result["per_prompt"])
     assert set(result["attribute_accuracy"]) <= set(ATTRIBUTES)
     # batches of 3 over 10 images; image i uses seed 5 + i; sampling defaults filled in

@@ -72,6 +72,8 @@ def prompts_cmd(prompt_file, per_prompt, steps, model_dir, sampler, guidance, se
     lines.append(f"{'prompt accuracy':<22}{_number(result['prompt_accuracy'])}")
     for split, acc in result["prompt_accuracy_by_split"].items():
         lines.append(f"  {split + ' prompts':<20}{_number(acc)}")
+    for k, acc in result["prompt_accuracy_by_objects"].items():
+        lines.append(f"  {k + (' object' if k == '1' else ' objects'):<20}{_number(acc)}")
     lines.append("attribute accuracy")
     for attr, acc in result["attribute_accuracy"].items():
         lines.append(f"  {attr:<20}{_number(acc)}")

@@ -431,6 +431,7 @@ def evaluate_prompts(
     (fraction of images with every stated attribute right), ``attribute_accuracy`` (per
     attribute, over the images whose prompt states it), ``images_per_s`` (sampling only),
     ``n`` (images), ``prompt_accuracy_by_split`` (``seen`` / ``heldout`` prompts, as present),
+    ``prompt_accuracy_by_objects`` (prompts naming one object / two objects, as present),
     ``settings`` and ``per_prompt`` (``prompt``, ``heldout``, ``accuracy``,
     ``attribute_accuracy``, ``found``: the canonical caption of what each image shows).
     """
@@ -452,6 +453,7 @@ def evaluate_prompts(
 
     rows, correct, by_attr = [], [], {a: [] for a in ATTRIBUTES}
     by_split: dict[str, list[bool]] = {}
+    by_objects: dict[str, list[bool]] = {}
     for i, (prompt, want) in enumerate(zip(prompts, parsed, strict=True)):
         found, ok, attrs = [], [], {}
         for image in images[i * per_prompt : (i + 1) * per_prompt]:
@@ -464,6 +466,7 @@ def evaluate_prompts(
                 by_attr[attr].append(v)
         split = "heldout" if is_held_out(want) else "seen"
         by_split.setdefault(split, []).extend(ok)
+        by_objects.setdefault(str(len(want["objects"])), []).extend(ok)
         correct.extend(ok)
         rows.append({
             "prompt": prompt, "heldout": split == "heldout", "accuracy": _mean(ok),
@@ -474,6 +477,7 @@ def evaluate_prompts(
         "prompt_accuracy": _mean(correct),
         "attribute_accuracy": {a: _mean(v) for a, v in by_attr.items() if v},
         "prompt_accuracy_by_split": {s: _mean(v) for s, v in sorted(by_split.items())},
+        "prompt_accuracy_by_objects": {k: _mean(v) for k, v in sorted(by_objects.items())},
         "images_per_s": n / max(seconds, 1e-9),
         "n": n,
         "n_prompts": len(prompts),
