@@ -93,3 +93,28 @@ def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path, capsys):
     (corrupt / "model.json").write_text('{"kind": "diffusion"}')
     (corrupt / "model.safetensors").write_bytes(b"not safetensors at all")
     _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "safetensors")
+
+
+def test_the_embedded_default_model_generates_and_round_trips(tmp_path):
+    """No --model: the shipped shapes text-to-image model. 64x64 RGB, the same image for the
+    same seed, another for another seed, and --from-png reproduces it bit-exactly."""
+    import json
+
+    from latentforge.pipelines.generate import default_model_dir
+
+    meta = json.loads((default_model_dir() / "model.json").read_text())
+    assert meta["cond"] == "text" and meta["latent"]["image_resolution"] == 64
+    assert (default_model_dir() / "vae" / "model.safetensors").is_file()
+    prompt = "a large yellow star in the center on a blue background"
+    a, b, c, d = (tmp_path / f"{n}.png" for n in "abcd")
+    for out, seed in ((a, 0), (b, 0), (c, 1)):
+        assert (
+            main(["generate", prompt, "--steps", "3", "--seed", str(seed), "--out", str(out)]) == 0
+        )
+    assert main(["generate", "--from-png", str(a), "--out", str(d)]) == 0
+    with Image.open(a) as ia, Image.open(b) as ib, Image.open(c) as ic, Image.open(d) as id_:
+        assert ia.size == (2 + 66, 2 + 66) and ia.mode == "RGB"  # one 64x64 image, framed
+        assert ia.tobytes() == ib.tobytes() == id_.tobytes()
+        assert ia.tobytes() != ic.tobytes()
+    meta = read_png_metadata(a)
+    assert meta["prompt"] == prompt and meta["steps"] == "3" and meta["guidance"] == "3.0"

@@ -299,10 +299,10 @@ def test_inversion_round_trip_improves_with_steps(capsys):
     from latentforge.metrics.inversion_eval import evaluate_inversion
     from latentforge.pipelines.generate import load_diffusion_model
 
-    model = load_diffusion_model(None)  # the embedded digits model
+    model = load_diffusion_model(None)  # the embedded shapes text-to-image model
     coarse = evaluate_inversion(model, n=3, steps=3)
     fine = evaluate_inversion(model, n=3, steps=25)
-    assert coarse["conditioning"] == ["labels"] and fine["n"] == 3 and fine["steps"] == 25
+    assert coarse["conditioning"] == ["prompts"] and fine["n"] == 3 and fine["steps"] == 25
     # DDIM inversion is first order: more steps, a closer round trip
     assert fine["psnr_db"] > coarse["psnr_db"] + 3 and fine["ssim"] > coarse["ssim"]
     assert fine["psnr_min_db"] <= fine["psnr_db"]

@@ -205,7 +205,7 @@ def _parse_label(label: str, names: list[str], num_classes: int) -> int:
               help="reproduce a PNG made by generate from its embedded parameters")  # fmt: skip
 @_sampling_options
 def generate(prompt, model_dir, negative, guidance, out, preview, from_png, **opts) -> None:
-    """Generate images for PROMPT (default model: digits, e.g. "a handwritten seven")."""
+    """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
     from .pipelines.generate import PARAM_KEYS, generate_to_png, params_from_png
 
     params = {"prompt": prompt, "negative": negative, "guidance": guidance, **opts}
