@@ -99,7 +99,8 @@ class DiffusionTrainer(Trainer):
         return meta
 
     def _maybe_cache_dataset(self) -> dict | None:
-        stored = self._load_stored_cache()
+        path = self._cache_file()  # digests the VAE weights: once
+        stored = self._load_stored_cache(path)
         if stored is not None:
             return stored
         cache = super()._maybe_cache_dataset()
@@ -119,7 +120,7 @@ class DiffusionTrainer(Trainer):
         if self.text_encoder is not None and self.cfg.cache_text:
             captions = cache["caption"] if cache is not None else None
             self._text_table = self._encode_captions(captions)
-        self._store_cache(cache)
+        self._store_cache(path, cache)
         return cache
 
     # ----- the --cache-dir file -------------------------------------------------------------
@@ -147,14 +148,13 @@ class DiffusionTrainer(Trainer):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return Path(cfg.cache_dir) / f"{digest}.safetensors"
 
-    def _store_cache(self, cache: dict | None) -> None:
+    def _store_cache(self, path: Path | None, cache: dict | None) -> None:
         import json
 
         from tqdm.auto import tqdm
 
         from ..io.checkpoint import save_tensors_atomic
 
-        path = self._cache_file()
         if path is None or self.rank != 0 or path.exists():
             return
         tensors = {f"data.{k}": v for k, v in (cache or {}).items() if torch.is_tensor(v)}
@@ -164,16 +164,15 @@ class DiffusionTrainer(Trainer):
         if not self.cfg.quiet:
             tqdm.write(f"cached tables stored in {path}")
 
-    def _load_stored_cache(self) -> dict | None:
+    def _load_stored_cache(self, path: Path | None) -> dict | None:
         import json
 
         from safetensors import safe_open
         from tqdm.auto import tqdm
 
-        path = self._cache_file()
         if path is None or not path.is_file():
             return None
-        tensors, meta = {}, {}
+        tensors = {}
         with safe_open(str(path), framework="pt", device=str(self.device)) as f:
             meta = f.metadata() or {}
             for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
