@@ -95,6 +95,14 @@ def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path, capsys):
     _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "safetensors")
 
 
+def meta_interval(model_dir) -> list:
+    """The guidance interval a model folder's generate uses, as PNGs store it."""
+    import json
+
+    default = json.loads((model_dir / "model.json").read_text())["sampling"]
+    return default.get("guidance_interval") or [0.0, None]
+
+
 def test_the_embedded_default_model_generates_and_round_trips(tmp_path):
     """No --model: the shipped shapes text-to-image model. 64x64 RGB, the same image for the
     same seed, another for another seed, and --from-png reproduces it bit-exactly."""
@@ -113,8 +121,17 @@ def test_the_embedded_default_model_generates_and_round_trips(tmp_path):
         )
     assert main(["generate", "--from-png", str(a), "--out", str(d)]) == 0
     with Image.open(a) as ia, Image.open(b) as ib, Image.open(c) as ic, Image.open(d) as id_:
-        assert ia.size == (2 + 66, 2 + 66) and ia.mode == "RGB"  # one 64x64 image, framed
+        assert ia.size == (64, 64) and ia.mode == "RGB"  # one image: no grid frame
         assert ia.tobytes() == ib.tobytes() == id_.tobytes()
         assert ia.tobytes() != ic.tobytes()
     meta = read_png_metadata(a)
     assert meta["prompt"] == prompt and meta["steps"] == "3" and meta["guidance"] == "3.0"
+    # the interval actually used is stored resolved and reproduced by --from-png
+    assert json.loads(meta["guidance_interval"]) == meta_interval(default_model_dir())
+    e, f = tmp_path / "e.png", tmp_path / "f.png"
+    args = ["generate", prompt, "--steps", "3", "--out", str(e), "--guidance-interval", "0", "inf"]
+    assert main(args) == 0
+    assert json.loads(read_png_metadata(e)["guidance_interval"]) == [0.0, None]
+    assert main(["generate", "--from-png", str(e), "--out", str(f)]) == 0
+    with Image.open(e) as ie, Image.open(f) as if_:
+        assert ie.tobytes() == if_.tobytes()

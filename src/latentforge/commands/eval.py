@@ -7,6 +7,7 @@ import math
 
 import click
 
+from . import guidance_interval_option
 from .edit import inpaint_options
 
 
@@ -29,9 +30,15 @@ def _number(x: float) -> str:
 
 
 def _settings_line(what: str, settings: dict) -> str:
+    interval = settings.get("guidance_interval")
+    where = ""
+    if interval and interval != [0.0, None]:
+        where = (
+            f" at {interval[0]:g} < sigma <= {'inf' if interval[1] is None else f'{interval[1]:g}'}"
+        )
     return (
         f"{what} (sampler {settings['sampler']}, {settings['steps']} steps, "
-        f"guidance {settings['guidance']:g}, seed {settings['seed']})"
+        f"guidance {settings['guidance']:g}{where}, seed {settings['seed']})"
     )
 
 
@@ -50,9 +57,10 @@ def eval_group() -> None:
 )
 @click.option("--per-prompt", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@guidance_interval_option
 @_common_options
-def prompts_cmd(prompt_file, per_prompt, steps, model_dir, sampler, guidance, seed, batch,
-                as_json, quiet) -> None:  # fmt: skip
+def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, model_dir, sampler, guidance,
+                seed, batch, as_json, quiet) -> None:  # fmt: skip
     """Generate for every prompt and check colour, shape, size, position, relation and
     background of what was drawn (shapes models)."""
     from ..metrics.shapes_eval import evaluate_prompts, load_prompts
@@ -62,7 +70,7 @@ def prompts_cmd(prompt_file, per_prompt, steps, model_dir, sampler, guidance, se
     model = load_diffusion_model(model_dir)
     result = evaluate_prompts(
         model, prompts, per_prompt=per_prompt, seed=seed, sampler=sampler, steps=steps,
-        guidance=guidance, batch=batch, progress=not quiet,
+        guidance=guidance, guidance_interval=guidance_interval, batch=batch, progress=not quiet,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))

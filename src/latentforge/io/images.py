@@ -63,7 +63,10 @@ def save_png(image: torch.Tensor, path: str | Path, metadata: dict | None = None
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, **meta) -> None:
-    save_png(make_grid(images, nrow), path, meta or None)
+    """A grid PNG of (B, C, H, W); a single image is written as it is, without a frame, so the
+    file can be fed back to img2img / inpaint / interpolate at the model's size."""
+    image = images[0] if len(images) == 1 else make_grid(images, nrow)
+    save_png(image, path, meta or None)
 
 
 def read_png_metadata(path: str | Path) -> dict[str, str]:

@@ -26,6 +26,7 @@ never touch and corners that stay background):
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -37,7 +38,14 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import UserError
-from ..pipelines.generate import LoadedModel, generate, labels_from_prompt, sampling_defaults
+from ..guidance import interval_to_json
+from ..pipelines.generate import (
+    LoadedModel,
+    generate,
+    labels_from_prompt,
+    resolve_guidance_interval,
+    sampling_defaults,
+)
 from ..training.shapes import (
     BACKGROUND_COLOURS,
     PALETTE,
@@ -422,6 +430,7 @@ def evaluate_prompts(
     sampler: str | None = None,
     steps: int | None = 20,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     batch: int = 64,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -445,10 +454,12 @@ def evaluate_prompts(
         if not states_anything(want):
             raise UserError(f"prompt {p!r} states no colour, shape, size, position or background")
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
+    interval = resolve_guidance_interval(model, guidance_interval) or (0.0, math.inf)
     per_image = [p for p in prompts for _ in range(per_prompt)]
     images, seconds = generate_batched(
         model, num=len(per_image), **_conditioning(model, per_image), seed=seed, batch=batch,
         progress=progress, desc="eval prompts", sampler=sampler, steps=steps, guidance=guidance,
+        guidance_interval=interval,
     )  # fmt: skip
 
     rows, correct, by_attr = [], [], {a: [] for a in ATTRIBUTES}
@@ -482,7 +493,12 @@ def evaluate_prompts(
         "n": n,
         "n_prompts": len(prompts),
         "settings": dict(
-            per_prompt=per_prompt, seed=seed, sampler=sampler, steps=steps, guidance=guidance
+            per_prompt=per_prompt,
+            seed=seed,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            guidance_interval=interval_to_json(interval),
         ),
         "per_prompt": rows,
     }

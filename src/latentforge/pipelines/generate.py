@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from .. import sampling, schedules
 from ..denoisers import make_denoiser
 from ..errors import UserError
-from ..guidance import CFGDenoiser
+from ..guidance import CFGDenoiser, interval_to_json, parse_interval
 from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict, read_model_json
 from ..io.lazy import build_module, open_safetensors
 from ..models.presets import UNetConfig
@@ -196,12 +197,17 @@ def conditioning(
     prompts: list[str] | None = None,
     negative: str | list[str] | None = None,
     guidance: float = 1.0,
+    guidance_interval: Sequence[float | None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """The denoiser to sample (CFG-wrapped when guidance != 1) and its per-image cond dict.
 
     Every pipeline (text2img, img2img, inpaint, interpolate) conditions through this one place.
     Text models: the negative prompt replaces the empty prompt of the unconditional branch.
+    guidance_interval: (lo, hi) sigmas outside which guidance is skipped (one network call);
+    None takes the model's default (`sampling.guidance_interval` in model.json), (0, inf)
+    guides every step.
     """
+    interval = resolve_guidance_interval(model, guidance_interval)
     denoiser, cond = model.denoiser, {}
     if model.text_encoder is not None:
         prompts = _per_image(prompts or [""], num, "prompts")
@@ -212,7 +218,7 @@ def conditioning(
         if guidance != 1.0:
             u_context, u_mask = model.text_encoder.encode(negatives)
             uncond = {"context": u_context, "context_mask": u_mask}
-            denoiser = CFGDenoiser(denoiser, guidance, uncond)
+            denoiser = CFGDenoiser(denoiser, guidance, uncond, interval=interval)
         return denoiser, cond
     if model.num_classes:
         null = model.num_classes
@@ -222,8 +228,18 @@ def conditioning(
             raise UserError(f"labels must be in 0..{null - 1}")
         cond = {"class_labels": ids}
         if guidance != 1.0:
-            denoiser = CFGDenoiser(denoiser, guidance, {"class_labels": torch.full_like(ids, null)})
+            uncond = {"class_labels": torch.full_like(ids, null)}
+            denoiser = CFGDenoiser(denoiser, guidance, uncond, interval=interval)
     return denoiser, cond
+
+
+def resolve_guidance_interval(
+    model: LoadedModel, value: Sequence[float | None] | None
+) -> tuple[float, float] | None:
+    """The guidance interval to use: `value`, or the model folder's default when None."""
+    if value is None:
+        value = model.meta.get("sampling", {}).get("guidance_interval")
+    return parse_interval(value)
 
 
 def _per_image(values: list, num: int, what: str) -> list:
@@ -261,6 +277,7 @@ def generate(
     steps: int | None = None,
     spacing: str | None = None,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
     noise: torch.Tensor | None = None,
     **knobs,
@@ -268,7 +285,8 @@ def generate(
     """Sample `num` images (B, C, H, W) in [-1, 1]; image i uses seed `seed + i`.
 
     labels (class models) / prompts (text models): one per image or one for all; guidance != 1
-    applies classifier-free guidance against the null class / the negative prompt.
+    applies classifier-free guidance against the null class / the negative prompt, at the noise
+    levels inside guidance_interval (default: the model's; see `conditioning`).
     noise: the unit Gaussian noise (num, *model.image_shape) to start from instead of the seeds'
     draw (the seeds still drive stochastic samplers); it is scaled to the prior std as drawn
     noise is. For an imported SD model it is what diffusers' pipelines take as `latents=` (with
@@ -282,8 +300,9 @@ def generate(
     shape = (num, *model.image_shape)
     x = sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), gen, noise)
     denoiser, cond = conditioning(
-        model, num, labels=labels, prompts=prompts, negative=negative, guidance=guidance
-    )
+        model, num, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
+        guidance_interval=guidance_interval,
+    )  # fmt: skip
     out = sampling.sample(
         sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs
     )
@@ -292,7 +311,8 @@ def generate(
 
 # ----- the CLI's generate: PNG in, PNG out, parameters in the PNG's text chunks -----------------
 PARAM_KEYS = (
-    "prompt", "negative", "seed", "num", "sampler", "steps", "spacing", "guidance", "options",
+    "prompt", "negative", "seed", "num", "sampler", "steps", "spacing", "guidance",
+    "guidance_interval", "options",
 )  # fmt: skip
 
 
@@ -328,6 +348,8 @@ def generate_to_png(
         model, params.pop("sampler", None), params.pop("steps", None), params.pop("guidance", None)
     )
     options = params.pop("options", None) or {}  # sampler knobs, e.g. {"eta": 0.5}
+    # stored resolved, so --from-png reproduces it whatever the model's default
+    interval = resolve_guidance_interval(model, params.pop("guidance_interval", None))
     params = {k: v for k, v in params.items() if v is not None}
     num, seed = params.setdefault("num", 1), params.setdefault("seed", 0)
     frames: list[torch.Tensor] = []
@@ -341,11 +363,13 @@ def generate_to_png(
 
     images = generate(
         model, **cond_kwargs, negative=negative or None, sampler=sampler, steps=steps,
-        guidance=guidance, callback=callback, **params, **options,
+        guidance=guidance, guidance_interval=interval or (0, math.inf), callback=callback,
+        **params, **options,
     )  # fmt: skip
     meta = {
         "prompt": prompt or "", "negative": negative or "", "seed": seed, "num": num,
         "sampler": sampler, "steps": steps, "guidance": guidance,
+        "guidance_interval": json.dumps(interval_to_json(interval or (0, math.inf))),
         "spacing": params.get("spacing") or model.meta.get("sampling", {}).get("spacing", ""),
         "options": json.dumps(options, sort_keys=True) if options else "",
         "model": model.sha256,
@@ -374,6 +398,9 @@ def params_from_png(path: str | Path) -> dict:
         "sampler": text.get("sampler") or None,
         "steps": int(text["steps"]),
         "guidance": float(text.get("guidance", 1.0)),
+        "guidance_interval": json.loads(text["guidance_interval"])
+        if text.get("guidance_interval")
+        else None,
         "spacing": text.get("spacing") or None,
         "options": json.loads(text["options"]) if text.get("options") else None,
     }
