@@ -144,6 +144,49 @@ def test_trainers_draw_sample_grids(tmp_path):
 
 
 # ----- inpainting ------------------------------------------------------------------------------
+def test_init_from_widens_conv_in_with_zeros_so_the_inpainter_starts_as_its_source(tmp_path):
+    """--init-from a text-to-image folder into --task inpaint (the SD-inpainting recipe):
+    every weight copied, the mask / masked-image kernels zero, so the new model's output equals
+    the source's whatever the extra channels hold."""
+    base_dir = tmp_path / "base"
+    assert train_diffusion(_cfg(base_dir, data="digits", cond="class")) == 0
+    base = load_diffusion_model(base_dir)
+    trainer = InpaintTrainer(
+        _cfg(tmp_path / "ip", data="digits", task="inpaint", cond="class", init_from=base_dir)
+    )
+    info = trainer.meta["init_from"]
+    assert info["zero_channels"] == 2 and info["fresh_tensors"] == 0 and len(info["sha256"]) == 16
+    w = trainer.model.unet.conv_in.weight
+    assert torch.equal(w[:, :1], base.denoiser.model.conv_in.weight)
+    assert not w[:, 1:].any()
+    g = torch.Generator().manual_seed(0)
+    x, concat = torch.randn(3, 1, 16, 16, generator=g), torch.randn(3, 2, 16, 16, generator=g)
+    sigma, labels = torch.tensor([0.5, 2.0, 10.0]), torch.tensor([1, 7, 10])
+    want = base.denoiser(x, sigma, class_labels=labels)
+    got = trainer.denoiser(x, sigma, class_labels=labels, concat=concat)
+    assert torch.allclose(got, want, atol=1e-5)
+    # and the EMA (what the model folder saves) starts from the same weights
+    assert torch.equal(trainer.ema.unet.conv_in.weight, w)
+    # a super-resolution model from it: the noise-level MLP is new and keeps its init
+    sr_trainer = SuperResTrainer(_cfg(tmp_path / "sr", data="digits", task="superres",
+                                      cond="class", scale=2, init_from=base_dir))  # fmt: skip
+    assert sr_trainer.meta["init_from"]["fresh_tensors"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [({"prediction": "x0"}, "predicts eps"), ({"cond": "none"}, "do not match"),
+     ({"missing": True}, "model folder not found")],
+)  # fmt: skip
+def test_init_from_errors(tmp_path, kw, message):
+    base_dir = tmp_path / "base"
+    assert train_diffusion(_cfg(base_dir, data="digits", cond="class", max_steps=1)) == 0
+    source = tmp_path / "nope" if kw.pop("missing", False) else base_dir
+    cfg = _cfg(tmp_path / "new", data="digits", init_from=source, **{"cond": "class", **kw})
+    with pytest.raises(UserError, match=message):
+        train_diffusion(cfg)
+
+
 def test_inpaint_folder_records_the_task(inpainter):
     meta = inpainter.meta
     assert (meta["task"], meta["concat_channels"]) == ("inpaint", 2)  # mask + 1-channel image

@@ -66,6 +66,10 @@ def train() -> None:
 @click.option("--crop", type=click.IntRange(min=0), default=0, show_default=True,
               help="--task superres: train on random CROPxCROP crops (0: whole images); "
                    "the model still upscales whole images, tile by tile")  # fmt: skip
+@click.option("--init-from", type=click.Path(), default=None,
+              help="start from this diffusion model folder's weights (fine-tuning); a wider "
+                   "conv_in (--task inpaint / superres) gets zero kernels for the new "
+                   "channels")  # fmt: skip
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:

@@ -42,6 +42,8 @@ class DiffusionTrainer(Trainer):
         self.meta = self.build_meta()
         self.denoiser = build_denoiser(self.meta).to(self.device)  # the schedule buffers
         self.model = self.denoiser.model
+        if cfg.init_from:
+            self.meta["init_from"] = init_from_folder(self.model, self.meta, cfg.init_from)
 
     def build_meta(self) -> dict:
         from ..models.presets import unet_preset
@@ -291,3 +293,58 @@ class DiffusionTrainer(Trainer):
             if not dst.exists():
                 skip = shutil.ignore_patterns("checkpoints", "samples")
                 shutil.copytree(Path(self.cfg.vae), dst, ignore=skip)
+
+
+# ----- --init-from: fine-tune a model folder's weights ----------------------------------------
+def init_from_folder(model: torch.nn.Module, meta: dict, folder: str) -> dict:
+    """Load a diffusion model folder's (EMA) weights into `model` (built from `meta`) to
+    fine-tune them; returns the provenance recorded in the new model.json.
+
+    Every tensor must match in name and shape, with one exception, the SD-inpainting recipe
+    (Rombach et al. 2022): a conv_in with more input channels than the source (the concatenated
+    mask and masked image of --task inpaint, the low-res image of --task superres) keeps the
+    source's kernels for the first channels and zeros for the new ones, so the initial model
+    computes exactly what the source did, whatever the extra channels hold (super-resolution's
+    noise-level MLP, which no plain model has, keeps its fresh init). The source must
+    predict the same target (eps / v / x0) and live in the same space (pixels or latents).
+    """
+    from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict
+    from ..pipelines.generate import _file_digest
+
+    src_meta, state = load_model_folder(folder)
+    what = f"--init-from {folder}"
+    if src_meta.get("kind") != "diffusion":
+        raise UserError(f"{what} is a {src_meta.get('kind')!r} model folder, not a diffusion one")
+    src_pred = src_meta.get("parameterization", {}).get("prediction")
+    pred = meta["parameterization"]["prediction"]
+    if src_pred != pred:
+        raise UserError(f"{what} predicts {src_pred}; this run trains {pred} (--prediction)")
+    if bool(src_meta.get("latent")) != bool(meta.get("latent")):
+        space = "latents" if src_meta.get("latent") else "pixels"
+        raise UserError(f"{what} works on {space}; give the same --vae (or none) as it was trained")
+    own = model.state_dict()
+    state = dict(state)
+    if any(k.startswith("unet.") for k in own) and not any(k.startswith("unet.") for k in state):
+        state = {f"unet.{k}": v for k, v in state.items()}  # into a ConcatUNet (tasks)
+    conv = "unet.conv_in.weight" if "unet.conv_in.weight" in own else "conv_in.weight"
+    w, new = state.get(conv), own.get(conv)
+    widened = 0
+    if (
+        w is not None
+        and new is not None
+        and w.shape[1] < new.shape[1]
+        and (w.shape[0] == new.shape[0] and w.shape[2:] == new.shape[2:])
+    ):
+        widened = new.shape[1] - w.shape[1]
+        state[conv] = torch.cat([w, w.new_zeros(w.shape[0], widened, *w.shape[2:])], 1)
+    # modules the source cannot have (super-resolution's noise-level MLP) keep their init
+    fresh = [k for k in own if k.startswith("noise_level_embedding.") and k not in state]
+    state.update({k: own[k] for k in fresh})
+    load_state_strict(model, state, what)
+    return {
+        "folder": str(Path(folder).resolve()),
+        "sha256": _file_digest(Path(folder) / MODEL_WEIGHTS),
+        "step": src_meta.get("training", {}).get("step"),
+        "zero_channels": widened,
+        "fresh_tensors": len(fresh),
+    }

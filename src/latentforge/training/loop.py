@@ -79,6 +79,7 @@ class TrainConfig:
     task: str = "generate"  # generate | superres | inpaint (training/tasks.py)
     scale: int = 4  # superres: the upscaling factor, 2 or 4
     crop: int = 0  # superres: train on random crops of this size (0: whole images)
+    init_from: str | None = None  # a diffusion model folder whose weights to start from
 
 
 def step_generator(
