@@ -215,3 +215,28 @@ def test_cache_dir_stores_and_reuses_the_tables(tiny_vae, tmp_path, monkeypatch)
     monkeypatch.undo()
     DiffusionTrainer(cfg(tmp_path / "c", other_vae))
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_cache_dir_reuses_a_caption_table_alone(tmp_path, monkeypatch):
+    """Data too large to keep in memory (or --task inpaint, which cannot cache latents): the
+    file holds only the caption table, and a second run still reads it instead of encoding."""
+    from latentforge.models.text import MiniLMEncoder
+    from latentforge.training import loop
+    from latentforge.training.diffusion import DiffusionTrainer
+
+    monkeypatch.setattr(loop, "CACHE_ELEMENTS", 0)  # nothing is kept in memory
+    cfg = dict(data="shapes:16:24", cond="text", cache_text=True, max_steps=1, batch_size=4,
+               cache_dir=str(tmp_path / "cache"), sample_every=0, quiet=True)  # fmt: skip
+    first = DiffusionTrainer(TrainConfig(out=str(tmp_path / "a"), **cfg))
+    assert first._cache is None and first._text_table is not None
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the stored caption table should have been used")
+
+    monkeypatch.setattr(MiniLMEncoder, "_encode", forbidden)
+    second = DiffusionTrainer(TrainConfig(out=str(tmp_path / "b"), **cfg))
+    assert second._cache is None
+    for k in ("hidden", "mask", "rows"):
+        assert torch.equal(second._text_table[k], first._text_table[k])
+    assert math.isfinite(second.train_step())

@@ -102,9 +102,9 @@ class DiffusionTrainer(Trainer):
 
     def _maybe_cache_dataset(self) -> dict | None:
         path = self._cache_file()  # digests the VAE weights: once
-        stored = self._load_stored_cache(path)
-        if stored is not None:
-            return stored
+        if path is not None and path.is_file():
+            # the data table may be absent (a text table only, for data not kept in memory)
+            return self._load_stored_cache(path)
         cache = super()._maybe_cache_dataset()
         if self.vae is not None and self.cfg.cache_latents:
             if cache is None:
@@ -166,14 +166,14 @@ class DiffusionTrainer(Trainer):
         if not self.cfg.quiet:
             tqdm.write(f"cached tables stored in {path}")
 
-    def _load_stored_cache(self, path: Path | None) -> dict | None:
+    def _load_stored_cache(self, path: Path) -> dict | None:
+        """The stored data table (None when the file holds only the caption table); sets the
+        caption table."""
         import json
 
         from safetensors import safe_open
         from tqdm.auto import tqdm
 
-        if path is None or not path.is_file():
-            return None
         tensors = {}
         with safe_open(str(path), framework="pt", device=str(self.device)) as f:
             meta = f.metadata() or {}
