@@ -163,6 +163,7 @@ def test_txt2img_runs_to_pngs_with_metadata(client, tmp_path):
     path.write_bytes(base64.b64decode(job["images"][1]["png"]))
     params = params_from_png(path)
     assert (params["seed"], params["steps"], params["num"]) == (4, 2, 1)
+    assert params["guidance_interval"] == [0.0, None]  # this model guides every step
     # per-image seeds: image 1 of the batch is the seed-4 image drawn alone
     alone = wait(client, submit(client, prompt="a seven", steps=2, seed=4))
     assert png(alone["images"][0]["png"]).tobytes() == png(job["images"][1]["png"]).tobytes()
@@ -278,6 +279,8 @@ def test_unknown_job_is_404(client):
         ({"sampler": "nope"}, "sampler"),
         ({"knobs": {"bogus": 1}}, "knobs"),
         ({"guidance": -1}, "guidance"),
+        ({"guidance_interval": [2, 1]}, "guidance_interval"),
+        ({"guidance_interval": [1]}, "guidance_interval"),
         ({"seed": -1}, "seed"),
         ({"spacing": "sideways"}, "spacing"),
         ({"stepz": 3}, "stepz"),
@@ -285,6 +288,25 @@ def test_unknown_job_is_404(client):
 )
 def test_limits_are_422_naming_the_field(client, body, field):
     assert field in field_of(client.post("/v1/txt2img", json=body))
+
+
+def test_guidance_interval_request(client):
+    """A request's guidance interval reaches the pipeline (txt2img and img2img run with it)
+    and is reported in the parameters and the PNG (as JSON, what --from-png reads)."""
+    body = {"prompt": "a seven", "steps": 2, "seed": 1, "guidance": 3.0}
+    every = wait(client, submit(client, **body))
+    part = wait(client, submit(client, **body, guidance_interval=[0.5, None]))
+    assert every["status"] == part["status"] == "done", part["error"]
+    assert every["images"][0]["parameters"]["guidance_interval"] == [0.0, None]
+    assert part["images"][0]["parameters"]["guidance_interval"] == [0.5, None]
+    assert png(part["images"][0]["png"]).text["guidance_interval"] == "[0.5, null]"
+    image = part["images"][0]["png"]
+    edit = wait(client, submit(client, "img2img", **body, image=image, guidance_interval=[0.5, 9]))
+    assert edit["status"] == "done", edit["error"]
+    bad = client.post(
+        "/v1/interpolate", json={"seed_a": 1, "seed_b": 2, "guidance_interval": [1, 2]}
+    )
+    assert field_of(bad) == ["guidance_interval"]
 
 
 def test_server_limits_and_full_queue(models_dir):

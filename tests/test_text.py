@@ -131,7 +131,7 @@ def test_guidance_interval_per_image_sigmas(text_model):
 @pytest.mark.parametrize(
     ("value", "message"),
     [((2.0, 1.0), "LO < HI"), ((-1.0, 3.0), "LO < HI"), ((1.0,), "two sigmas"),
-     ((float("nan"), 1.0), "LO < HI")],
+     ((float("nan"), 1.0), "LO < HI"), ((None, 2.0), "two sigmas"), (("a", 1), "two sigmas")],
 )  # fmt: skip
 def test_guidance_interval_bad_values_are_clear_errors(value, message):
     with pytest.raises(UserError, match=message):

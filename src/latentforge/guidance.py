@@ -20,8 +20,11 @@ def parse_interval(value: Sequence[float | None] | None) -> tuple[float, float] 
         return None
     if len(value) != 2:
         raise UserError(f"a guidance interval is two sigmas LO HI, got {list(value)}")
-    lo = float(value[0])
-    hi = math.inf if value[1] is None else float(value[1])
+    try:
+        lo = float(value[0])
+        hi = math.inf if value[1] is None else float(value[1])
+    except (TypeError, ValueError):
+        raise UserError(f"a guidance interval is two sigmas LO HI, got {list(value)}") from None
     if math.isnan(lo) or math.isnan(hi) or lo < 0 or hi <= lo:
         raise UserError(f"guidance interval needs 0 <= LO < HI, got {lo:g} {hi:g}")
     return None if (lo == 0 and hi == math.inf) else (lo, hi)

@@ -9,6 +9,8 @@ would see in text-to-image, and runs round(strength * steps) steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .. import sampling
@@ -81,6 +83,7 @@ def img2img(
     steps: int | None = None,
     spacing: str | None = None,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
     **knobs,
 ) -> torch.Tensor:
@@ -100,7 +103,13 @@ def img2img(
     z = model.encode(images)
     x, _ = start_point(model, z, sigmas, len(sigmas) == steps + 1, gen)
     denoiser, cond = conditioning(
-        model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance
+        model,
+        n,
+        labels=labels,
+        prompts=prompts,
+        negative=negative,
+        guidance=guidance,
+        guidance_interval=guidance_interval,
     )
     out = sampling.sample(
         sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs

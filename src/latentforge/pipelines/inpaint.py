@@ -12,6 +12,8 @@ so kept pixels equal the input exactly, even for latent models whose VAE is loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,6 +150,7 @@ def inpaint(
     steps: int | None = None,
     spacing: str | None = None,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     strength: float = 1.0,
     resample: int = 1,
     jump: int = 1,
@@ -168,6 +171,7 @@ def inpaint(
         return inpaint_with_model(
             model, images, masks, labels=labels, prompts=prompts, negative=negative, num=num,
             seed=seed, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+            guidance_interval=guidance_interval,
             strength=strength, resample=resample, jump=jump, feather=feather, callback=callback,
             **knobs,
         )  # fmt: skip
@@ -187,7 +191,13 @@ def inpaint(
     keep = F.adaptive_max_pool2d(masks, z.shape[-2:]) == 0  # (n, 1, h, w)
     x, eps = start_point(model, z, sigmas, len(sigmas) == steps + 1, gen)
     denoiser, cond = conditioning(
-        model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance
+        model,
+        n,
+        labels=labels,
+        prompts=prompts,
+        negative=negative,
+        guidance=guidance,
+        guidance_interval=guidance_interval,
     )
     denoiser = KnownRegionDenoiser(denoiser, z, keep, eps)
     out = repaint(

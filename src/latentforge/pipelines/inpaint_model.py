@@ -8,6 +8,8 @@ optionally feathered paste-back work as for the training-free path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .. import sampling
@@ -33,6 +35,7 @@ def inpaint_with_model(
     steps: int | None = None,
     spacing: str | None = None,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     strength: float = 1.0,
     resample: int = 1,
     jump: int = 1,
@@ -59,7 +62,13 @@ def inpaint_with_model(
     x, _ = start_point(model, z, sigmas, len(sigmas) == steps + 1, gen)
     concat = inpaint_condition(masks, model.encode(masked_image(images, masks)))
     denoiser, cond = conditioning(
-        model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance
+        model,
+        n,
+        labels=labels,
+        prompts=prompts,
+        negative=negative,
+        guidance=guidance,
+        guidance_interval=guidance_interval,
     )
     denoiser, cond = with_image_cond(denoiser, cond, {"concat": concat})
     out = repaint(

@@ -14,6 +14,7 @@ overlapping tiles see the same pixels there.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def upscale(
     steps: int | None = None,
     spacing: str | None = None,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     tile: int | None = None,
     callback: sampling.Callback = None,
     **knobs,
@@ -177,6 +179,7 @@ def upscale(
         model, n * K, labels=_repeat(labels, n, K, "labels"),
         prompts=_repeat(prompts, n, K, "prompts"),
         negative=_repeat(negative, n, K, "negative prompts"), guidance=guidance,
+        guidance_interval=guidance_interval,
     )  # fmt: skip
     extra = {"concat": concat, "noise_level": level.repeat_interleave(K)}
     denoiser, cond = with_image_cond(denoiser, cond, extra)

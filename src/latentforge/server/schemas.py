@@ -63,6 +63,11 @@ class SamplingParams(_Request):
     guidance: float | None = Field(
         None, ge=0, le=50, description="classifier-free guidance scale; default: the model's"
     )
+    guidance_interval: list[float | None] | None = Field(
+        None, min_length=2, max_length=2,
+        description="[lo, hi]: guide only where lo < sigma <= hi (hi null: no bound); "
+        "default: the model's; [0, null]: every step",
+    )  # fmt: skip
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="image i uses seed + i; default: random"
     )

@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import importlib
 import io
+import json
 import math
 import random
 import time
@@ -99,7 +100,8 @@ def png_base64(image: torch.Tensor, metadata: dict | None = None, compress_level
     """(C, H, W) in [-1, 1] -> base64 PNG with `metadata` as text chunks (as io.images.save_png)."""
     info = PngImagePlugin.PngInfo()
     for k, v in (metadata or {}).items():
-        info.add_text(k, str(v))
+        # lists (guidance_interval) as JSON, as `generate --from-png` reads them
+        info.add_text(k, json.dumps(v) if isinstance(v, list) else str(v))
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -171,7 +173,8 @@ class _Prepared:
         guidance: float | None = None,
         tasks: tuple[str, ...] = GENERATE,
     ):
-        from ..pipelines.generate import sampling_defaults
+        from ..guidance import interval_to_json
+        from ..pipelines.generate import resolve_guidance_interval, sampling_defaults
 
         self.name, self.view = _pick_model(store, req.model, tasks)
         if req.sampler is not None and req.sampler not in sampling.SAMPLERS:
@@ -181,6 +184,11 @@ class _Prepared:
         self.sampler, self.steps, self.guidance = sampling_defaults(
             self.view, req.sampler, req.steps, guidance
         )
+        try:
+            interval = resolve_guidance_interval(self.view, req.guidance_interval)
+        except UserError as e:
+            raise FieldError("guidance_interval", str(e)) from None
+        self.guidance_interval = interval_to_json(interval) or [0.0, None]
         if self.steps > config.max_steps:
             if req.steps is not None:
                 raise FieldError("steps", f"steps must be <= {config.max_steps} on this server")
@@ -206,6 +214,7 @@ class _Prepared:
             "steps": self.steps,
             "spacing": self.spacing,
             "guidance": self.guidance,
+            "guidance_interval": self.guidance_interval,
             "seed": self.seed,
             **({"knobs": self.knobs} if self.knobs else {}),
         }
@@ -217,6 +226,7 @@ class _Prepared:
             "steps": self.steps,
             "spacing": self.spacing or None,
             "guidance": self.guidance,
+            "guidance_interval": self.guidance_interval,
             **self.knobs,
         }
 
@@ -337,6 +347,8 @@ def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: Serv
     fn = _pipeline(("interpolate",), "interpolate" if with_images else "walk", "interpolation")
     # between images: deterministic DDIM inversion, guidance 1 unless asked (as the CLI does)
     p = _Prepared(req, store, config, guidance=1.0 if with_images else None)
+    if req.guidance_interval is not None:
+        raise FieldError("guidance_interval", "interpolation guides every step; leave it out")
     if with_images and req.sampler not in (None, "ddim"):
         raise FieldError("sampler", "interpolation between images uses the ddim sampler")
     if not with_images and p.sampler in sampling.STOCHASTIC:
