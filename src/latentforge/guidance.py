@@ -30,11 +30,11 @@ def parse_interval(value: Sequence[float | None] | None) -> tuple[float, float] 
     return None if (lo == 0 and hi == math.inf) else (lo, hi)
 
 
-def interval_to_json(interval: tuple[float, float] | None) -> list | None:
-    """The interval as model.json / PNG metadata store it: [lo, hi] with hi None for infinity."""
-    if interval is None:
-        return None
-    lo, hi = interval
+def interval_to_json(interval: tuple[float, float] | None) -> list:
+    """The interval as model.json / PNG metadata store it: [lo, hi] with hi None for infinity;
+    None (every step) is written out as [0.0, None], so a reader never falls back to a model's
+    default."""
+    lo, hi = (0.0, math.inf) if interval is None else interval
     return [lo, None if hi == math.inf else hi]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -349,7 +348,9 @@ def generate_to_png(
     )
     options = params.pop("options", None) or {}  # sampler knobs, e.g. {"eta": 0.5}
     # stored resolved, so --from-png reproduces it whatever the model's default
-    interval = resolve_guidance_interval(model, params.pop("guidance_interval", None))
+    interval = interval_to_json(
+        resolve_guidance_interval(model, params.pop("guidance_interval", None))
+    )
     params = {k: v for k, v in params.items() if v is not None}
     num, seed = params.setdefault("num", 1), params.setdefault("seed", 0)
     frames: list[torch.Tensor] = []
@@ -363,13 +364,13 @@ def generate_to_png(
 
     images = generate(
         model, **cond_kwargs, negative=negative or None, sampler=sampler, steps=steps,
-        guidance=guidance, guidance_interval=interval or (0, math.inf), callback=callback,
+        guidance=guidance, guidance_interval=interval, callback=callback,
         **params, **options,
     )  # fmt: skip
     meta = {
         "prompt": prompt or "", "negative": negative or "", "seed": seed, "num": num,
         "sampler": sampler, "steps": steps, "guidance": guidance,
-        "guidance_interval": json.dumps(interval_to_json(interval or (0, math.inf))),
+        "guidance_interval": json.dumps(interval),
         "spacing": params.get("spacing") or model.meta.get("sampling", {}).get("spacing", ""),
         "options": json.dumps(options, sort_keys=True) if options else "",
         "model": model.sha256,

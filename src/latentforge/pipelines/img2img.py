@@ -103,14 +103,9 @@ def img2img(
     z = model.encode(images)
     x, _ = start_point(model, z, sigmas, len(sigmas) == steps + 1, gen)
     denoiser, cond = conditioning(
-        model,
-        n,
-        labels=labels,
-        prompts=prompts,
-        negative=negative,
-        guidance=guidance,
+        model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
         guidance_interval=guidance_interval,
-    )
+    )  # fmt: skip
     out = sampling.sample(
         sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs
     )

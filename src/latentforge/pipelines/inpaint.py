@@ -191,14 +191,9 @@ def inpaint(
     keep = F.adaptive_max_pool2d(masks, z.shape[-2:]) == 0  # (n, 1, h, w)
     x, eps = start_point(model, z, sigmas, len(sigmas) == steps + 1, gen)
     denoiser, cond = conditioning(
-        model,
-        n,
-        labels=labels,
-        prompts=prompts,
-        negative=negative,
-        guidance=guidance,
+        model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
         guidance_interval=guidance_interval,
-    )
+    )  # fmt: skip
     denoiser = KnownRegionDenoiser(denoiser, z, keep, eps)
     out = repaint(
         sampler, denoiser, x, sigmas, resample=resample, jump=jump, cond=cond, generator=gen,

@@ -62,14 +62,9 @@ def inpaint_with_model(
     x, _ = start_point(model, z, sigmas, len(sigmas) == steps + 1, gen)
     concat = inpaint_condition(masks, model.encode(masked_image(images, masks)))
     denoiser, cond = conditioning(
-        model,
-        n,
-        labels=labels,
-        prompts=prompts,
-        negative=negative,
-        guidance=guidance,
+        model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
         guidance_interval=guidance_interval,
-    )
+    )  # fmt: skip
     denoiser, cond = with_image_cond(denoiser, cond, {"concat": concat})
     out = repaint(
         sampler, denoiser, x, sigmas, resample=resample, jump=jump, cond=cond, generator=gen,

@@ -188,7 +188,7 @@ class _Prepared:
             interval = resolve_guidance_interval(self.view, req.guidance_interval)
         except UserError as e:
             raise FieldError("guidance_interval", str(e)) from None
-        self.guidance_interval = interval_to_json(interval) or [0.0, None]
+        self.guidance_interval = interval_to_json(interval)
         if self.steps > config.max_steps:
             if req.steps is not None:
                 raise FieldError("steps", f"steps must be <= {config.max_steps} on this server")
