@@ -325,6 +325,46 @@ def test_inversion_round_trip_improves_with_steps(capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 2
 
 
+class _StubVAE(torch.nn.Module):
+    """An 'autoencoder' whose latent is the image itself and whose decoder is `fn`."""
+
+    downsample_factor, latent_channels = 1, 3
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def encode(self, x):
+        return SimpleNamespace(mode=lambda: x)
+
+    def decode(self, z):
+        return self.fn(z)
+
+
+def test_eval_vae_reads_shapes_reconstructions_back_with_the_analyser():
+    """The analyser ceiling: a lossless 'VAE' keeps every scene; one that blanks the image
+    keeps none; one that blurs loses small objects first."""
+    from latentforge.metrics.vae_eval import evaluate_vae
+
+    meta = {"data": {"spec": "shapes:64"}, "scaling_factor": 1.0}
+    exact = evaluate_vae(_StubVAE(lambda z: z), meta, n=40, batch=16)
+    assert exact["roundtrip_scene_accuracy"] == 1.0
+    kinds = exact["roundtrip_scene_accuracy_by_object"]
+    assert set(kinds) <= {f"{a} {b}" for a in ("small", "large") for b in SHAPES}
+    assert all(v == 1.0 for v in kinds.values()) and len(kinds) >= 6
+    blank = evaluate_vae(_StubVAE(lambda z: torch.zeros_like(z)), meta, n=40, batch=16)
+    assert blank["roundtrip_scene_accuracy"] == 0.0
+
+    def blur(z):
+        down = torch.nn.functional.avg_pool2d(z, 8)
+        return torch.nn.functional.interpolate(down, scale_factor=8, mode="bilinear")
+
+    blurred = evaluate_vae(_StubVAE(blur), meta, n=40, batch=16)
+    assert blurred["roundtrip_scene_accuracy"] < 1.0
+    digits = evaluate_vae(_StubVAE(lambda z: z), {"data": {"spec": "digits:16"}}, n=4)
+    assert "roundtrip_scene_accuracy" not in digits  # only shapes scenes have records
+
+
 def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
     from latentforge.metrics.quality import psnr_per_image
     from latentforge.metrics.superres_eval import held_out_images
@@ -374,9 +414,10 @@ def _fake_inpaint(tasks, calls, *, truth: bool):
     """An inpainter that paints the ground-truth target into the hole (truth) or returns its
     input unchanged (the hole stays background); image i of a call is scene seed - 3 + i."""
 
-    def fake(model, images, masks, *, seed, prompts, sampler, steps, guidance, resample, jump,
-             feather):  # fmt: skip
-        calls.append((len(images), seed, prompts, sampler, steps, guidance, resample, jump))
+    def fake(model, images, masks, *, seed, prompts, sampler, steps, guidance, guidance_interval,
+             resample, jump, feather):  # fmt: skip
+        calls.append((len(images), seed, prompts, sampler, steps, guidance, resample, jump,
+                      guidance_interval))  # fmt: skip
         if not truth:
             return images.clone()
         want = torch.stack([from_pil(render_shapes(tasks[seed - 3 + i].target))
@@ -410,8 +451,18 @@ def test_inpaint_eval_with_a_ground_truth_and_a_blank_stub(monkeypatch, mode):
     # batches of 5, image i seeded with 3 + i, its own canonical prompt, defaults filled in
     assert [c[:2] for c in calls] == [(5, 3), (5, 8), (5, 13), (5, 18), (4, 23)]
     assert [p for c in calls for p in c[2]] == [t.prompt for t in tasks]
-    assert calls[0][3:] == ("ddim", 7, 1.0, 2, 1)
+    assert calls[0][3:] == ("ddim", 7, 1.0, 2, 1, [0.0, None])
     assert result["per_scene"][0]["prompt"] == tasks[0].prompt
+    assert result["settings"]["guidance_interval"] == [0.0, None]
+    # a model's default interval is applied and recorded; --guidance-interval overrides it
+    stub = _stub_shapes_model()
+    stub.meta["sampling"]["guidance_interval"] = [1.0, None]
+    calls.clear()
+    limited = inpaint_eval.evaluate_inpaint(stub, **{**kw, "n": 5})
+    assert calls[0][-1] == [1.0, None] == limited["settings"]["guidance_interval"]
+    calls.clear()
+    inpaint_eval.evaluate_inpaint(stub, **{**kw, "n": 5}, guidance_interval=(0.5, 20))
+    assert calls[0][-1] == [0.5, 20]
 
     calls.clear()
     monkeypatch.setattr(inpaint_eval, "inpaint", _fake_inpaint(tasks, calls, truth=False))
@@ -484,15 +535,19 @@ def test_eval_inpaint_cli_on_a_tiny_text_model(tmp_path, capsys, tiny_digits_mod
     assert result["unmasked_max_abs_diff"] == 0.0
     assert 0 <= result["hole_accuracy"] <= 1 and 0 <= result["prompt_accuracy"] <= 1
     assert main(["eval", "inpaint", "--model", m, "--n", "2", "--steps", "1", "--mode",
-                 "restore", "--resample", "2", "--quiet"]) == 0  # fmt: skip
+                 "restore", "--resample", "2", "--guidance", "2", "--guidance-interval", "1",
+                 "inf", "--quiet"]) == 0  # fmt: skip
     table = capsys.readouterr().out
     assert "hole accuracy" in table and "restore" in table and "unmasked max abs diff" in table
+    assert "guidance 2 at 1 < sigma <= inf" in table
 
     # bad input: one clear line
     _one_line_error(capsys, ["eval", "inpaint", "--model", str(tiny_digits_model)], "shapes")
     _one_line_error(capsys, ["eval", "inpaint", "--model", m, "--n", "0"], "--n")
     _one_line_error(capsys, ["eval", "inpaint", "--model", m, "--data", "shapes:32"], "32")
     _one_line_error(capsys, ["eval", "inpaint", "--model", m, "--mode", "erase"], "erase")
+    _one_line_error(capsys, ["eval", "inpaint", "--model", m, "--guidance-interval", "2", "1"],
+                    "LO < HI")  # fmt: skip
     with pytest.raises(UserError, match="n must be"):
         evaluate_inpaint(load_diffusion_model(out), n=0)
     with pytest.raises(UserError, match="mode"):

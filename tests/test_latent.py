@@ -45,6 +45,56 @@ def test_scaling_factor_gives_unit_variance_latents(tiny_vae):
     assert 0.8 < z.std().item() < 1.25
 
 
+def test_vae_decoder_only_fine_tune_keeps_the_latent_space(tiny_vae, tmp_path):
+    """--init-from --decoder-only: encoder, quant_conv and scaling factor stay the source's bit
+    for bit (diffusion models trained on its latents can swap the new decoder in); the decoder
+    trains, with the discriminator too; it resumes exactly."""
+    from safetensors.torch import load_file
+
+    def cfg(out, steps):
+        return VAETrainConfig(
+            data="shapes:32", out=str(out), init_from=str(tiny_vae), decoder_only=True,
+            max_steps=steps, batch_size=2, lr=1e-2, disc_start=1, sample_every=0,
+            ckpt_every=2, eval_images=32, quiet=True,
+        )  # fmt: skip
+
+    assert train_vae(cfg(tmp_path / "a", 4)) == 0
+    src, new = (
+        load_file(tiny_vae / "model.safetensors"),
+        load_file(tmp_path / "a/model.safetensors"),
+    )
+    assert src.keys() == new.keys()
+    frozen = [k for k in src if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(src[k], new[k]) for k in frozen)
+    assert any(not torch.equal(src[k], new[k]) for k in src if k.startswith("decoder."))
+    meta, src_meta = (
+        json.loads((d / "model.json").read_text()) for d in (tmp_path / "a", tiny_vae)
+    )
+    assert meta["scaling_factor"] == src_meta["scaling_factor"]
+    assert meta["init_from"]["decoder_only"] and meta["vae"] == src_meta["vae"]
+    train_vae(cfg(tmp_path / "b", 2))
+    train_vae(cfg(tmp_path / "b", 4), resume=True)
+    for name in ("model", "optimizer"):
+        a = load_file(tmp_path / "a/checkpoints/step-0000004" / f"{name}.safetensors")
+        b = load_file(tmp_path / "b/checkpoints/step-0000004" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_vae_init_from_errors(tiny_vae, tmp_path):
+    base = dict(data="shapes:32", out=str(tmp_path / "x"), max_steps=1, batch_size=2,
+                sample_every=0, quiet=True)  # fmt: skip
+    with pytest.raises(UserError, match="--init-from"):
+        train_vae(VAETrainConfig(decoder_only=True, **base))
+    other = tmp_path / "unet"
+    shutil.copytree(tiny_vae, other)
+    meta = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**meta, "kind": "diffusion"}))
+    with pytest.raises(UserError, match="not a VAE"):
+        train_vae(VAETrainConfig(init_from=str(other), **base))
+    with pytest.raises(UserError, match="channel"):
+        train_vae(VAETrainConfig(**{**base, "data": "digits:16"}, init_from=str(tiny_vae)))
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_latent_diffusion_end_to_end(tiny_vae, tmp_path, cache):
     cfg = TrainConfig(

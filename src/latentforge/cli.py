@@ -107,6 +107,16 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
 @click.option("--crop", type=click.IntRange(min=0), default=0, show_default=True,
               help="train on random CROPxCROP crops (a multiple of the downsampling factor; "
                    "0: whole images); evaluation uses whole images")  # fmt: skip
+@click.option(
+    "--init-from",
+    type=click.Path(),
+    default=None,
+    help="start from this VAE folder's weights (its architecture; --preset is ignored)",
+)
+@click.option("--decoder-only", is_flag=True,
+              help="with --init-from: train the decoder alone; the encoder, the latent space "
+                   "and the scaling factor stay the source's, so diffusion models trained on "
+                   "its latents can use the new decoder")  # fmt: skip
 @click.option("--bf16/--no-bf16", default=False)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)

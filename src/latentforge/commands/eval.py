@@ -30,16 +30,18 @@ def _number(x: float) -> str:
 
 
 def _settings_line(what: str, settings: dict) -> str:
-    interval = settings.get("guidance_interval")
-    where = ""
-    if interval and interval != [0.0, None]:
-        where = (
-            f" at {interval[0]:g} < sigma <= {'inf' if interval[1] is None else f'{interval[1]:g}'}"
-        )
     return (
         f"{what} (sampler {settings['sampler']}, {settings['steps']} steps, "
-        f"guidance {settings['guidance']:g}{where}, seed {settings['seed']})"
+        f"guidance {settings['guidance']:g}{_interval_words(settings)}, seed {settings['seed']})"
     )
+
+
+def _interval_words(settings: dict) -> str:
+    """' at LO < sigma <= HI' for a limited guidance interval, '' when guided every step."""
+    interval = settings.get("guidance_interval")
+    if not interval or interval == [0.0, None]:
+        return ""
+    return f" at {interval[0]:g} < sigma <= {'inf' if interval[1] is None else f'{interval[1]:g}'}"
 
 
 @click.group("eval")
@@ -203,6 +205,13 @@ def vae_cmd(model_dir, n, data, data_seed, batch, as_json, quiet) -> None:
         f"SSIM {result['ssim']:.4f}, scaled latent rms {result['scaled_latent_rms']:.3f}, "
         f"{result['images_per_s']:.1f} images/s"
     )
+    if "roundtrip_scene_accuracy" in result:
+        kinds = result["roundtrip_scene_accuracy_by_object"]
+        click.echo(
+            f"scenes the analyser reads back whole: {result['roundtrip_scene_accuracy']:.1%} "
+            "(the ceiling of a latent model with this VAE); by object: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in kinds.items())
+        )
 
 
 @eval_group.command("inversion")
@@ -254,6 +263,7 @@ def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json,
               help="stream of held-out scenes (models train on stream 0)")  # fmt: skip
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="steps (model default)")
 @inpaint_options
+@guidance_interval_option
 @click.option(
     "--dilate",
     type=click.IntRange(min=0),
@@ -261,8 +271,9 @@ def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json,
     help="pixels the hole reaches beyond the object's box (default: resolution / 32)",
 )
 @_common_options
-def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, dilate, model_dir,
-                sampler, guidance, seed, batch, as_json, quiet) -> None:  # fmt: skip
+def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidance_interval,
+                dilate, model_dir, sampler, guidance, seed, batch, as_json,
+                quiet) -> None:  # fmt: skip
     """Mask one object in held-out shapes scenes, inpaint the hole from a prompt and check
     that the prompted object is there (the issue 6 benchmark)."""
     from ..metrics.inpaint_eval import evaluate_inpaint
@@ -271,8 +282,8 @@ def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, dilate
     model = load_diffusion_model(model_dir)
     result = evaluate_inpaint(
         model, n=n, mode=mode, data=data, data_seed=data_seed, seed=seed, sampler=sampler,
-        steps=steps, guidance=guidance, resample=resample, jump=jump, feather=feather,
-        dilate=dilate, batch=batch, progress=not quiet,
+        steps=steps, guidance=guidance, guidance_interval=guidance_interval, resample=resample,
+        jump=jump, feather=feather, dilate=dilate, batch=batch, progress=not quiet,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -283,8 +294,8 @@ def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, dilate
         f"{result['data']} (stream {result['data_seed']})"
     )
     lines = [
-        f"{what}; sampler {st['sampler']}, {st['steps']} steps, guidance {st['guidance']:g}, "
-        f"resample {st['resample']}, jump {st['jump']}, seed {st['seed']}",
+        f"{what}; sampler {st['sampler']}, {st['steps']} steps, guidance {st['guidance']:g}"
+        f"{_interval_words(st)}, resample {st['resample']}, jump {st['jump']}, seed {st['seed']}",
         "",
         f"{'hole accuracy':<24}{_number(result['hole_accuracy'])}"
         f"   (ground truth {_number(gt['hole_accuracy'])})",

@@ -26,6 +26,7 @@ stream 0, so no scene was a training image), for the first n scenes that qualify
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..guidance import interval_to_json
 from ..io.images import from_pil
-from ..pipelines.generate import LoadedModel, sampling_defaults
+from ..pipelines.generate import LoadedModel, resolve_guidance_interval, sampling_defaults
 from ..pipelines.inpaint import inpaint
 from ..training.shapes import COLOURS, HELD_OUT, SHAPES, canonical_caption, render_shapes
 from .batching import run_batched
@@ -202,6 +204,7 @@ def evaluate_inpaint(
     sampler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     resample: int = 1,
     jump: int = 1,
     feather: int = 0,
@@ -230,13 +233,14 @@ def evaluate_inpaint(
     masks = torch.stack([t.mask for t in tasks])[:, None].float()  # (n, 1, H, W)
     cond = _conditioning(model, [t.prompt for t in tasks])
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
+    interval = resolve_guidance_interval(model, guidance_interval)
 
     def run(start: int, stop: int) -> torch.Tensor:
         part = {k: v[start:stop] for k, v in cond.items()}
         return inpaint(
             model, images[start:stop], masks[start:stop], seed=seed + start, sampler=sampler,
-            steps=steps, guidance=guidance, resample=resample, jump=jump, feather=feather,
-            **part,
+            steps=steps, guidance=guidance, guidance_interval=interval_to_json(interval),
+            resample=resample, jump=jump, feather=feather, **part,
         )  # fmt: skip
 
     out, seconds = run_batched(run, n, batch, progress=progress, desc="inpainting")
@@ -266,6 +270,7 @@ def evaluate_inpaint(
             sampler=sampler,
             steps=steps,
             guidance=guidance,
+            guidance_interval=interval_to_json(interval),
             resample=resample,
             jump=jump,
             feather=feather,

@@ -45,18 +45,39 @@ class VAETrainConfig:
     keep_checkpoints: int = 2
     eval_images: int = 256
     crop: int = 0  # train on random crops of this size (0: whole images); eval on whole images
+    init_from: str | None = None  # start from this VAE folder's weights (its config, not preset)
+    decoder_only: bool = False  # train the decoder alone: the latent space stays the source's
     quiet: bool = False
 
 
 class VAETrainer(Trainer):
-    resume_keys = ("data", "preset", "loss", "crop")
+    resume_keys = ("data", "preset", "loss", "crop", "init_from", "decoder_only")
+
+    def __init__(self, cfg: VAETrainConfig):
+        super().__init__(cfg)
+        if cfg.decoder_only:  # after the base class made every parameter trainable
+            for module in (self.model.encoder, self.model.quant_conv):
+                module.requires_grad_(False)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def setup(self) -> None:
-        from ..models.vae import AutoencoderKL, vae_preset
+        from ..models.vae import AutoencoderKL, VAEConfig, vae_preset
 
-        self.config = vae_preset(self.cfg.preset, in_channels=self.dataset.channels,
-                                 out_channels=self.dataset.channels)  # fmt: skip
+        self.source: dict | None = None
+        if self.cfg.decoder_only and not self.cfg.init_from:
+            raise UserError("--decoder-only fine-tunes a trained VAE's decoder: give --init-from")
+        if self.cfg.init_from:
+            self.source, state = _load_source(self.cfg.init_from, self.dataset.channels)
+            self.config = VAEConfig.from_dict(self.source["vae"])
+        else:
+            self.config = vae_preset(self.cfg.preset, in_channels=self.dataset.channels,
+                                     out_channels=self.dataset.channels)  # fmt: skip
         self.model = AutoencoderKL(self.config)
+        if self.source is not None:
+            from ..io.checkpoint import load_state_strict
+
+            load_state_strict(self.model, state, f"--init-from {self.cfg.init_from}")
         f, crop, res = self.model.downsample_factor, self.cfg.crop, self.dataset.resolution
         if crop and (crop > res or crop % f):
             raise UserError(f"--crop {crop} must be a multiple of {f} (the VAE's downsampling "
@@ -165,6 +186,16 @@ class VAETrainer(Trainer):
         m = self.measure()
         meta = dict(self.meta)
         meta["scaling_factor"] = m.pop("scaling_factor")
+        if self.cfg.decoder_only:
+            # the encoder is the source's, bit for bit: keep its scaling factor exactly, so
+            # diffusion models trained on the source's latents can swap this VAE in
+            meta["scaling_factor"] = self.source["scaling_factor"]
+        if self.source is not None:
+            meta["init_from"] = {
+                "folder": self.cfg.init_from,
+                "decoder_only": self.cfg.decoder_only,
+                "psnr_db": self.source.get("eval", {}).get("psnr_db"),
+            }
         meta["latent_rgb"] = m.pop("latent_rgb")  # cheap live previews (models/vae.py)
         meta["eval"] = m
         meta["training"] = {
@@ -174,6 +205,18 @@ class VAETrainer(Trainer):
             "latentforge": __version__,
         }
         save_model_folder(self.out, meta, self.ema.state_dict())
+
+
+def _load_source(folder: str, channels: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    from ..io.checkpoint import load_model_folder
+
+    meta, state = load_model_folder(folder)
+    if meta.get("kind") != "vae":
+        raise UserError(f"--init-from {folder} is a {meta.get('kind')!r} folder, not a VAE")
+    if meta["vae"]["in_channels"] != channels:
+        raise UserError(f"--init-from {folder} encodes {meta['vae']['in_channels']}-channel "
+                        f"images; --data has {channels}")  # fmt: skip
+    return meta, state
 
 
 def train_vae(cfg: VAETrainConfig, resume: bool = False) -> int:
