@@ -178,3 +178,28 @@ def test_cached_caption_table_matches_the_live_encoder(tmp_path, monkeypatch, ca
     monkeypatch.setattr(trainer.text_encoder, "_encode", lambda p: calls.append(p))
     trainer.train_step()
     assert calls == []
+
+
+def test_init_from_adds_a_context_refiner_that_starts_as_its_source(tmp_path):
+    """--preset shapes-t2i-bind --init-from a model without a refiner: every U-Net weight is
+    copied, the refiner is new and the identity, so the new model computes what the source did."""
+    from latentforge.training.diffusion import DiffusionTrainer
+
+    src = tmp_path / "src"
+    base = {"data": "shapes:16", "cond": "text", "max_steps": 1, "batch_size": 2,
+            "sample_every": 0, "quiet": True}  # fmt: skip
+    assert train_diffusion(TrainConfig(out=str(src), **base)) == 0
+    source = load_diffusion_model(src)
+    trainer = DiffusionTrainer(
+        TrainConfig(out=str(tmp_path / "new"), preset="shapes-t2i-bind", init_from=str(src), **base)
+    )
+    assert trainer.meta["unet"]["context_refiner"] == 2
+    n_refiner = len(trainer.model.context_refiner.state_dict())
+    assert trainer.meta["init_from"]["fresh_tensors"] == n_refiner
+    ctx, mask = source.text_encoder.encode(["a red circle in the top left", ""])
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 8.0])
+    with torch.no_grad():
+        want = source.denoiser(x, sigma, context=ctx, context_mask=mask)
+        got = trainer.denoiser.eval()(x, sigma, context=ctx, context_mask=mask)
+    # the loaded source runs channels-last, the trainer NCHW: equal up to float rounding
+    assert torch.allclose(got, want, atol=1e-4)

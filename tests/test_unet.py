@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,3 +104,83 @@ def test_position_embedding_is_learned_and_resizes():
         assert not torch.allclose(pos(x, t), plain(x, t))
         for res in (8, 12, 16):
             assert pos(torch.randn(1, 4, res, res), t[:1]).shape == (1, 4, res, res)
+
+
+def _refined_pair() -> tuple[UNet, UNet]:
+    """A U-Net with a context refiner and its twin without one, sharing every other weight."""
+    torch.manual_seed(0)
+    cfg = unet_preset("shapes-t2i-bind", in_channels=4, out_channels=4, cross_attention_dim=16)
+    plain = UNet(dataclasses.replace(cfg, context_refiner=0))
+    for p in plain.parameters():  # zero-initialised layers would hide the context
+        p.data.add_(torch.randn_like(p) * 0.05)
+    refined = UNet(cfg)
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("context_refiner.") for k in missing)
+    return plain.eval(), refined.eval()
+
+
+def _context(batch: int = 3, tokens: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(batch, tokens, 16, generator=g)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    return ctx, mask
+
+
+def test_a_new_context_refiner_is_the_identity():
+    """Zero-initialised output: a model fine-tuned with a new refiner starts as its source."""
+    plain, refined = _refined_pair()
+    x, t = torch.randn(3, 4, 16, 16), torch.tensor([5.0, 300.0, 900.0])
+    ctx, mask = _context()
+    with torch.no_grad():
+        assert torch.equal(refined.refine_context(ctx, mask), ctx)
+        want = plain(x, t, context=ctx, context_mask=mask)
+        assert torch.equal(refined(x, t, context=ctx, context_mask=mask), want)
+
+
+def test_the_context_refiner_mixes_a_prompts_tokens_and_nothing_else():
+    _, net = _refined_pair()
+    torch.nn.init.normal_(net.context_refiner.proj_out.weight, std=0.1)
+    ctx, mask = _context()
+    with torch.no_grad():
+        out = net.context_refiner(ctx, mask)
+        # each prompt alone gives the same tokens as in the batch (batch independence)
+        for i in range(3):
+            alone = net.context_refiner(ctx[i : i + 1], mask[i : i + 1])
+            assert torch.allclose(alone, out[i : i + 1], atol=1e-6)
+        # padding does not leak into real tokens
+        noisy = ctx.clone()
+        noisy[2, 2:] += 5.0
+        again = net.context_refiner(noisy, mask)
+        assert torch.allclose(again[2, :2], out[2, :2], atol=1e-6)
+        # but a word changes the other words of its prompt (what binds "red" to "circle")
+        edited = ctx.clone()
+        edited[0, 3] += 1.0
+        moved = (net.context_refiner(edited, mask) - out)[0].abs().amax(-1)
+        assert (moved[[0, 1, 2, 4, 5, 6]] > 1e-4).all()
+
+
+def test_refined_context_is_reused_at_inference_and_never_stale():
+    _, net = _refined_pair()
+    torch.nn.init.normal_(net.context_refiner.proj_out.weight, std=0.1)
+    ctx, mask = _context()
+    with torch.no_grad():
+        first = net.refine_context(ctx, mask)
+        assert net.refine_context(ctx.clone(), mask.clone()) is first  # same values: reused
+        other_mask = mask.clone()
+        other_mask[0, -1] = False
+        assert net.refine_context(ctx, other_mask) is not first
+        net.context_refiner.proj_out.weight.mul_(2)  # an in-place update (EMA, load_state)
+        assert not torch.allclose(net.refine_context(ctx, mask), first)
+    with torch.enable_grad():  # training: never served from the memo
+        assert net.refine_context(ctx, mask).grad_fn is not None
+
+
+def test_refiner_and_position_map_are_not_exported_to_diffusers():
+    from latentforge.io.diffusers_config import unet_config_to_diffusers
+
+    for extra in ({"context_refiner": 2}, {"position_embedding": 16}):
+        cfg = unet_preset("tiny", cross_attention_dim=16, **extra)
+        with pytest.raises(UserError, match="not exportable"):
+            unet_config_to_diffusers(cfg, 16)

@@ -129,6 +129,11 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
             "diffusers' UNet2DConditionModel needs cross-attention in every attention block; "
             "this U-Net has self-attention only (a pixel / class model): not exportable"
         )
+    if c.position_embedding or c.context_refiner:
+        raise UserError(
+            "this U-Net has a learned position map or a context refiner, which diffusers' "
+            "UNet2DConditionModel lacks: not exportable"
+        )
     if not c.mid_attention:
         raise UserError("a U-Net without mid-block attention has no diffusers equivalent")
     if any(ch % c.norm_groups for ch in c.block_out_channels):

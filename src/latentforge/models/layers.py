@@ -165,6 +165,37 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class ContextRefiner(nn.Module):
+    """Trainable pre-LN self-attention layers over a frozen text encoder's tokens.
+
+    The tokens are projected to `width`, given sinusoidal positions, refined by `layers`
+    (self-attention with the padding mask, GEGLU feed-forward) and projected back; the result
+    is added to the input. The output projection starts at zero, so a new refiner is the
+    identity and a model fine-tuned from one without it starts exactly where its source was.
+    """
+
+    def __init__(self, dim: int, width: int, layers: int, heads: int = 4):
+        super().__init__()
+        self.width = width
+        self.proj_in = nn.Linear(dim, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2 * layers))
+        self.attns = nn.ModuleList(Attention(width, heads) for _ in range(layers))
+        self.ffs = nn.ModuleList(FeedForward(width, mult=2) for _ in range(layers))
+        self.norm_out = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """context: (B, tokens, dim); mask: (B, tokens), True = real token."""
+        positions = torch.arange(context.shape[1], device=context.device)
+        h = self.proj_in(context) + timestep_embedding(positions, self.width).to(context.dtype)
+        for i, (attn, ff) in enumerate(zip(self.attns, self.ffs, strict=True)):
+            h = h + attn(self.norms[2 * i](h), None, mask)
+            h = h + ff(self.norms[2 * i + 1](h))
+        return context + self.proj_out(self.norm_out(h))
+
+
 class SpatialTransformer(nn.Module):
     """SD's Transformer2DModel: GroupNorm, project in, transformer blocks over HW tokens, out."""
 

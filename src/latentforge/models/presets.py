@@ -30,6 +30,14 @@ class UNetConfig:
     # > 0: a learned position map (channels x N x N) added after conv_in, so attention and
     # convolutions know where they are (resized bilinearly for other input sizes); 0: none.
     position_embedding: int = 0
+    # > 0: that many trainable transformer layers (width context_refiner_width, self-attention
+    # over the text tokens) between the frozen text encoder and cross-attention, added back to
+    # the tokens residually (zero-initialised, so a new refiner starts as the identity). A
+    # frozen encoder's tokens barely carry their phrase ("circle" is the same vector whatever
+    # its colour); the refiner lets "red" reach the "circle" and "top left" of its own object,
+    # which is what binds attributes to objects. 0: the encoder's tokens as they are.
+    context_refiner: int = 0
+    context_refiner_width: int = 128
 
     def heads_at(self, level: int) -> int:
         if isinstance(self.num_heads, int):
@@ -85,6 +93,16 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         num_heads=2,
         norm_groups=8,
         position_embedding=16,
+    ),
+    # ~2.3M parameters: `tiny` with a 2-layer context refiner (width 128) over the MiniLM
+    # tokens, so each object's words meet before cross-attention (two-object attribute binding).
+    "shapes-t2i-bind": UNetConfig(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        attention_levels=(False, True, True),
+        num_heads=2,
+        norm_groups=8,
+        context_refiner=2,
     ),
     # ~2.3M parameters: the embedded x4 upscaler (pixels; 3 + 3 input channels). Super-resolution
     # is local: no attention above the 16x16 level of a 64x64 output.

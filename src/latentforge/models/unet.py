@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
+    ContextRefiner,
     Downsample,
     ResnetBlock,
     SpatialTransformer,
@@ -45,6 +46,14 @@ class UNet(nn.Module):
         self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
         # Class embedding with one extra row: index num_classes is the null (unconditional) class.
         self.class_embedding = nn.Embedding(c.num_classes + 1, temb_dim) if c.num_classes else None
+        self.context_refiner = None
+        if c.context_refiner:
+            if c.cross_attention_dim is None:
+                raise ValueError("context_refiner needs cross_attention_dim (a text model)")
+            self.context_refiner = ContextRefiner(
+                c.cross_attention_dim, c.context_refiner_width, c.context_refiner
+            )
+        self._refined: list[tuple] = []  # inference memo of refine_context, newest last
 
         def resnet(i: int, o: int) -> ResnetBlock:
             return ResnetBlock(i, o, temb_dim=temb_dim, groups=c.norm_groups, dropout=c.dropout)
@@ -124,6 +133,8 @@ class UNet(nn.Module):
         if extra_emb is not None:
             temb = temb + extra_emb
 
+        if context is not None:
+            context = self.refine_context(context, context_mask)
         h = self.conv_in(x)
         if self.position_embedding is not None:
             pos = self.position_embedding
@@ -157,6 +168,36 @@ class UNet(nn.Module):
                 h = block.upsamplers[0](h, size)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def refine_context(
+        self, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The text tokens as cross-attention sees them: through the context refiner, if any.
+
+        The refiner depends on the prompt only, so at inference (no autograd) the last two
+        results are kept and reused when the same tokens come again, compared by value: a
+        sampler's steps (and classifier-free guidance's two batch layouts) pay for it once.
+        The key holds the refiner weights' version counters, so an in-place update (EMA, a
+        loaded state) is never served a stale result.
+        """
+        if self.context_refiner is None:
+            return context
+        if torch.is_grad_enabled():
+            return self.context_refiner(context, mask)
+        weights = tuple(p._version for p in self.context_refiner.parameters())  # in-place edits
+        key = (context.shape, context.dtype, context.device, torch.is_autocast_enabled(), weights)
+        for k, c, m, out in self._refined:
+            if k == key and torch.equal(c, context) and _same_mask(m, mask):
+                return out
+        out = self.context_refiner(context, mask)
+        self._refined = [*self._refined[-1:], (key, context, mask, out)]
+        return out
+
+
+def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 def count_parameters(module: nn.Module) -> int:

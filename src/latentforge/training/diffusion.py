@@ -305,7 +305,8 @@ def init_from_folder(model: torch.nn.Module, meta: dict, folder: str) -> dict:
     mask and masked image of --task inpaint, the low-res image of --task superres) keeps the
     source's kernels for the first channels and zeros for the new ones, so the initial model
     computes exactly what the source did, whatever the extra channels hold (super-resolution's
-    noise-level MLP, which no plain model has, keeps its fresh init). The source must
+    noise-level MLP, which no plain model has, keeps its fresh init, and so does a context
+    refiner the source lacks, which starts as the identity). The source must
     predict the same target (eps / v / x0) and live in the same space (pixels or latents).
     """
     from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict
@@ -337,8 +338,10 @@ def init_from_folder(model: torch.nn.Module, meta: dict, folder: str) -> dict:
     ):
         widened = new.shape[1] - w.shape[1]
         state[conv] = torch.cat([w, w.new_zeros(w.shape[0], widened, *w.shape[2:])], 1)
-    # modules the source cannot have (super-resolution's noise-level MLP) keep their init
-    fresh = [k for k in own if k.startswith("noise_level_embedding.") and k not in state]
+    # modules the source may lack (super-resolution's noise-level MLP, a context refiner)
+    # keep their init; both start neutral (the refiner as the identity)
+    new_modules = ("noise_level_embedding.", "context_refiner.", "unet.context_refiner.")
+    fresh = [k for k in own if k.startswith(new_modules) and k not in state]
     state.update({k: own[k] for k in fresh})
     load_state_strict(model, state, what)
     return {
