@@ -43,7 +43,7 @@ def _images(n: int = 4, size: int = 32) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize(("name", "f"), [("f4-tiny", 4), ("f8-tiny", 8)])
+@pytest.mark.parametrize(("name", "f"), [("f4-tiny", 4), ("f4c8-tiny", 4), ("f8-tiny", 8)])
 def test_shapes(name: str, f: int) -> None:
     vae = _model(vae_preset(name))
     assert vae.downsample_factor == f
@@ -59,7 +59,7 @@ def test_shapes(name: str, f: int) -> None:
 
 
 def test_tiny_presets_are_tiny() -> None:
-    for name in ("f4-tiny", "f8-tiny"):
+    for name in ("f4-tiny", "f4c8-tiny", "f8-tiny"):
         with torch.device("meta"):
             vae = AutoencoderKL(vae_preset(name))
         assert sum(p.numel() for p in vae.parameters()) < 700_000
