@@ -164,7 +164,8 @@ def test_init_from_widens_conv_in_with_zeros_so_the_inpainter_starts_as_its_sour
     sigma, labels = torch.tensor([0.5, 2.0, 10.0]), torch.tensor([1, 7, 10])
     want = base.denoiser(x, sigma, class_labels=labels)
     got = trainer.denoiser(x, sigma, class_labels=labels, concat=concat)
-    assert torch.allclose(got, want, atol=1e-5)
+    # the loaded base runs channels-last, the trainer NCHW: equal up to float rounding
+    assert torch.allclose(got, want, atol=1e-4)
     # and the EMA (what the model folder saves) starts from the same weights
     assert torch.equal(trainer.ema.unet.conv_in.weight, w)
     # a super-resolution model from it: the noise-level MLP is new and keeps its init

@@ -139,7 +139,15 @@ def load_vae(path: str | Path) -> tuple[nn.Module, dict]:
     load_state_strict(vae, state, "VAE")
     if meta.get("latent_rgb"):
         vae.latent_rgb = torch.tensor(meta["latent_rgb"])
-    return vae.eval().requires_grad_(False), meta
+    return channels_last(vae.eval().requires_grad_(False)), meta
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Convolution weights in NHWC order, the layout oneDNN's CPU kernels run fastest (the
+    activations follow): 1.37x the images/s of the embedded model in batches of 64, its
+    VAE decode 1.6x (bench/, docs/text-to-image.md). Results match the NCHW layout to float
+    rounding; a loaded model is deterministic either way."""
+    return module.to(memory_format=torch.channels_last)
 
 
 def load_diffusion_model(path: str | Path | None = None) -> LoadedModel:
@@ -150,7 +158,10 @@ def load_diffusion_model(path: str | Path | None = None) -> LoadedModel:
         raise UserError(f"{folder}: model kind {meta.get('kind')!r} is not a diffusion model")
     state, _ = open_safetensors(folder / MODEL_WEIGHTS)
     model = LoadedModel(
-        build_denoiser(meta, state), meta, folder, _file_digest(folder / MODEL_WEIGHTS)
+        channels_last(build_denoiser(meta, state)),
+        meta,
+        folder,
+        _file_digest(folder / MODEL_WEIGHTS),
     )
     if meta.get("latent"):
         model.vae, _ = load_vae(folder / meta["latent"].get("vae", "vae"))
