@@ -224,6 +224,15 @@ def test_interpolate_and_walk_frames(digits):
     assert mixed.shape == (3, 1, 16, 16)
     last = generate(digits, seed=4, labels=[5], steps=2, sampler="ddim", guidance=2.0)
     assert torch.allclose(mixed[2:], last, atol=1e-5)
+    # a guidance interval reaches the walk: its end frame is generate's with the same interval
+    kw = dict(steps=4, guidance=4.0, guidance_interval=(1.0, 20.0))
+    limited = walk(digits, 3, 4, frames=2, labels_a=2, labels_b=5, **kw)
+    want = generate(digits, seed=4, labels=[5], sampler="ddim", **kw)
+    assert torch.allclose(limited[1:], want, atol=1e-5)
+    every = generate(digits, seed=4, labels=[5], sampler="ddim", steps=4, guidance=4.0)
+    assert not torch.allclose(want, every, atol=1e-3)  # the interval changed something
+    again = interpolate(digits, a, b, frames=2, labels_a=1, labels_b=7, **kw)
+    assert again.shape == (2, 1, 16, 16)
 
 
 # ----- CLI -------------------------------------------------------------------------------------
@@ -263,6 +272,8 @@ def test_cli_commands_write_files(tiny_digits_model, files, tmp_path):
     with Image.open(gif) as im:
         assert im.n_frames == 3 and im.width >= 200  # scaled up, nearest
     assert main(["interpolate", "--seeds", "1", "2", "--frames", "2", *m, "--out", str(out)]) == 0
+    assert main(["interpolate", "--seeds", "1", "2", "--frames", "2", "--guidance", "3",
+                 "--guidance-interval", "1", "inf", *m, "--out", str(out)]) == 0  # fmt: skip
 
 
 def test_cli_bad_input_is_one_line_exit_2(tiny_digits_model, files, tmp_path, capsys):

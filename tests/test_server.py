@@ -303,8 +303,12 @@ def test_guidance_interval_request(client):
     image = part["images"][0]["png"]
     edit = wait(client, submit(client, "img2img", **body, image=image, guidance_interval=[0.5, 9]))
     assert edit["status"] == "done", edit["error"]
+    walk = wait(client, submit(client, "interpolate", seed_a=1, seed_b=2, frames=2, steps=2,
+                               guidance=3.0, guidance_interval=[0.5, 9]))  # fmt: skip
+    assert walk["status"] == "done", walk["error"]
+    assert walk["images"][0]["parameters"]["guidance_interval"] == [0.5, 9.0]
     bad = client.post(
-        "/v1/interpolate", json={"seed_a": 1, "seed_b": 2, "guidance_interval": [1, 2]}
+        "/v1/interpolate", json={"seed_a": 1, "seed_b": 2, "guidance_interval": [2, 1]}
     )
     assert field_of(bad) == ["guidance_interval"]
 

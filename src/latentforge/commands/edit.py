@@ -152,11 +152,12 @@ def _label_or_prompt(model, label: str | None, prompt: str | None) -> tuple[int 
     default=None,
     help="classifier-free guidance (default 1 for images, model default for seeds)",
 )
+@guidance_interval_option
 @click.option("--ms-per-frame", type=click.IntRange(min=10), default=120, show_default=True)
 @click.option("--out", default="walk.gif", show_default=True, type=click.Path(dir_okay=False),
               help=".gif: an animation; otherwise a PNG strip")  # fmt: skip
 def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, model_dir, steps,
-                spacing, guidance, ms_per_frame, out) -> None:  # fmt: skip
+                spacing, guidance, guidance_interval, ms_per_frame, out) -> None:  # fmt: skip
     """Morph image A into image B (DDIM inversion + slerp), or walk between two --seeds."""
     from ..io.images import save_gif, save_grid
     from ..pipelines import interpolate as pipe
@@ -168,7 +169,7 @@ def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, mod
     la, pa = _label_or_prompt(model, label_a, prompt_a)
     lb, pb = _label_or_prompt(model, label_b, prompt_b)
     kw = {"frames": frames, "labels_a": la, "labels_b": lb, "prompts_a": pa, "prompts_b": pb,
-          "steps": steps, "spacing": spacing}  # fmt: skip
+          "steps": steps, "spacing": spacing, "guidance_interval": guidance_interval}  # fmt: skip
     if seeds:
         result = pipe.walk(model, *seeds, guidance=guidance, **kw)
     else:

@@ -16,6 +16,8 @@ linear blend classifier-free guidance uses). Frames at t = 0 and t = 1 use one c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -67,17 +69,23 @@ class MixedCondDenoiser(nn.Module):
 
 
 def _mixed_conditioning(
-    model: LoadedModel, weights: torch.Tensor, guidance: float, labels: list, prompts: list
+    model: LoadedModel,
+    weights: torch.Tensor,
+    guidance: float,
+    labels: list,
+    prompts: list,
+    interval: Sequence[float | None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """The denoiser and cond for frames blending condition a (labels[0], prompts[0]) into
     condition b; a single condition when the two are the same."""
     n = len(weights)
     if labels[0] == labels[1] and prompts[0] == prompts[1]:
-        return conditioning(model, n, labels=labels[:1], prompts=prompts[:1], guidance=guidance)
+        return conditioning(model, n, labels=labels[:1], prompts=prompts[:1], guidance=guidance,
+                            guidance_interval=interval)  # fmt: skip
     # 2n rows (n of a, then n of b), so a CFG wrapper's unconditional rows match the batch
     denoiser, cond = conditioning(
         model, 2 * n, labels=[labels[0]] * n + [labels[1]] * n,
-        prompts=[prompts[0]] * n + [prompts[1]] * n, guidance=guidance,
+        prompts=[prompts[0]] * n + [prompts[1]] * n, guidance=guidance, guidance_interval=interval,
     )  # fmt: skip
     if not cond:  # an unconditional model: nothing to blend
         return denoiser, {}
@@ -101,6 +109,7 @@ def invert(
     prompts: list[str] | None = None,
     spacing: str | None = None,
     guidance: float = 1.0,
+    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion: images (B, C, H, W) in [-1, 1] -> x at the schedule's top
@@ -110,8 +119,9 @@ def invert(
     images = batch_images(images, 1, model.output_shape)
     upward = make_sigmas(model, steps, spacing)[:-1].flip(0)  # sigma_min ... sigma_max
     denoiser, cond = conditioning(
-        model, images.shape[0], labels=labels, prompts=prompts, guidance=guidance
-    )
+        model, images.shape[0], labels=labels, prompts=prompts, guidance=guidance,
+        guidance_interval=guidance_interval,
+    )  # fmt: skip
     z = model.encode(images)
     return sampling.sample(ODE_SAMPLER, denoiser, z, upward, cond=cond, callback=callback)
 
@@ -126,14 +136,17 @@ def decode_noise(
     prompts: list[str] | None = None,
     spacing: str | None = None,
     guidance: float = 1.0,
+    guidance_interval: Sequence[float | None] | None = None,
     sampler: str = ODE_SAMPLER,
     callback: sampling.Callback = None,
 ) -> torch.Tensor:
     """The inverse of `invert`: DDIM from x at the top level down to images in [-1, 1]."""
     _, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     sigmas = make_sigmas(model, steps, spacing)
-    denoiser, cond = conditioning(model, x.shape[0], labels=labels, prompts=prompts,
-                                  guidance=guidance)  # fmt: skip
+    denoiser, cond = conditioning(
+        model, x.shape[0], labels=labels, prompts=prompts, guidance=guidance,
+        guidance_interval=guidance_interval,
+    )  # fmt: skip
     out = sampling.sample(sampler, denoiser, x, sigmas, cond=cond, callback=callback)
     return model.decode(out).clamp(-1, 1)
 
@@ -149,12 +162,13 @@ def _walk_frames(
     labels: list,
     prompts: list,
     callback: sampling.Callback,
+    interval: Sequence[float | None] | None,
 ) -> torch.Tensor:
     """Slerp x_a -> x_b (each (1, ...)) over `frames` steps and sample every frame with the
     deterministic `sampler`, conditioning blended a -> b; returns (frames, C, H, W)."""
     t = torch.linspace(0, 1, frames, dtype=torch.float64)
     x = slerp(x_a.expand(frames, *x_a.shape[1:]), x_b.expand(frames, *x_b.shape[1:]), t)
-    denoiser, cond = _mixed_conditioning(model, t, guidance, labels, prompts)
+    denoiser, cond = _mixed_conditioning(model, t, guidance, labels, prompts, interval)
     out = sampling.sample(sampler, denoiser, x, sigmas, cond=cond, callback=callback)
     return model.decode(out).clamp(-1, 1)
 
@@ -173,6 +187,7 @@ def interpolate(
     steps: int | None = None,
     spacing: str | None = None,
     guidance: float = 1.0,
+    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
 ) -> torch.Tensor:
     """Frames (frames, C, H, W) in [-1, 1] morphing image_a into image_b: DDIM-invert both
@@ -181,12 +196,14 @@ def interpolate(
     two images (up to the ODE solver's error)."""
     _check_frames(frames)
     _, steps, guidance = sampling_defaults(model, ODE_SAMPLER, steps, guidance)
-    kw = {"steps": steps, "spacing": spacing, "guidance": guidance}
+    kw = {"steps": steps, "spacing": spacing, "guidance": guidance,
+          "guidance_interval": guidance_interval}  # fmt: skip
     x_a = invert(model, image_a, labels=[labels_a], prompts=[prompts_a or ""], **kw)
     x_b = invert(model, image_b, labels=[labels_b], prompts=[prompts_b or ""], **kw)
     return _walk_frames(
         model, x_a[:1], x_b[:1], frames, make_sigmas(model, steps, spacing), ODE_SAMPLER,
         guidance, [labels_a, labels_b], [prompts_a or "", prompts_b or ""], callback,
+        guidance_interval,
     )  # fmt: skip
 
 
@@ -205,6 +222,7 @@ def walk(
     steps: int | None = None,
     spacing: str | None = None,
     guidance: float | None = None,
+    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
 ) -> torch.Tensor:
     """A latent walk (frames, C, H, W): the prior noises of `generate` for seed_a and seed_b,
@@ -222,5 +240,5 @@ def walk(
     )
     return _walk_frames(
         model, x_a, x_b, frames, sigmas, sampler, guidance, [labels_a, labels_b],
-        [prompts_a or "", prompts_b or ""], callback,
+        [prompts_a or "", prompts_b or ""], callback, guidance_interval,
     )  # fmt: skip

@@ -347,8 +347,6 @@ def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: Serv
     fn = _pipeline(("interpolate",), "interpolate" if with_images else "walk", "interpolation")
     # between images: deterministic DDIM inversion, guidance 1 unless asked (as the CLI does)
     p = _Prepared(req, store, config, guidance=1.0 if with_images else None)
-    if req.guidance_interval is not None:
-        raise FieldError("guidance_interval", "interpolation guides every step; leave it out")
     if with_images and req.sampler not in (None, "ddim"):
         raise FieldError("sampler", "interpolation between images uses the ddim sampler")
     if not with_images and p.sampler in sampling.STOCHASTIC:
@@ -369,6 +367,7 @@ def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: Serv
             "steps": p.steps,
             "spacing": p.spacing or None,
             "guidance": p.guidance,
+            "guidance_interval": p.guidance_interval,
             "callback": callback,
             **ends,
         }
