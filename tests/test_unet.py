@@ -119,6 +119,13 @@ def _refined_pair() -> tuple[UNet, UNet]:
     return plain.eval(), refined.eval()
 
 
+def _live_refiner() -> UNet:
+    """A U-Net whose refiner changes the tokens (its output projection no longer zero)."""
+    _, net = _refined_pair()
+    torch.nn.init.normal_(net.context_refiner.proj_out.weight, std=0.1)
+    return net
+
+
 def _context(batch: int = 3, tokens: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ctx = torch.randn(batch, tokens, 16, generator=g)
@@ -140,8 +147,7 @@ def test_a_new_context_refiner_is_the_identity():
 
 
 def test_the_context_refiner_mixes_a_prompts_tokens_and_nothing_else():
-    _, net = _refined_pair()
-    torch.nn.init.normal_(net.context_refiner.proj_out.weight, std=0.1)
+    net = _live_refiner()
     ctx, mask = _context()
     with torch.no_grad():
         out = net.context_refiner(ctx, mask)
@@ -162,8 +168,7 @@ def test_the_context_refiner_mixes_a_prompts_tokens_and_nothing_else():
 
 
 def test_refined_context_is_reused_at_inference_and_never_stale():
-    _, net = _refined_pair()
-    torch.nn.init.normal_(net.context_refiner.proj_out.weight, std=0.1)
+    net = _live_refiner()
     ctx, mask = _context()
     with torch.no_grad():
         first = net.refine_context(ctx, mask)

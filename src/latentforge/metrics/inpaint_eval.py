@@ -233,13 +233,13 @@ def evaluate_inpaint(
     masks = torch.stack([t.mask for t in tasks])[:, None].float()  # (n, 1, H, W)
     cond = _conditioning(model, [t.prompt for t in tasks])
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
-    interval = resolve_guidance_interval(model, guidance_interval)
+    interval = interval_to_json(resolve_guidance_interval(model, guidance_interval))
 
     def run(start: int, stop: int) -> torch.Tensor:
         part = {k: v[start:stop] for k, v in cond.items()}
         return inpaint(
             model, images[start:stop], masks[start:stop], seed=seed + start, sampler=sampler,
-            steps=steps, guidance=guidance, guidance_interval=interval_to_json(interval),
+            steps=steps, guidance=guidance, guidance_interval=interval,
             resample=resample, jump=jump, feather=feather, **part,
         )  # fmt: skip
 
@@ -270,7 +270,7 @@ def evaluate_inpaint(
             sampler=sampler,
             steps=steps,
             guidance=guidance,
-            guidance_interval=interval_to_json(interval),
+            guidance_interval=interval,
             resample=resample,
             jump=jump,
             feather=feather,

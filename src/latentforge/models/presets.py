@@ -57,15 +57,17 @@ class UNetConfig:
         return cls(**d)
 
 
+_TINY = UNetConfig(
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    attention_levels=(False, True, True),
+    num_heads=2,
+    norm_groups=8,
+)
+
 UNET_PRESETS: dict[str, UNetConfig] = {
     # ~1M parameters: trains on digits / shapes on a laptop CPU in minutes.
-    "tiny": UNetConfig(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        attention_levels=(False, True, True),
-        num_heads=2,
-        norm_groups=8,
-    ),
+    "tiny": _TINY,
     # ~8M parameters: better quality for shapes:64 / latent models.
     "small": UNetConfig(
         block_out_channels=(64, 128, 192),
@@ -83,27 +85,12 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         num_heads=(2, 4, 4),
         norm_groups=16,
     ),
-    # ~2M parameters: the embedded text-to-image model (f4 latents of shapes:64, 16x16x4):
-    # small enough for 10 images/s on a 2-core CPU. Cross-attention to the MiniLM tokens at 8x8,
-    # 4x4 and the middle; a learned 16x16 position map tells it where "top left" is.
-    "shapes-t2i-tiny": UNetConfig(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        attention_levels=(False, True, True),
-        num_heads=2,
-        norm_groups=8,
-        position_embedding=16,
-    ),
-    # ~2.3M parameters: `tiny` with a 2-layer context refiner (width 128) over the MiniLM
+    # ~2M parameters: `tiny` (the embedded text-to-image model's U-Net, f4 latents of
+    # shapes:64) plus a learned 16x16 position map telling it where "top left" is.
+    "shapes-t2i-tiny": dataclasses.replace(_TINY, position_embedding=16),
+    # ~2.4M parameters: `tiny` with a 2-layer context refiner (width 128) over the MiniLM
     # tokens, so each object's words meet before cross-attention (two-object attribute binding).
-    "shapes-t2i-bind": UNetConfig(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        attention_levels=(False, True, True),
-        num_heads=2,
-        norm_groups=8,
-        context_refiner=2,
-    ),
+    "shapes-t2i-bind": dataclasses.replace(_TINY, context_refiner=2),
     # ~2.3M parameters: the embedded x4 upscaler (pixels; 3 + 3 input channels). Super-resolution
     # is local: no attention above the 16x16 level of a 64x64 output.
     "shapes-sr": UNetConfig(

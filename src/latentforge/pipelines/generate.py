@@ -144,9 +144,9 @@ def load_vae(path: str | Path) -> tuple[nn.Module, dict]:
 
 def channels_last(module: nn.Module) -> nn.Module:
     """Convolution weights in NHWC order, the layout oneDNN's CPU kernels run fastest (the
-    activations follow): 1.37x the images/s of the embedded model in batches of 64, its
-    VAE decode 1.6x (bench/, docs/text-to-image.md). Results match the NCHW layout to float
-    rounding; a loaded model is deterministic either way."""
+    activations follow): 1.3-1.5x the images/s of the embedded model in batches of 64, its
+    VAE decode 1.6x (docs/text-to-image.md). Results match the NCHW layout to float rounding;
+    a loaded model is deterministic either way."""
     return module.to(memory_format=torch.channels_last)
 
 

@@ -139,21 +139,26 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
         self.setup()  # builds on CPU (same initial weights on every device), then moves
         self.model.to(self.device).train().requires_grad_(True)
+        for module in self.frozen_modules():  # before DDP, which registers the trainable ones
+            module.requires_grad_(False)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.ddp = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused
-        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.step = 0
         self._stop = False
         self._cache = self._maybe_cache_dataset()
 
     def setup(self) -> None:
         raise NotImplementedError
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Parts of self.model that keep their weights (no gradients, not in the optimizer)."""
+        return []
 
     def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         raise NotImplementedError

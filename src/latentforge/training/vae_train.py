@@ -53,14 +53,6 @@ class VAETrainConfig:
 class VAETrainer(Trainer):
     resume_keys = ("data", "preset", "loss", "crop", "init_from", "decoder_only")
 
-    def __init__(self, cfg: VAETrainConfig):
-        super().__init__(cfg)
-        if cfg.decoder_only:  # after the base class made every parameter trainable
-            for module in (self.model.encoder, self.model.quant_conv):
-                module.requires_grad_(False)
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
     def setup(self) -> None:
         from ..models.vae import AutoencoderKL, VAEConfig, vae_preset
 
@@ -102,6 +94,11 @@ class VAETrainer(Trainer):
                 "channels": self.dataset.channels,
             },
         }
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        if self.cfg.decoder_only:  # the latent space stays the source's
+            return [self.model.encoder, self.model.quant_conv]
+        return []
 
     def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         x = batch["image"]
