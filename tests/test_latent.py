@@ -171,6 +171,34 @@ def test_vae_with_patch_discriminator_resumes_exactly(tmp_path, crop):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_edge_map_marks_the_pixels_at_and_next_to_a_step():
+    from latentforge.training.vae_train import edge_map
+
+    x = -torch.ones(2, 3, 8, 8)
+    x[0, 1, 2:5, 3:6] = 1.0  # a green square in one channel
+    x[1, :, :, 4:] = -0.95  # a step below the threshold
+    e = edge_map(x)
+    assert e.shape == (2, 1, 8, 8) and not e[1].any()
+    step = torch.zeros(8, 8)  # pixels on either side of the square's border ...
+    step[2:5, [2, 3, 5, 6]] = 1.0
+    step[[1, 2, 4, 5], 3:6] = 1.0
+    want = torch.nn.functional.max_pool2d(step[None, None], 3, 1, 1)[0, 0]  # ... dilated
+    assert torch.equal(e[0, 0], want)
+
+
+def test_edge_weighted_vae_loss_trains_and_is_resume_checked(tmp_path):
+    def cfg(steps, w):
+        return VAETrainConfig(
+            data="shapes:16", out=str(tmp_path), max_steps=steps, batch_size=2, edge_weight=w,
+            sample_every=0, ckpt_every=1, eval_images=4, quiet=True,
+        )  # fmt: skip
+
+    assert train_vae(cfg(1, 5.0)) == 0
+    with pytest.raises(UserError, match="edge-weight"):
+        train_vae(cfg(2, 0.0), resume=True)
+    assert train_vae(cfg(2, 5.0), resume=True) == 0
+
+
 def test_vae_trains_on_crops_and_evaluates_on_whole_held_out_images(tmp_path, monkeypatch):
     from latentforge.models.vae import AutoencoderKL
     from latentforge.training.data import load_dataset

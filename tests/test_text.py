@@ -139,8 +139,96 @@ def test_guidance_interval_bad_values_are_clear_errors(value, message):
     assert parse_interval((0, None)) is None and parse_interval((0.5, None)) == (0.5, float("inf"))
 
 
-@pytest.mark.parametrize("cache_images", [False, True])
-def test_cached_caption_table_matches_the_live_encoder(tmp_path, monkeypatch, cache_images):
+@pytest.mark.parametrize(
+    "text, phrases",
+    [
+        ("a small red circle in the top left above a blue square on a green background",
+         ["a small red circle in the top left", "above", "a blue square",
+          "on a green background"]),
+        ("a small black square in the top left left of a green triangle in the top right",
+         ["a small black square in the top left", "left of", "a green triangle in the top right"]),
+        ("a blue background with a big star to the right of a tiny disc",
+         ["a blue background", "a big star", "to the right of", "a tiny disc"]),
+        ("a tiny crimson disc at the upper left, azure backdrop",
+         ["a tiny crimson disc at the upper left", "azure backdrop"]),
+        ("A red star on top of a box.", ["A red star", "on top of", "a box"]),
+        ("a red circle in the top left of the image",
+         ["a red circle in the top left of the image"]),
+        ("  ,, and ", []),
+        ("", []),
+    ],
+)  # fmt: skip
+def test_phrase_spans(text, phrases):
+    from latentforge.models.text import phrase_spans
+
+    assert [text[a:b] for a, b in phrase_spans(text)] == phrases
+
+
+def test_phrase_slots_are_the_means_of_their_phrases_tokens():
+    """MiniLM with phrase slots: the token states are the plain encoder's; slot k is the mean of
+    the k-th phrase's token states; missing phrases (and those cut off by truncation) are zero
+    slots, masked; the batch-longest path used for caching gives the same real states."""
+    from latentforge.models.text import MiniLMEncoder, build_text_encoder
+
+    enc = build_text_encoder({"type": "minilm", "max_length": 16, "phrases": 3})
+    plain = MiniLMEncoder(max_length=16)
+    assert enc.spec == {"type": "minilm", "max_length": 16, "phrases": 3}
+    assert enc.context_length == 19
+    long = " ".join(f"w{i}" for i in range(14)) + " and fifteen"  # the second phrase is cut
+    prompts = ["a red circle above a blue square in the top left", "a star", "", long]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the last prompt is truncated
+        hidden, mask = enc.encode(prompts)
+        ref, ref_mask = plain.encode(prompts)
+        short, short_mask = enc._encode(prompts, longest=True)
+    assert hidden.shape == (4, 19, 384)
+    assert torch.equal(hidden[:, :16], ref) and torch.equal(mask[:, :16], ref_mask)
+    assert mask[:, 16:].tolist() == [[True] * 3, [True, False, False], [False] * 3,
+                                     [True, False, False]]  # fmt: skip
+    assert not hidden[:, 16:][~mask[:, 16:]].any()
+    # tokens 1..3 "a red circle", 4 "above", 5..11 "a blue square in the top left"
+    for k, (lo, hi) in enumerate([(1, 4), (4, 5), (5, 12)]):
+        torch.testing.assert_close(hidden[0, 16 + k], ref[0, lo:hi].mean(0))
+    torch.testing.assert_close(short[short_mask], hidden[mask], atol=1e-5, rtol=1e-5)
+    # phrase_only: the mean of the real tokens' states, then the same phrase slots
+    only = build_text_encoder({"type": "minilm", "max_length": 16, "phrases": 3,
+                               "phrase_only": True})  # fmt: skip
+    assert only.context_length == 4 and only.spec["phrase_only"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h_only, m_only = only.encode(prompts)
+    assert torch.equal(m_only[:, 0], torch.ones(4, dtype=torch.bool))
+    assert torch.equal(h_only[:, 1:], hidden[:, 16:]) and torch.equal(m_only[:, 1:], mask[:, 16:])
+    for b in range(4):
+        torch.testing.assert_close(h_only[b, 0], ref[b][ref_mask[b]].mean(0))
+    with pytest.raises(UserError, match="phrases"):
+        MiniLMEncoder(phrases=-1)
+    with pytest.raises(UserError, match="phrases > 0"):
+        MiniLMEncoder(phrase_only=True)
+
+
+def test_a_model_with_phrase_slots_round_trips(tmp_path):
+    """--text-phrases: the spec goes into model.json, the loaded model's encoder has the slots,
+    generation runs, and --resume refuses another slot count."""
+    base = {"data": "shapes:16", "out": str(tmp_path), "cond": "text", "max_steps": 1,
+            "batch_size": 2, "sample_every": 0, "quiet": True}  # fmt: skip
+    assert train_diffusion(TrainConfig(text_phrases=2, **base)) == 0
+    model = load_diffusion_model(tmp_path)
+    assert model.meta["text_encoder"]["phrases"] == 2
+    assert model.text_encoder.context_length == 34
+    out = generate(model, prompts=["a red circle and a blue star"], num=1, steps=2, seed=0)
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+    with pytest.raises(UserError, match="text-phrases"):
+        train_diffusion(TrainConfig(text_phrases=3, **{**base, "max_steps": 2}), resume=True)
+
+
+@pytest.mark.parametrize(
+    "cache_images, phrases, only", [(False, 0, False), (True, 0, False), (True, 3, False),
+                                    (True, 3, True)]
+)  # fmt: skip
+def test_cached_caption_table_matches_the_live_encoder(
+    tmp_path, monkeypatch, cache_images, phrases, only
+):
     """--cache-text: every caption encoded once before training (float16 table); a step's
     context equals the live encoder's to float16 precision, dropped captions are the empty
     prompt, and no step calls the encoder."""
@@ -151,9 +239,11 @@ def test_cached_caption_table_matches_the_live_encoder(tmp_path, monkeypatch, ca
         monkeypatch.setattr(loop, "CACHE_ELEMENTS", 0)
     cfg = TrainConfig(
         data="shapes:16:40", out=str(tmp_path), cond="text", cache_text=True, max_steps=2,
-        batch_size=8, label_dropout=0.5, sample_every=0, quiet=True,
+        batch_size=8, label_dropout=0.5, sample_every=0, quiet=True, text_phrases=phrases,
+        text_phrase_only=only,
     )  # fmt: skip
     trainer = DiffusionTrainer(cfg)
+    assert trainer.text_encoder.phrases == phrases
     assert (trainer._cache is not None) == cache_images
     table = trainer._text_table
     assert table["rows"].shape == (40,) and table["hidden"].dtype == torch.float16

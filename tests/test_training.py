@@ -74,6 +74,21 @@ def test_refuses_to_overwrite_and_checks_resume_config(tmp_path):
         train_diffusion(_cfg(tmp_path, max_steps=4, preset="small"), resume=True)
 
 
+def test_resume_reads_a_setting_newer_than_the_checkpoint_as_its_default(tmp_path):
+    """A checkpoint written before a resume-checked setting existed resumes when the setting is
+    at its default, and is refused otherwise."""
+    import json
+
+    train_diffusion(_cfg(tmp_path, max_steps=2, ckpt_every=2))
+    state = next((tmp_path / "checkpoints").glob("step-*")) / "state.json"
+    data = json.loads(state.read_text())
+    del data["config"]["text_phrases"]
+    state.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="text-phrases"):
+        train_diffusion(_cfg(tmp_path, max_steps=3, text_phrases=2), resume=True)
+    assert train_diffusion(_cfg(tmp_path, max_steps=3), resume=True) == 0
+
+
 def test_grad_accumulation_and_batch_sharding(tmp_path):
     trainer = Trainer(_cfg(tmp_path, grad_accum=2))
     seen = torch.cat([trainer._indices(s, m) for s in range(3) for m in range(2)])

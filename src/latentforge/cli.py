@@ -58,6 +58,13 @@ def train() -> None:
               help="store the --cache-latents / --cache-text tables here and reuse them (resume, "
                    "other runs on the same data, VAE and text encoder)")  # fmt: skip
 @click.option("--text-encoder", type=click.Choice(["minilm"]), default="minilm", show_default=True)
+@click.option("--text-phrases", type=click.IntRange(min=0), default=0, show_default=True,
+              help="phrase slots after the text tokens: the mean state of each phrase of the "
+                   "prompt (an object with its colour, size and place), so cross-attention "
+                   "sees each object bound in one key (0: tokens only)")  # fmt: skip
+@click.option("--text-phrase-only", is_flag=True,
+              help="with --text-phrases: condition on the phrase slots and the prompt's mean "
+                   "state alone, without the token states")  # fmt: skip
 @click.option("--task", type=click.Choice(["generate", "superres", "inpaint"]), default="generate",
               show_default=True, help="superres / inpaint: an image-conditioned model")  # fmt: skip
 @click.option("--scale", type=click.Choice(["2", "4"]), default="4", show_default=True,
@@ -96,6 +103,9 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
                                       "--max-steps (may change on --resume)")  # fmt: skip
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-6, show_default=True)
 @click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--edge-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="extra weight of the reconstruction loss on and next to the target's edges "
+                   "(pixels weigh 1 + this there; small shapes are mostly edge)")  # fmt: skip
 @click.option(
     "--disc-start",
     type=click.IntRange(min=0),

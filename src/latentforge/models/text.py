@@ -8,6 +8,7 @@ CLIP text model + tokenizer from local folders (what Stable Diffusion uses). Not
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -18,11 +19,22 @@ from ..errors import UserError
 
 
 class TextEncoder(nn.Module):
-    """encode(prompts) -> (hidden (B, T, D) float32, mask (B, T) bool, True = real token)."""
+    """encode(prompts) -> (hidden (B, T, D) float32, mask (B, T) bool, True = real token).
+
+    T is `context_length`: the max_length token states, then `phrases` phrase slots when the
+    encoder has them; with `phrase_only`, the prompt's mean state and the phrase slots alone
+    (see `pool_phrases`).
+    """
 
     dim: int
     max_length: int
     spec: dict
+    phrases: int = 0
+    phrase_only: bool = False
+
+    @property
+    def context_length(self) -> int:
+        return 1 + self.phrases if self.phrase_only else self.max_length + self.phrases
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,8 +123,12 @@ def minilm_folder() -> Path:
 class MiniLMEncoder(TextEncoder):
     """all-MiniLM-L6-v2 (Wang et al. 2020; sentence-transformers): 6 layers, 384-d tokens."""
 
-    def __init__(self, max_length: int = 32):
+    def __init__(self, max_length: int = 32, phrases: int = 0, phrase_only: bool = False):
         super().__init__()
+        if phrases < 0:
+            raise UserError(f"phrases must be >= 0, got {phrases}")
+        if phrase_only and not phrases:
+            raise UserError("phrase_only needs phrases > 0")
         tf = _transformers()
         folder = minilm_folder()
         self.tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -120,8 +136,12 @@ class MiniLMEncoder(TextEncoder):
         self.model = tf.AutoModel.from_pretrained(folder, local_files_only=True).float().eval()
         self.model.requires_grad_(False)
         self.dim = self.model.config.hidden_size
-        self.max_length = max_length
+        self.max_length, self.phrases, self.phrase_only = max_length, phrases, phrase_only
         self.spec = {"type": "minilm", "max_length": max_length}
+        if phrases:
+            self.spec["phrases"] = phrases
+        if phrase_only:
+            self.spec["phrase_only"] = True
 
     def _encode(self, prompts, longest: bool = False):
         """longest: pad only to the batch's longest prompt, then with zeros (mask False) to
@@ -135,7 +155,49 @@ class MiniLMEncoder(TextEncoder):
             extra = self.max_length - hidden.shape[1]
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, extra))
             mask = torch.nn.functional.pad(mask, (0, extra))
+        if self.phrases:
+            hidden, mask = self.pool_phrases(prompts, hidden, mask)
         return hidden, mask
+
+    def pool_phrases(
+        self, prompts: list[str], hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `phrases` slots to (max_length) token states: slot k is the mean of the states
+        of the tokens in the prompt's k-th phrase (`phrase_spans`); slots past the last phrase
+        are zeros, masked out. With `phrase_only` the token states are replaced by one slot,
+        the mean of all real tokens' states ([CLS] and [SEP] included, so the empty prompt has
+        one), before the phrase slots.
+
+        MiniLM's token for a noun barely depends on its adjectives (its "circle" is 0.993-cosine
+        the same whatever the colour), so with tokens alone cross-attention has to bind "red"
+        to "circle" by position. A phrase's mean holds its colour, shape, size and place in one
+        vector: each object of a scene is one key, bound before the U-Net sees it (the chunking
+        idea of StructureDiffusion, Feng et al. 2023, as extra keys rather than a parser)."""
+        offsets = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length,
+            return_offsets_mapping=True,
+        )["offset_mapping"]  # fmt: skip
+        B, T = mask.shape[0], self.max_length
+        weights = torch.zeros(B, self.phrases, T)
+        for b, (prompt, offs) in enumerate(zip(prompts, offsets, strict=True)):
+            spans = phrase_spans(prompt)[: self.phrases]
+            for t, (start, end) in enumerate(offs[:T]):
+                if end <= start:  # [CLS], [SEP], padding
+                    continue
+                for k, (lo, hi) in enumerate(spans):
+                    if lo <= start and end <= hi:
+                        weights[b, k, t] = 1.0
+                        break
+        counts = weights.sum(-1, keepdim=True)
+        weights = weights / counts.clamp(min=1)
+        pooled = weights.to(hidden) @ hidden[:, :T]
+        slot_mask = (counts[..., 0] > 0).to(mask.device)
+        if self.phrase_only:
+            real = mask[:, :T, None].to(hidden)
+            sentence = (hidden[:, :T] * real).sum(1, keepdim=True) / real.sum(1, keepdim=True)
+            head = torch.ones_like(mask[:, :1])
+            return torch.cat([sentence, pooled], 1), torch.cat([head, slot_mask], 1)
+        return torch.cat([hidden[:, :T], pooled], 1), torch.cat([mask[:, :T], slot_mask], 1)
 
 
 class CLIPTextEncoder(TextEncoder):
@@ -189,11 +251,70 @@ class CLIPTextEncoder(TextEncoder):
         return hidden.float(), mask if self.use_mask else torch.ones_like(mask)
 
 
+# ----- phrases -------------------------------------------------------------------------------
+# A shallow chunker: a prompt splits at punctuation, at conjunctions (dropped) and at spatial
+# relations (kept as phrases of their own), and a phrase also ends before "on" ("... on a blue
+# background"). Longest relations first, so "to the left of" wins over "left of".
+_CONJUNCTIONS = {"and", "with", "plus", "while"}
+_RELATIONS = sorted(
+    [("to", "the", "left", "of"), ("to", "the", "right", "of"), ("on", "top", "of"),
+     ("in", "front", "of"), ("next", "to"), ("left", "of"), ("right", "of"), ("above",),
+     ("below",), ("over",), ("under",), ("underneath",), ("beneath",), ("beside",),
+     ("behind",)],
+    key=len, reverse=True,
+)  # fmt: skip
+_OPENERS = {"on"}
+_IMAGE_NOUNS = {"image", "picture", "frame", "canvas", "scene", "photo"}  # "top left of the image"
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*|[,;:.!?]")
+
+
+def phrase_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the phrases of `text`, in order.
+
+    "a small red circle in the top left above a blue square on a green background" ->
+    "a small red circle in the top left", "above", "a blue square", "on a green background".
+    """
+    words = [(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+    spans: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    i = 0
+    while i < len(words):
+        word, start, end = words[i]
+        relation = next(
+            (
+                r
+                for r in _RELATIONS
+                if tuple(w for w, _, _ in words[i : i + len(r)]) == r
+                and not (
+                    r[0] in ("left", "right")
+                    and any(w in _IMAGE_NOUNS for w, _, _ in words[i + len(r) : i + len(r) + 2])
+                )
+            ),
+            None,
+        )
+        if relation or word in _CONJUNCTIONS or not word[0].isalnum() or word in _OPENERS:
+            if current is not None:
+                spans.append(current)
+            current = None
+        if relation:
+            spans.append((start, words[i + len(relation) - 1][2]))
+            i += len(relation)
+            continue
+        if word[0].isalnum() and word not in _CONJUNCTIONS:
+            current = (current[0] if current else start, end)
+        i += 1
+    if current is not None:
+        spans.append(current)
+    return spans
+
+
 def build_text_encoder(spec: dict, folder: str | Path | None = None) -> TextEncoder:
     """From a model folder's `text_encoder` block; CLIP paths are relative to `folder`."""
     kind = spec.get("type")
     if kind == "minilm":
-        return MiniLMEncoder(spec.get("max_length", 32))
+        return MiniLMEncoder(
+            spec.get("max_length", 32), spec.get("phrases", 0), spec.get("phrase_only", False)
+        )
     if kind == "clip":
         base = Path(folder or ".")
         return CLIPTextEncoder(

@@ -13,7 +13,10 @@ from .loop import Trainer
 
 
 class DiffusionTrainer(Trainer):
-    resume_keys = ("data", "preset", "cond", "prediction", "beta_schedule", "vae")
+    resume_keys = (
+        "data", "preset", "cond", "prediction", "beta_schedule", "vae", "text_phrases",
+        "text_phrase_only",
+    )  # fmt: skip
 
     def setup(self) -> None:
         from ..pipelines.generate import build_denoiser, load_vae
@@ -34,7 +37,10 @@ class DiffusionTrainer(Trainer):
         if cfg.cond == "text":
             from ..models.text import build_text_encoder
 
-            self.text_encoder = build_text_encoder({"type": cfg.text_encoder})
+            self.text_encoder = build_text_encoder(
+                {"type": cfg.text_encoder, "phrases": cfg.text_phrases,
+                 "phrase_only": cfg.text_phrase_only}
+            )  # fmt: skip
         if self.vae is not None:
             self.vae.to(self.device)
         if self.text_encoder is not None:
@@ -203,10 +209,10 @@ class DiffusionTrainer(Trainer):
         row = {c: i for i, c in enumerate(distinct)}
         # Batches of similar length, each padded only to its longest caption (half the cost).
         order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
-        hidden = torch.empty(len(distinct), self.text_encoder.max_length, self.text_encoder.dim,
-                             dtype=torch.float16, device=self.device)  # fmt: skip
-        masks = torch.zeros(len(distinct), self.text_encoder.max_length, dtype=torch.bool,
-                            device=self.device)  # fmt: skip
+        length = self.text_encoder.context_length
+        hidden = torch.empty(len(distinct), length, self.text_encoder.dim, dtype=torch.float16,
+                             device=self.device)  # fmt: skip
+        masks = torch.zeros(len(distinct), length, dtype=torch.bool, device=self.device)
         quiet = self.cfg.quiet or self.rank != 0
         for start in tqdm(range(0, len(distinct), 512), desc="encoding captions", disable=quiet):
             idx = order[start : start + 512]

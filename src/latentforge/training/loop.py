@@ -75,6 +75,8 @@ class TrainConfig:
     cache_text: bool = False  # text models: encode every training caption once, not per step
     cache_dir: str | None = None  # keep the --cache-latents / --cache-text tables on disk here
     text_encoder: str = "minilm"
+    text_phrases: int = 0  # phrase slots after the text encoder's tokens (models/text.py)
+    text_phrase_only: bool = False  # the phrase slots and the prompt's mean state, no tokens
     quiet: bool = False
     task: str = "generate"  # generate | superres | inpaint (training/tasks.py)
     scale: int = 4  # superres: the upscaling factor, 2 or 4
@@ -305,7 +307,9 @@ class Trainer:
             return False
         last = found[-1]
         state = json.loads((last / "state.json").read_text())
-        old = state["config"]
+        # a key newer than the checkpoint had its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
+        old = {**defaults, **state["config"]}
         for key in self.resume_keys:
             if old.get(key) != getattr(self.cfg, key):
                 raise UserError(
