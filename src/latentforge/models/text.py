@@ -58,10 +58,10 @@ class TextEncoder(nn.Module):
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _tokenize(self, prompts: list[str], padding: str = "max_length") -> dict:
+    def _tokenize(self, prompts: list[str], padding: str = "max_length", **kw) -> dict:
         tok = self.tokenizer(
             prompts, padding=padding, truncation=True, max_length=self.max_length,
-            return_tensors="pt",
+            return_tensors="pt", **kw,
         )  # fmt: skip
         # Only prompts that fill every position can have been cut: re-tokenize just those.
         full = [
@@ -148,7 +148,11 @@ class MiniLMEncoder(TextEncoder):
         max_length. The real tokens' states are the same (padding is masked out of MiniLM's
         attention) at a fraction of the cost; the padded rows differ, so only for consumers
         that honour the mask, as our U-Net does."""
-        tok = self._tokenize(prompts, "longest" if longest else "max_length").to(self.model.device)
+        padding = "longest" if longest else "max_length"
+        # phrase slots map tokens to characters: offsets from the same tokenization
+        tok = self._tokenize(prompts, padding, return_offsets_mapping=bool(self.phrases))
+        offsets = tok.pop("offset_mapping", None)
+        tok = tok.to(self.model.device)
         out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         hidden, mask = out.last_hidden_state.float(), tok["attention_mask"].bool()
         if longest and hidden.shape[1] < self.max_length:
@@ -156,11 +160,15 @@ class MiniLMEncoder(TextEncoder):
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, extra))
             mask = torch.nn.functional.pad(mask, (0, extra))
         if self.phrases:
-            hidden, mask = self.pool_phrases(prompts, hidden, mask)
+            hidden, mask = self.pool_phrases(prompts, offsets.tolist(), hidden, mask)
         return hidden, mask
 
     def pool_phrases(
-        self, prompts: list[str], hidden: torch.Tensor, mask: torch.Tensor
+        self,
+        prompts: list[str],
+        offsets: list[list[tuple[int, int]]],
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `phrases` slots to (max_length) token states: slot k is the mean of the states
         of the tokens in the prompt's k-th phrase (`phrase_spans`); slots past the last phrase
@@ -172,11 +180,10 @@ class MiniLMEncoder(TextEncoder):
         the same whatever the colour), so with tokens alone cross-attention has to bind "red"
         to "circle" by position. A phrase's mean holds its colour, shape, size and place in one
         vector: each object of a scene is one key, bound before the U-Net sees it (the chunking
-        idea of StructureDiffusion, Feng et al. 2023, as extra keys rather than a parser)."""
-        offsets = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_length,
-            return_offsets_mapping=True,
-        )["offset_mapping"]  # fmt: skip
+        idea of StructureDiffusion, Feng et al. 2023, as extra keys rather than a parser).
+
+        `offsets`: each token's character span in its prompt, as the tokenizer returns it
+        ((0, 0) for [CLS], [SEP] and padding)."""
         B, T = mask.shape[0], self.max_length
         weights = torch.zeros(B, self.phrases, T)
         for b, (prompt, offs) in enumerate(zip(prompts, offsets, strict=True)):
