@@ -80,6 +80,10 @@ def test_user_errors_exit_2_with_one_line(tiny_digits_model, tmp_path, capsys):
     _one_line_error(capsys, ["sample", "--model", m, "--opt", "eta", "--out", out], "KEY=VALUE")
     _one_line_error(capsys, ["sample", "--model", m, "--sampler", "euler", "--opt", "eta=0.5",
                              "--out", out], "no option", "s_churn")  # fmt: skip
+    _one_line_error(capsys, ["generate", "x", "--model", m, "--region", "a seven", "0", "0",
+                             "1", "1", "--out", out], "text-conditioned")  # fmt: skip
+    _one_line_error(capsys, ["generate", "x", "--model", m, "--region", "a seven", "0.5", "0",
+                             "0.2", "1", "--out", out], "X0 Y0 X1 Y1")  # fmt: skip
     _one_line_error(capsys, ["frobnicate"], "frobnicate")
 
 
@@ -101,6 +105,12 @@ def meta_interval(model_dir) -> list:
 
     default = json.loads((model_dir / "model.json").read_text())["sampling"]
     return default.get("guidance_interval") or [0.0, None]
+
+
+def meta_default(model_dir) -> str:
+    import json
+
+    return json.loads((model_dir / "model.json").read_text())["sampling"].get("layout", "none")
 
 
 def test_the_embedded_default_model_generates_and_round_trips(tmp_path):
@@ -135,3 +145,13 @@ def test_the_embedded_default_model_generates_and_round_trips(tmp_path):
     assert main(["generate", "--from-png", str(e), "--out", str(f)]) == 0
     with Image.open(e) as ie, Image.open(f) as if_:
         assert ie.tobytes() == if_.tobytes()
+    # two objects: the model's default layout splits the prompt into regions; stored, and
+    # reproduced; --layout none is another image
+    two = "a small red circle above a blue square on a white background"
+    g, h, i = (tmp_path / f"{n}.png" for n in "ghi")
+    assert main(["generate", two, "--steps", "3", "--out", str(g)]) == 0
+    assert read_png_metadata(g)["layout"] == "shapes" == meta_default(default_model_dir())
+    assert main(["generate", "--from-png", str(g), "--out", str(h)]) == 0
+    assert main(["generate", two, "--steps", "3", "--layout", "none", "--out", str(i)]) == 0
+    with Image.open(g) as ig, Image.open(h) as ih, Image.open(i) as ii:
+        assert ig.tobytes() == ih.tobytes() != ii.tobytes()

@@ -199,11 +199,14 @@ def _stub_text_model() -> SimpleNamespace:
 def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     records = [shapes_record(i, seed=2) for i in range(5)]
     by_caption = {r["caption"]: r for r in records}
-    calls, intervals = [], []
+    calls, intervals, layouts = [], [], []
 
-    def fake_generate(model, *, prompts, num, seed, sampler, steps, guidance, guidance_interval):
+    def fake_generate(
+        model, *, prompts, num, seed, sampler, steps, guidance, guidance_interval, layout
+    ):
         calls.append((len(prompts), num, seed, sampler, steps, guidance))
         intervals.append(tuple(guidance_interval))
+        layouts.append(layout)
         # the last prompt's images come out as somebody else's scene
         images = [
             render_shapes(by_caption[p] if p != records[-1]["caption"] else records[0])
@@ -234,6 +237,13 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     # no interval set anywhere: every step guided, passed explicitly and reported
     assert set(intervals) == {(0.0, math.inf)}
     assert result["settings"]["guidance_interval"] == [0.0, None]
+    # no layout set anywhere: none, passed explicitly and reported; else the model's default
+    assert set(layouts) == {"none"} and result["settings"]["layout"] == "none"
+    model = _stub_text_model()
+    model.meta["sampling"]["layout"] = "shapes"
+    layouts.clear()
+    assert evaluate_prompts(model, prompts[:1])["settings"]["layout"] == "shapes"
+    assert set(layouts) == {"shapes"}
     # the model folder's default interval is used, and an explicit one overrides it
     model = _stub_text_model()
     model.meta["sampling"]["guidance_interval"] = [1.0, None]
@@ -415,9 +425,9 @@ def _fake_inpaint(tasks, calls, *, truth: bool):
     input unchanged (the hole stays background); image i of a call is scene seed - 3 + i."""
 
     def fake(model, images, masks, *, seed, prompts, sampler, steps, guidance, guidance_interval,
-             resample, jump, feather):  # fmt: skip
+             layout, resample, jump, feather):  # fmt: skip
         calls.append((len(images), seed, prompts, sampler, steps, guidance, resample, jump,
-                      guidance_interval))  # fmt: skip
+                      layout, guidance_interval))  # fmt: skip
         if not truth:
             return images.clone()
         want = torch.stack([from_pil(render_shapes(tasks[seed - 3 + i].target))
@@ -451,9 +461,19 @@ def test_inpaint_eval_with_a_ground_truth_and_a_blank_stub(monkeypatch, mode):
     # batches of 5, image i seeded with 3 + i, its own canonical prompt, defaults filled in
     assert [c[:2] for c in calls] == [(5, 3), (5, 8), (5, 13), (5, 18), (4, 23)]
     assert [p for c in calls for p in c[2]] == [t.prompt for t in tasks]
-    assert calls[0][3:] == ("ddim", 7, 1.0, 2, 1, [0.0, None])
+    assert calls[0][3:] == ("ddim", 7, 1.0, 2, 1, "none", [0.0, None])
     assert result["per_scene"][0]["prompt"] == tasks[0].prompt
     assert result["settings"]["guidance_interval"] == [0.0, None]
+    assert result["settings"]["layout"] == "none"
+    # a model's default layout is applied and recorded; --layout overrides it
+    stub = _stub_shapes_model()
+    stub.meta["sampling"]["layout"] = "shapes"
+    calls.clear()
+    laid = inpaint_eval.evaluate_inpaint(stub, **{**kw, "n": 5})
+    assert calls[0][-2] == "shapes" == laid["settings"]["layout"]
+    calls.clear()
+    inpaint_eval.evaluate_inpaint(stub, **{**kw, "n": 5}, layout="none")
+    assert calls[0][-2] == "none"
     # a model's default interval is applied and recorded; --guidance-interval overrides it
     stub = _stub_shapes_model()
     stub.meta["sampling"]["guidance_interval"] = [1.0, None]

@@ -164,6 +164,7 @@ def test_txt2img_runs_to_pngs_with_metadata(client, tmp_path):
     params = params_from_png(path)
     assert (params["seed"], params["steps"], params["num"]) == (4, 2, 1)
     assert params["guidance_interval"] == [0.0, None]  # this model guides every step
+    assert params["layout"] == "none" and params["regions"] is None  # a class model
     # per-image seeds: image 1 of the batch is the seed-4 image drawn alone
     alone = wait(client, submit(client, prompt="a seven", steps=2, seed=4))
     assert png(alone["images"][0]["png"]).tobytes() == png(job["images"][1]["png"]).tobytes()
@@ -283,6 +284,7 @@ def test_unknown_job_is_404(client):
         ({"guidance_interval": [1]}, "guidance_interval"),
         ({"seed": -1}, "seed"),
         ({"spacing": "sideways"}, "spacing"),
+        ({"layout": "boxes"}, "layout"),
         ({"stepz": 3}, "stepz"),
     ],
 )

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .commands import guidance_interval_option
+from .commands import guidance_interval_option, layout_option
 from .errors import UserError
 
 
@@ -227,20 +227,27 @@ def _parse_label(label: str, names: list[str], num_classes: int) -> int:
 @click.option("--negative", default="", help="negative prompt (text models)")
 @click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
 @guidance_interval_option
+@layout_option
+@click.option("--region", "regions", multiple=True, type=(str, float, float, float, float),
+              metavar="PROMPT X0 Y0 X1 Y1",
+              help="draw PROMPT inside the box (fractions of the side, origin top left); "
+              "repeat for more regions; replaces --layout")  # fmt: skip
 @click.option("--out", default="out.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--preview", type=click.Path(dir_okay=False), default=None,
               help="GIF of the x0-estimate at every step")  # fmt: skip
 @click.option("--from-png", type=click.Path(dir_okay=False), default=None,
               help="reproduce a PNG made by generate from its embedded parameters")  # fmt: skip
 @_sampling_options
-def generate(prompt, model_dir, negative, guidance, guidance_interval, out, preview, from_png,
-             **opts) -> None:  # fmt: skip
+def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, regions, out,
+             preview, from_png, **opts) -> None:  # fmt: skip
     """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
     from .pipelines.generate import PARAM_KEYS, generate_to_png, params_from_png
+    from .pipelines.layout import Region
 
     params = {
         "prompt": prompt, "negative": negative, "guidance": guidance,
-        "guidance_interval": guidance_interval, **opts,
+        "guidance_interval": guidance_interval, "layout": layout,
+        "regions": [Region(r[0], tuple(r[1:])) for r in regions] or None, **opts,
     }  # fmt: skip
     if from_png:
         params.update(params_from_png(from_png))

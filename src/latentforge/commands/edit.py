@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from . import guidance_interval_option
+from . import guidance_interval_option, layout_option
 
 
 def _common_options(f):
@@ -75,6 +75,7 @@ def _model_and_cond(model_dir, prompt: str):
 @click.option("--strength", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="0 keeps the image, 1 ignores it (text-to-image)")  # fmt: skip
 @guidance_interval_option
+@layout_option
 @_common_options
 def img2img(image, prompt, strength, model_dir, negative, out, **opts) -> None:
     """Redraw IMAGE towards PROMPT (SDEdit); a rough sketch works as IMAGE."""
@@ -105,6 +106,7 @@ def inpaint_options(f):
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="below 1: start the masked region from the noised image")  # fmt: skip
 @guidance_interval_option
+@layout_option
 @_common_options
 def inpaint(image, mask, prompt, model_dir, negative, out, **opts) -> None:
     """Regenerate the white part of MASK in IMAGE (training-free; kept pixels stay exact)."""

@@ -7,7 +7,7 @@ import math
 
 import click
 
-from . import guidance_interval_option
+from . import guidance_interval_option, layout_option
 from .edit import inpaint_options
 
 
@@ -32,8 +32,14 @@ def _number(x: float) -> str:
 def _settings_line(what: str, settings: dict) -> str:
     return (
         f"{what} (sampler {settings['sampler']}, {settings['steps']} steps, "
-        f"guidance {settings['guidance']:g}{_interval_words(settings)}, seed {settings['seed']})"
+        f"guidance {settings['guidance']:g}{_interval_words(settings)}, seed {settings['seed']}"
+        f"{_layout_words(settings)})"
     )
+
+
+def _layout_words(settings: dict) -> str:
+    layout = settings.get("layout")
+    return f", layout {layout}" if layout and layout != "none" else ""
 
 
 def _interval_words(settings: dict) -> str:
@@ -60,9 +66,10 @@ def eval_group() -> None:
 @click.option("--per-prompt", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @guidance_interval_option
+@layout_option
 @_common_options
-def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, model_dir, sampler, guidance,
-                seed, batch, as_json, quiet) -> None:  # fmt: skip
+def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, model_dir, sampler,
+                guidance, seed, batch, as_json, quiet) -> None:  # fmt: skip
     """Generate for every prompt and check colour, shape, size, position, relation and
     background of what was drawn (shapes models)."""
     from ..metrics.shapes_eval import evaluate_prompts, load_prompts
@@ -72,7 +79,8 @@ def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, model_dir, sa
     model = load_diffusion_model(model_dir)
     result = evaluate_prompts(
         model, prompts, per_prompt=per_prompt, seed=seed, sampler=sampler, steps=steps,
-        guidance=guidance, guidance_interval=guidance_interval, batch=batch, progress=not quiet,
+        guidance=guidance, guidance_interval=guidance_interval, layout=layout, batch=batch,
+        progress=not quiet,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -264,6 +272,7 @@ def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json,
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="steps (model default)")
 @inpaint_options
 @guidance_interval_option
+@layout_option
 @click.option(
     "--dilate",
     type=click.IntRange(min=0),
@@ -272,7 +281,7 @@ def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json,
 )
 @_common_options
 def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidance_interval,
-                dilate, model_dir, sampler, guidance, seed, batch, as_json,
+                layout, dilate, model_dir, sampler, guidance, seed, batch, as_json,
                 quiet) -> None:  # fmt: skip
     """Mask one object in held-out shapes scenes, inpaint the hole from a prompt and check
     that the prompted object is there (the issue 6 benchmark)."""
@@ -282,8 +291,9 @@ def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidan
     model = load_diffusion_model(model_dir)
     result = evaluate_inpaint(
         model, n=n, mode=mode, data=data, data_seed=data_seed, seed=seed, sampler=sampler,
-        steps=steps, guidance=guidance, guidance_interval=guidance_interval, resample=resample,
-        jump=jump, feather=feather, dilate=dilate, batch=batch, progress=not quiet,
+        steps=steps, guidance=guidance, guidance_interval=guidance_interval, layout=layout,
+        resample=resample, jump=jump, feather=feather, dilate=dilate, batch=batch,
+        progress=not quiet,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -295,7 +305,8 @@ def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidan
     )
     lines = [
         f"{what}; sampler {st['sampler']}, {st['steps']} steps, guidance {st['guidance']:g}"
-        f"{_interval_words(st)}, resample {st['resample']}, jump {st['jump']}, seed {st['seed']}",
+        f"{_interval_words(st)}{_layout_words(st)}, resample {st['resample']}, jump {st['jump']}, "
+        f"seed {st['seed']}",
         "",
         f"{'hole accuracy':<24}{_number(result['hole_accuracy'])}"
         f"   (ground truth {_number(gt['hole_accuracy'])})",

@@ -36,7 +36,12 @@ import torch
 from ..errors import UserError
 from ..guidance import interval_to_json
 from ..io.images import from_pil
-from ..pipelines.generate import LoadedModel, resolve_guidance_interval, sampling_defaults
+from ..pipelines.generate import (
+    LoadedModel,
+    resolve_guidance_interval,
+    resolve_layout,
+    sampling_defaults,
+)
 from ..pipelines.inpaint import inpaint
 from ..training.shapes import COLOURS, HELD_OUT, SHAPES, canonical_caption, render_shapes
 from .batching import run_batched
@@ -205,6 +210,7 @@ def evaluate_inpaint(
     steps: int | None = None,
     guidance: float | None = None,
     guidance_interval: Sequence[float | None] | None = None,
+    layout: str | None = None,
     resample: int = 1,
     jump: int = 1,
     feather: int = 0,
@@ -234,12 +240,13 @@ def evaluate_inpaint(
     cond = _conditioning(model, [t.prompt for t in tasks])
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     interval = interval_to_json(resolve_guidance_interval(model, guidance_interval))
+    layout = resolve_layout(model, layout) if "prompts" in cond else "none"
 
     def run(start: int, stop: int) -> torch.Tensor:
         part = {k: v[start:stop] for k, v in cond.items()}
         return inpaint(
             model, images[start:stop], masks[start:stop], seed=seed + start, sampler=sampler,
-            steps=steps, guidance=guidance, guidance_interval=interval,
+            steps=steps, guidance=guidance, guidance_interval=interval, layout=layout,
             resample=resample, jump=jump, feather=feather, **part,
         )  # fmt: skip
 
@@ -271,6 +278,7 @@ def evaluate_inpaint(
             steps=steps,
             guidance=guidance,
             guidance_interval=interval,
+            layout=layout,
             resample=resample,
             jump=jump,
             feather=feather,

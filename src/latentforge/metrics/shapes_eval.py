@@ -44,6 +44,7 @@ from ..pipelines.generate import (
     generate,
     labels_from_prompt,
     resolve_guidance_interval,
+    resolve_layout,
     sampling_defaults,
 )
 from ..training.shapes import (
@@ -431,10 +432,14 @@ def evaluate_prompts(
     steps: int | None = 20,
     guidance: float | None = None,
     guidance_interval: Sequence[float | None] | None = None,
+    layout: str | None = None,
     batch: int = 64,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Generate ``per_prompt`` images for every prompt and score them with ``analyse``.
+
+    ``layout``: the regions planner of text models (``generate``'s; the model's default when
+    None, recorded in ``settings``).
 
     Image k of prompt i uses seed ``seed + i * per_prompt + k``. Returns ``prompt_accuracy``
     (fraction of images with every stated attribute right), ``attribute_accuracy`` (per
@@ -455,11 +460,13 @@ def evaluate_prompts(
             raise UserError(f"prompt {p!r} states no colour, shape, size, position or background")
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     interval = resolve_guidance_interval(model, guidance_interval) or (0.0, math.inf)
+    text = model.meta.get("cond") == "text" or getattr(model, "text_encoder", None) is not None
+    layout = resolve_layout(model, layout) if text else "none"
     per_image = [p for p in prompts for _ in range(per_prompt)]
     images, seconds = generate_batched(
         model, num=len(per_image), **_conditioning(model, per_image), seed=seed, batch=batch,
         progress=progress, desc="eval prompts", sampler=sampler, steps=steps, guidance=guidance,
-        guidance_interval=interval,
+        guidance_interval=interval, layout=layout,
     )  # fmt: skip
 
     rows, correct, by_attr = [], [], {a: [] for a in ATTRIBUTES}
@@ -499,6 +506,7 @@ def evaluate_prompts(
             steps=steps,
             guidance=guidance,
             guidance_interval=interval_to_json(interval),
+            layout=layout,
         ),
         "per_prompt": rows,
     }

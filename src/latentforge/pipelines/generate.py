@@ -19,11 +19,12 @@ from torch import nn
 from .. import sampling, schedules
 from ..denoisers import make_denoiser
 from ..errors import UserError
-from ..guidance import CFGDenoiser, interval_to_json, parse_interval
+from ..guidance import CFGDenoiser, RegionalDenoiser, interval_to_json, parse_interval
 from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict, read_model_json
 from ..io.lazy import build_module, open_safetensors
 from ..models.presets import UNetConfig
 from ..models.unet import UNet
+from .layout import LAYOUTS, Region, plan_layout, region_conditioning
 
 DEFAULT_MODEL = "default"
 
@@ -208,6 +209,7 @@ def conditioning(
     negative: str | list[str] | None = None,
     guidance: float = 1.0,
     guidance_interval: Sequence[float | None] | None = None,
+    regions: list[list[Region]] | None = None,
 ) -> tuple[nn.Module, dict]:
     """The denoiser to sample (CFG-wrapped when guidance != 1) and its per-image cond dict.
 
@@ -215,7 +217,9 @@ def conditioning(
     Text models: the negative prompt replaces the empty prompt of the unconditional branch.
     guidance_interval: (lo, hi) sigmas outside which guidance is skipped (one network call);
     None takes the model's default (`sampling.guidance_interval` in model.json), (0, inf)
-    guides every step.
+    guides every step. regions (text models): per-image region lists (one list for all
+    images, or one per image; see `layout.py`); images with regions are denoised box by box
+    under the region prompts (`RegionalDenoiser`), the unconditional branch stays as it is.
     """
     interval = resolve_guidance_interval(model, guidance_interval)
     denoiser, cond = model.denoiser, {}
@@ -225,9 +229,17 @@ def conditioning(
                                num, "negative prompts")  # fmt: skip
         context, mask = model.text_encoder.encode(prompts)
         cond = {"context": context, "context_mask": mask}
+        if regions and any(regions):
+            per_image = _per_image(list(regions), num, "region lists")
+            cond.update(region_conditioning(model.text_encoder, per_image, model.image_shape[1:]))
+            denoiser = RegionalDenoiser(denoiser)
         if guidance != 1.0:
             u_context, u_mask = model.text_encoder.encode(negatives)
             uncond = {"context": u_context, "context_mask": u_mask}
+            # no regions in the unconditional half: zero weights
+            uncond.update(
+                {k: torch.zeros_like(v) for k, v in cond.items() if k.startswith("region_")}
+            )
             denoiser = CFGDenoiser(denoiser, guidance, uncond, interval=interval)
         return denoiser, cond
     if model.num_classes:
@@ -250,6 +262,36 @@ def resolve_guidance_interval(
     if value is None:
         value = model.meta.get("sampling", {}).get("guidance_interval")
     return parse_interval(value)
+
+
+def resolve_layout(model: LoadedModel, value: str | None) -> str:
+    """The layout planner to use: `value`, or the model folder's default (`sampling.layout`
+    in model.json; "none" where it names none)."""
+    name = value or model.meta.get("sampling", {}).get("layout") or "none"
+    if name not in LAYOUTS:
+        raise UserError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+    return name
+
+
+def plan_regions(
+    model: LoadedModel,
+    prompts: list[str] | None,
+    num: int,
+    layout: str | None = None,
+    regions: Sequence[Region] | None = None,
+) -> list[list[Region]] | None:
+    """Per-image regions for a text model: `regions` for every image when given, else what
+    the layout planner reads from each prompt; None for models without a text encoder."""
+    if model.text_encoder is None:
+        if regions:
+            raise UserError("regions need a text-conditioned model")
+        return None
+    if regions:
+        return [list(regions)] * num
+    name = resolve_layout(model, layout)
+    if name == "none":
+        return None
+    return [plan_layout(name, p) for p in _per_image(prompts or [""], num, "prompts")]
 
 
 def _per_image(values: list, num: int, what: str) -> list:
@@ -288,6 +330,8 @@ def generate(
     spacing: str | None = None,
     guidance: float | None = None,
     guidance_interval: Sequence[float | None] | None = None,
+    layout: str | None = None,
+    regions: Sequence[Region] | None = None,
     callback: sampling.Callback = None,
     noise: torch.Tensor | None = None,
     **knobs,
@@ -297,6 +341,9 @@ def generate(
     labels (class models) / prompts (text models): one per image or one for all; guidance != 1
     applies classifier-free guidance against the null class / the negative prompt, at the noise
     levels inside guidance_interval (default: the model's; see `conditioning`).
+    layout (text models): the planner that reads regions from each prompt ("shapes", "none";
+    default: the model's `sampling.layout`); regions: one region list for every image, which
+    replaces the planner's (see `layout.py`).
     noise: the unit Gaussian noise (num, *model.image_shape) to start from instead of the seeds'
     draw (the seeds still drive stochastic samplers); it is scaled to the prior std as drawn
     noise is. For an imported SD model it is what diffusers' pipelines take as `latents=` (with
@@ -312,6 +359,7 @@ def generate(
     denoiser, cond = conditioning(
         model, num, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
         guidance_interval=guidance_interval,
+        regions=plan_regions(model, prompts, num, layout, regions),
     )  # fmt: skip
     out = sampling.sample(
         sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs
@@ -322,7 +370,7 @@ def generate(
 # ----- the CLI's generate: PNG in, PNG out, parameters in the PNG's text chunks -----------------
 PARAM_KEYS = (
     "prompt", "negative", "seed", "num", "sampler", "steps", "spacing", "guidance",
-    "guidance_interval", "options",
+    "guidance_interval", "options", "layout", "regions",
 )  # fmt: skip
 
 
@@ -362,6 +410,9 @@ def generate_to_png(
     interval = interval_to_json(
         resolve_guidance_interval(model, params.pop("guidance_interval", None))
     )
+    regions = params.pop("regions", None) or None
+    layout = params.pop("layout", None)
+    layout = resolve_layout(model, layout) if model.text_encoder is not None else "none"
     params = {k: v for k, v in params.items() if v is not None}
     num, seed = params.setdefault("num", 1), params.setdefault("seed", 0)
     frames: list[torch.Tensor] = []
@@ -375,8 +426,8 @@ def generate_to_png(
 
     images = generate(
         model, **cond_kwargs, negative=negative or None, sampler=sampler, steps=steps,
-        guidance=guidance, guidance_interval=interval, callback=callback,
-        **params, **options,
+        guidance=guidance, guidance_interval=interval, layout=layout, regions=regions,
+        callback=callback, **params, **options,
     )  # fmt: skip
     meta = {
         "prompt": prompt or "", "negative": negative or "", "seed": seed, "num": num,
@@ -384,6 +435,8 @@ def generate_to_png(
         "guidance_interval": json.dumps(interval),
         "spacing": params.get("spacing") or model.meta.get("sampling", {}).get("spacing", ""),
         "options": json.dumps(options, sort_keys=True) if options else "",
+        "layout": layout,
+        "regions": json.dumps([r.to_json() for r in regions]) if regions else "",
         "model": model.sha256,
         "model_path": "" if model_dir is None else str(Path(model_dir).resolve()),
     }  # fmt: skip
@@ -415,6 +468,11 @@ def params_from_png(path: str | Path) -> dict:
         else None,
         "spacing": text.get("spacing") or None,
         "options": json.loads(text["options"]) if text.get("options") else None,
+        # PNGs from before regional prompting: no layout
+        "layout": text.get("layout") or "none",
+        "regions": [Region.from_json(r) for r in json.loads(text["regions"])]
+        if text.get("regions")
+        else None,
     }
     if text.get("model_path"):
         out["model_path"] = text["model_path"]

@@ -15,7 +15,8 @@ import torch
 
 from .. import sampling
 from ..errors import UserError
-from .generate import LoadedModel, conditioning, make_sigmas, sampling_defaults
+from .generate import LoadedModel, conditioning, make_sigmas, plan_regions, sampling_defaults
+from .layout import Region
 
 
 def schedule_tail(
@@ -84,6 +85,8 @@ def img2img(
     spacing: str | None = None,
     guidance: float | None = None,
     guidance_interval: Sequence[float | None] | None = None,
+    layout: str | None = None,
+    regions: Sequence[Region] | None = None,
     callback: sampling.Callback = None,
     **knobs,
 ) -> torch.Tensor:
@@ -92,6 +95,7 @@ def img2img(
     Image i is noised with seed `seed + i` to the level where round(strength * steps) steps of
     the full schedule remain, then denoised by `sampler` over those steps. strength 0 returns
     the input unchanged (no model call); strength 1 is `generate` with the same seed.
+    `layout` / `regions`: regional prompting, as for `generate` (the model's layout by default).
     """
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     images = batch_images(images, num, model.output_shape)
@@ -105,6 +109,7 @@ def img2img(
     denoiser, cond = conditioning(
         model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
         guidance_interval=guidance_interval,
+        regions=plan_regions(model, prompts, n, layout, regions),
     )  # fmt: skip
     out = sampling.sample(
         sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs

@@ -20,8 +20,9 @@ from torch import nn
 
 from .. import sampling
 from ..errors import UserError
-from .generate import LoadedModel, conditioning, sampling_defaults
+from .generate import LoadedModel, conditioning, plan_regions, sampling_defaults
 from .img2img import batch_images, schedule_tail, start_point
+from .layout import Region
 
 
 class KnownRegionDenoiser(nn.Module):
@@ -151,6 +152,8 @@ def inpaint(
     spacing: str | None = None,
     guidance: float | None = None,
     guidance_interval: Sequence[float | None] | None = None,
+    layout: str | None = None,
+    regions: Sequence[Region] | None = None,
     strength: float = 1.0,
     resample: int = 1,
     jump: int = 1,
@@ -164,6 +167,8 @@ def inpaint(
     Kept pixels equal the input exactly. `feather` > 0 softens the seam over that many pixels
     inside the mask. `strength` < 1 starts the masked region from the noised input (SDEdit)
     instead of pure noise. `resample` / `jump`: RePaint resampling (see `repaint`).
+    `layout` / `regions`: regional prompting, as for `generate` (the model's layout by
+    default), so a prompt naming the kept object and the new one draws each in its box.
     """
     if model.meta.get("task") == "inpaint":  # a dedicated inpainting model: inpaint_model.py
         from .inpaint_model import inpaint_with_model
@@ -171,7 +176,7 @@ def inpaint(
         return inpaint_with_model(
             model, images, masks, labels=labels, prompts=prompts, negative=negative, num=num,
             seed=seed, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-            guidance_interval=guidance_interval,
+            guidance_interval=guidance_interval, layout=layout, regions=regions,
             strength=strength, resample=resample, jump=jump, feather=feather, callback=callback,
             **knobs,
         )  # fmt: skip
@@ -193,6 +198,7 @@ def inpaint(
     denoiser, cond = conditioning(
         model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
         guidance_interval=guidance_interval,
+        regions=plan_regions(model, prompts, n, layout, regions),
     )  # fmt: skip
     denoiser = KnownRegionDenoiser(denoiser, z, keep, eps)
     out = repaint(

@@ -14,9 +14,10 @@ import torch
 
 from .. import sampling
 from ..models.conditioned import inpaint_condition, masked_image
-from .generate import LoadedModel, conditioning, sampling_defaults
+from .generate import LoadedModel, conditioning, plan_regions, sampling_defaults
 from .img2img import batch_images, schedule_tail, start_point
 from .inpaint import _positive_int, feather_mask, paste_back, prepare_masks, repaint
+from .layout import Region
 from .superres import require_task, with_image_cond
 
 
@@ -36,6 +37,8 @@ def inpaint_with_model(
     spacing: str | None = None,
     guidance: float | None = None,
     guidance_interval: Sequence[float | None] | None = None,
+    layout: str | None = None,
+    regions: Sequence[Region] | None = None,
     strength: float = 1.0,
     resample: int = 1,
     jump: int = 1,
@@ -64,6 +67,7 @@ def inpaint_with_model(
     denoiser, cond = conditioning(
         model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
         guidance_interval=guidance_interval,
+        regions=plan_regions(model, prompts, n, layout, regions),
     )  # fmt: skip
     denoiser, cond = with_image_cond(denoiser, cond, {"concat": concat})
     out = repaint(

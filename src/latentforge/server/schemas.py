@@ -88,6 +88,11 @@ class Txt2ImgRequest(SamplingParams, PromptParams):
     num: int = Field(1, ge=1, le=MAX_NUM, description="batch size")
     width: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
     height: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
+    layout: Literal["shapes", "none"] | None = Field(
+        None,
+        description="regional prompting (text models): 'shapes' draws each object of a "
+        "two-object prompt in its own box under its own prompt; default: the model's",
+    )
 
 
 class Img2ImgRequest(SamplingParams, PromptParams):

@@ -242,13 +242,18 @@ def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig
     for field, value, want in (("width", req.width, width), ("height", req.height, height)):
         if value is not None and value != want:
             raise FieldError(field, f"{field} must be {want} (the model's resolution)")
-    from ..pipelines.generate import generate
+    from ..pipelines.generate import generate, resolve_layout
+
+    # stored resolved, so `generate --from-png` reproduces the image whatever the default
+    layout = resolve_layout(p.view, req.layout) if p.view.meta.get("text_encoder") else "none"
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
         cond = _conditioning(model, req.prompt, req.negative_prompt)
-        return generate(model, **cond, num=req.num, callback=callback, **p.sampling_kwargs())
+        return generate(model, **cond, num=req.num, callback=callback, layout=layout,
+                        **p.sampling_kwargs())  # fmt: skip
 
-    params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num, **p.params}
+    params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num,
+              "layout": layout, **p.params}  # fmt: skip
     seeds = [p.seed + i for i in range(req.num)]
     return Task("txt2img", p.name, params, p.steps, run, seeds, preview=req.preview)
 
