@@ -302,6 +302,8 @@ def test_regions_run_in_one_batched_call_and_match_the_plain_forward(text_model)
     prediction; a layout with nothing to split is the plain image bit for bit."""
     from latentforge.pipelines.layout import Region, shapes_layout
 
+    # a text model trained on shapes plans regions by default
+    assert text_model.meta["sampling"]["layout"] == "shapes"
     prompt = "a small red circle in the top left and a blue square in the bottom right"
     kw = dict(prompts=[prompt], num=2, steps=3, sampler="ddim", guidance=3.0)
     plain = generate(text_model, layout="none", **kw)
@@ -331,8 +333,10 @@ def test_regions_run_in_one_batched_call_and_match_the_plain_forward(text_model)
     assert not torch.allclose(both, den_p(x, sigma, **cond_p), atol=1e-3)
     single = {**kw, "prompts": ["a small red circle in the top left"]}
     assert torch.equal(
-        generate(text_model, layout="shapes", **single), generate(text_model, **single)
+        generate(text_model, layout="shapes", **single),
+        generate(text_model, layout="none", **single),
     )
+    assert torch.equal(generate(text_model, **kw), laid)  # the model's default
     with pytest.raises(UserError, match="unknown layout"):
         generate(text_model, layout="boxes", **kw)
 
@@ -377,4 +381,4 @@ def test_inpaint_and_img2img_take_regions(text_model):
     assert torch.equal(laid.masked_select(keep), image.masked_select(keep))
     assert not torch.allclose(laid, plain)
     edited = img2img(text_model, image, strength=0.7, layout="shapes", **kw)
-    assert not torch.allclose(edited, img2img(text_model, image, strength=0.7, **kw))
+    assert not torch.allclose(edited, img2img(text_model, image, strength=0.7, layout="none", **kw))

@@ -412,7 +412,9 @@ def generate_to_png(
     )
     regions = params.pop("regions", None) or None
     layout = params.pop("layout", None)
-    layout = resolve_layout(model, layout) if model.text_encoder is not None else "none"
+    # explicit regions replace the planner: stored as they are, with layout "none"
+    text = model.text_encoder is not None and not regions
+    layout = resolve_layout(model, layout) if text else "none"
     params = {k: v for k, v in params.items() if v is not None}
     num, seed = params.setdefault("num", 1), params.setdefault("seed", 0)
     frames: list[torch.Tensor] = []

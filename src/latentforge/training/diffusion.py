@@ -104,6 +104,8 @@ class DiffusionTrainer(Trainer):
         if self.text_encoder is not None:
             meta["text_encoder"] = self.text_encoder.spec
             meta["sampling"]["guidance"] = 3.0
+            if cfg.data.split(":")[0] == "shapes":  # the planner reads the shapes grammar
+                meta["sampling"]["layout"] = "shapes"
         return meta
 
     def _maybe_cache_dataset(self) -> dict | None:
