@@ -101,7 +101,8 @@ def test_shapes_layout_gives_one_region_per_object(prompt, prompts, cells):
 @pytest.mark.parametrize(
     "prompt",
     ["a red circle in the top left on a blue background", "", "a cat and a dog",
-     "a red circle in the left and a blue star in the left"],  # one object, none, one cell
+     "a red circle in the left and a blue star in the left",  # one object, none, one cell
+     "a red and a blue square"],  # an object without a shape
 )  # fmt: skip
 def test_shapes_layout_leaves_prompts_it_cannot_split(prompt):
     assert shapes_layout(prompt) == [] and plan_layout("none", prompt) == []

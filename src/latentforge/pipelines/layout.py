@@ -105,14 +105,15 @@ def shapes_layout(prompt: str) -> list[Region]:
     names none, so the regions agree outside the boxes). A box is the object's 3x3 grid cell
     widened to the object's size (large when not stated) plus a margin. Unstated positions of
     two objects are chosen to fit their relation ("above": same column). Returns [] for one
-    object, for prompts the shapes reader finds no objects in, and for layouts it cannot place
-    (two objects in one cell, three with unstated positions).
+    object, for prompts the shapes reader finds no objects in, for an object without a shape
+    ("a red and a blue square"), and for layouts it cannot place (two objects in one cell,
+    three with unstated positions).
     """
     from ..training.shapes import POSITIONS, SIZES, canonical_caption, parse_prompt
 
     parsed = parse_prompt(prompt)
     objects = [dict(o) for o in parsed["objects"]]
-    if len(objects) < 2:
+    if len(objects) < 2 or not all(o.get("shape") for o in objects):
         return []
     cells = [POSITIONS.index(o["position"]) if o.get("position") else None for o in objects]
     if None in cells:
