@@ -153,7 +153,8 @@ class RegionalDenoiser(_Wrapper):
             return self.inner(x, sigma, context=context, context_mask=context_mask, **cond)
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
         active = region_weight.flatten(2).amax(2) > 0  # (B, K)
-        plain = (~active.any(1)).nonzero().squeeze(1)
+        laid_out = active.any(1)
+        plain = (~laid_out).nonzero().squeeze(1)
         rows, regions = active.nonzero(as_tuple=True)
         every = torch.cat([plain, rows])
         if context_mask is None:
@@ -175,10 +176,9 @@ class RegionalDenoiser(_Wrapper):
         # per (row, region) pair: its weight map, and 1 / (number of regions of its row)
         weight = region_weight[rows, regions].unsqueeze(1).to(parts.dtype)  # (N, 1, H, W)
         share = (1.0 / active.sum(1).to(parts.dtype))[rows].view(-1, 1, 1, 1)
-        with_rows = active.any(1).nonzero().squeeze(1)
         num = torch.zeros_like(x).index_add_(0, rows, weight * parts)
         cover = torch.zeros_like(x[:, :1]).index_add_(0, rows, weight)
         mean = torch.zeros_like(x).index_add_(0, rows, share * parts)
         blended = torch.where(cover > 0, num / cover.clamp(min=1e-12), mean)
-        result[with_rows] = blended[with_rows]
+        result[laid_out] = blended[laid_out]
         return result

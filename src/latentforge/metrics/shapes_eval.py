@@ -460,11 +460,11 @@ def evaluate_prompts(
             raise UserError(f"prompt {p!r} states no colour, shape, size, position or background")
     sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     interval = resolve_guidance_interval(model, guidance_interval) or (0.0, math.inf)
-    text = model.meta.get("cond") == "text" or getattr(model, "text_encoder", None) is not None
-    layout = resolve_layout(model, layout) if text else "none"
     per_image = [p for p in prompts for _ in range(per_prompt)]
+    cond = _conditioning(model, per_image)
+    layout = resolve_layout(model, layout) if "prompts" in cond else "none"
     images, seconds = generate_batched(
-        model, num=len(per_image), **_conditioning(model, per_image), seed=seed, batch=batch,
+        model, num=len(per_image), **cond, seed=seed, batch=batch,
         progress=progress, desc="eval prompts", sampler=sampler, steps=steps, guidance=guidance,
         guidance_interval=interval, layout=layout,
     )  # fmt: skip

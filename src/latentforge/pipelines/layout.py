@@ -64,23 +64,11 @@ def plan_layout(name: str, prompt: str) -> list[Region]:
     raise UserError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
 
 
-def _cells_fit(relation: str | None, c0: int, c1: int) -> bool:
-    """Whether grid cells c0, c1 (row-major 3x3) read as `relation` the way the shapes
-    captioner writes it ("and": neither row nor column shared)."""
-    (r0, k0), (r1, k1) = divmod(c0, 3), divmod(c1, 3)
-    if c0 == c1:
-        return False
-    return {
-        "above": k0 == k1 and r0 < r1,
-        "below": k0 == k1 and r0 > r1,
-        "left of": r0 == r1 and k0 < k1,
-        "right of": r0 == r1 and k0 > k1,
-    }.get(relation or "and", r0 != r1 and k0 != k1)
-
-
 def _place_pair(relation: str | None, known: list[int | None]) -> tuple[int, int] | None:
-    """Cells for two objects: the stated ones kept, the others chosen to fit the relation, as
-    far apart as possible (then nearest the centre column / row)."""
+    """Cells for two objects: the stated ones kept, the others chosen so that the shapes
+    captioner would write `relation` for them ("and": neither row nor column shared), as far
+    apart as possible (then nearest the centre column / row)."""
+    from ..training.shapes import _relation
 
     def key(pair: tuple[int, int]) -> tuple[int, int]:
         (r0, k0), (r1, k1) = divmod(pair[0], 3), divmod(pair[1], 3)
@@ -92,7 +80,10 @@ def _place_pair(relation: str | None, known: list[int | None]) -> tuple[int, int
         (c0, c1)
         for c0 in range(9)
         for c1 in range(9)
-        if known[0] in (None, c0) and known[1] in (None, c1) and _cells_fit(relation, c0, c1)
+        if c0 != c1
+        and known[0] in (None, c0)
+        and known[1] in (None, c1)
+        and _relation(c0, c1) == (relation or "and")
     ]
     return min(pairs, key=key) if pairs else None
 
