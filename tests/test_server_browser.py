@@ -106,6 +106,9 @@ def page(server):
 def test_generate_shows_progress_previews_and_the_image(page):
     expect(page.locator("#model option")).to_have_count(1)
     expect(page.locator("#sampler option").nth(1)).to_be_attached()  # fetched from /v1/samplers
+    # regional prompting is for text models: off for this class model, its default named
+    expect(page.locator("#layout")).to_be_disabled()
+    expect(page.locator("#layout option").first).to_have_text("model default (none)")
     page.fill("#prompt", "a handwritten seven")
     page.fill("#steps", "60")
     page.fill("#seed", "7")

@@ -86,6 +86,8 @@ function modelChanged() {
   $("#size").replaceChildren(new Option(`${m.width} × ${m.height}`, `${m.width}x${m.height}`));
   $("#steps").placeholder = `model default (${m.defaults.steps ?? "?"})`;
   $("#guidance").placeholder = `model default (${m.defaults.guidance ?? "?"})`;
+  $("#layout").options[0].text = `model default (${m.defaults.layout ?? "none"})`;
+  $("#layout").disabled = m.conditioning !== "text";
   const hint = m.conditioning === "class"
     ? `class model: name a class in the prompt (${m.class_names.join(", ")})`
     : m.conditioning === "text" ? "text model" : "unconditional model: the prompt is ignored";
@@ -221,8 +223,10 @@ async function buildRequest(kind, form) {
   const base = samplingParams(kind, kind !== "upscale" && kind !== "interpolate");
   if (kind === "txt2img") {
     const [w, h] = $("#size").value.split("x").map(Number);
-    return { ...base, prompt: f("prompt").value, negative_prompt: f("negative_prompt").value,
+    const body = { ...base, prompt: f("prompt").value, negative_prompt: f("negative_prompt").value,
       width: w, height: h };
+    if (f("layout").value) body.layout = f("layout").value;
+    return body;
   }
   if (kind === "interpolate") {
     const body = { ...base, prompt_a: f("prompt_a").value, prompt_b: f("prompt_b").value,
@@ -344,9 +348,10 @@ async function pollJob(id, update, finish) {
 
 // ----- results -------------------------------------------------------------------------------
 function describeParams(p) {
-  const keys = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "strength",
-    "prompt_a", "prompt_b", "seed_a", "seed_b", "scale", "model"];
-  return keys.filter((k) => p[k] !== undefined && p[k] !== "").map((k) => `${k}: ${p[k]}`).join(" · ");
+  const keys = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "layout",
+    "strength", "prompt_a", "prompt_b", "seed_a", "seed_b", "scale", "model"];
+  const shown = (k) => p[k] !== undefined && p[k] !== "" && !(k === "layout" && p[k] === "none");
+  return keys.filter(shown).map((k) => `${k}: ${p[k]}`).join(" · ");
 }
 
 function addResults(job) {
