@@ -99,6 +99,44 @@ def test_grad_accumulation_and_batch_sharding(tmp_path):
     assert not set(other.tolist()) & set(trainer._indices(0, 0).tolist())
 
 
+def test_oversample_weights_and_draws(tmp_path):
+    """--oversample 'small star=4': images holding a small star weigh 4 (and only they), the
+    draws are a pure function of (seed, step, micro, rank), and they follow the weights."""
+    from latentforge.training.data import load_dataset, sample_weights
+
+    ds = load_dataset("shapes:16:400", seed=0)
+    weights = sample_weights(ds, ["small star=4", "large red=0.5"])
+    for i in range(len(ds)):
+        objects = ds.record(i)["objects"]
+        expect = 4.0 if any(o["size"] == "small" and o["shape"] == "star" for o in objects) else 1
+        if any(o["size"] == "large" and o["colour"] == "red" for o in objects):
+            expect *= 0.5
+        assert weights[i] == expect
+    star = weights >= 2
+    assert 0.05 < star.double().mean() < 0.4
+
+    cfg = _cfg(tmp_path, data="shapes:16:400", cond="none", oversample=("small star=4",))
+    trainer = Trainer(cfg)
+    draws = torch.cat([trainer._indices(s, 0) for s in range(200)])
+    assert torch.equal(trainer._indices(7, 0), trainer._indices(7, 0))
+    assert not torch.equal(trainer._indices(7, 0), trainer._indices(7, 1))
+    # expected share of small-star images among draws: 4p / (4p + 1 - p)
+    p = star.double().mean().item()
+    share = star[draws].double().mean().item()
+    assert abs(share - 4 * p / (3 * p + 1)) < 0.05, (share, p)
+
+
+def test_oversample_errors(tmp_path):
+    from latentforge.training.data import parse_oversample
+
+    assert parse_oversample(["Small STAR=2.5"]) == [({"size": "small", "shape": "star"}, 2.5)]
+    for bad in ["star", "tiny star=2", "star=0", "star=-1", "star=x", "small large=2", "=3"]:
+        with pytest.raises(UserError, match="--oversample"):
+            parse_oversample([bad])
+    with pytest.raises(UserError, match="shapes data"):
+        Trainer(_cfg(tmp_path, oversample=("star=2",)))
+
+
 def test_class_cond_errors(tmp_path):
     with pytest.raises(UserError, match="unknown data spec"):
         Trainer(_cfg(tmp_path, data="cifar"))

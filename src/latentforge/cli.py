@@ -77,6 +77,10 @@ def train() -> None:
               help="start from this diffusion model folder's weights (fine-tuning); a wider "
                    "conv_in (--task inpaint / superres) gets zero kernels for the new "
                    "channels")  # fmt: skip
+@click.option("--oversample", metavar="WORDS=FACTOR", multiple=True,
+              help="shapes data: draw images holding such an object FACTOR times as often, "
+                   "e.g. 'small star=3' (size, colour and/or shape words; repeatable; draws "
+                   "with replacement)")  # fmt: skip
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:

@@ -36,8 +36,16 @@ from PIL import Image, ImageOps
 
 from ..errors import UserError
 from ..io.images import from_pil
+from .shapes import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    is_held_out,
+    render_shapes,
+    sample_caption,
+    shapes_record,
+)
 from .shapes import DEFAULT_RESOLUTION as SHAPES_RESOLUTION
-from .shapes import is_held_out, render_shapes, sample_caption, shapes_record
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
@@ -410,6 +418,59 @@ def load_dataset(spec: str, *, seed: int = 0, resolution: int | None = None) -> 
         length = opts.get("length", SHAPES_LENGTH)
         return ShapesDataset(res, length, seed=seed, exclude=exclude, spec=spec)
     return FolderDataset(opts["path"], res, spec=spec)
+
+
+# ---------------------------------------------------------------- oversampling
+
+_ATTRIBUTES = {**dict.fromkeys(SIZES, "size"), **dict.fromkeys(COLOURS, "colour"),
+               **dict.fromkeys(SHAPES, "shape")}  # fmt: skip
+
+
+def parse_oversample(rules: tuple[str, ...] | list[str]) -> list[tuple[dict[str, str], float]]:
+    """``["small star=3"]`` -> ``[({"size": "small", "shape": "star"}, 3.0)]``.
+
+    A rule is ``WORDS=FACTOR``: WORDS name one object by its size, colour and/or shape (any of
+    them, at most one of each), FACTOR > 0 scales how often an image holding such an object is
+    drawn. Raises UserError on anything else.
+    """
+    parsed = []
+    for rule in rules:
+        words, sep, factor = str(rule).rpartition("=")
+        attrs: dict[str, str] = {}
+        for word in words.lower().split():
+            kind = _ATTRIBUTES.get(word)
+            if kind is None or kind in attrs:
+                attrs = {}
+                break
+            attrs[kind] = word
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if not sep or not attrs or not value > 0 or value == float("inf"):
+            raise UserError(
+                f"bad --oversample {rule!r}: expected 'WORDS=FACTOR', WORDS one object's size, "
+                f"colour and/or shape ({', '.join([*SIZES, *COLOURS, *SHAPES])}), FACTOR > 0"
+            )
+        parsed.append((attrs, value))
+    return parsed
+
+
+def sample_weights(dataset: ImageDataset, rules: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """Per-image draw weights (float64, one per dataset index) for ``--oversample`` rules: the
+    product of the factors of the rules an object of the image matches (1 when none does).
+    Only for ``shapes`` data, whose attribute records say what each image holds."""
+    parsed = parse_oversample(rules)
+    if not isinstance(dataset, ShapesDataset):
+        raise UserError(f"--oversample needs shapes data, whose images list their objects; "
+                        f"{dataset.spec!r} does not")  # fmt: skip
+    weights = torch.ones(len(dataset), dtype=torch.float64)
+    for i in range(len(dataset)):
+        objects = dataset.record(i)["objects"]
+        for attrs, factor in parsed:
+            if any(all(o[k] == v for k, v in attrs.items()) for o in objects):
+                weights[i] *= factor
+    return weights
 
 
 def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:

@@ -37,13 +37,16 @@ from ..io.checkpoint import (
     save_tensors_atomic,
     write_json_atomic,
 )
-from .data import load_dataset
+from .data import load_dataset, sample_weights
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = 130
 CACHE_ELEMENTS = 64 * 2**20  # datasets up to this many values are cached in memory (CPU)
 CACHE_ELEMENTS_CUDA = 2**31  # ... on a GPU (shapes:64's 100,000 images: 1.2e9 values)
 RENDER_PARALLEL_MIN = 8192  # smaller datasets are rendered in-process
+
+
+_DRAW_STREAM = 1 << 40  # --oversample draws: step generators apart from the noise ones
 
 
 @dataclass
@@ -82,6 +85,7 @@ class TrainConfig:
     scale: int = 4  # superres: the upscaling factor, 2 or 4
     crop: int = 0  # superres: train on random crops of this size (0: whole images)
     init_from: str | None = None  # a diffusion model folder whose weights to start from
+    oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (data.sample_weights)
 
 
 def step_generator(
@@ -154,6 +158,11 @@ class Trainer:
         self.step = 0
         self._stop = False
         self._cache = self._maybe_cache_dataset()
+        self._weights = sample_weights(self.dataset, cfg.oversample) if cfg.oversample else None
+        if self._weights is not None and self.rank == 0 and not cfg.quiet:
+            share = (self._weights > 1).double().mean().item()
+            drawn = (self._weights * (self._weights > 1)).sum() / self._weights.sum()
+            tqdm.write(f"--oversample: {share:.1%} of the images, {drawn.item():.1%} of the draws")
 
     def setup(self) -> None:
         raise NotImplementedError
@@ -183,8 +192,13 @@ class Trainer:
 
     # ----- data ------------------------------------------------------------------------------
     def _indices(self, step: int, micro: int) -> torch.Tensor:
-        """Dataset indices of this rank's micro-batch: epoch-wise permutations, sharded by rank."""
+        """Dataset indices of this rank's micro-batch: epoch-wise permutations, sharded by rank;
+        with --oversample, draws with replacement by weight, a pure function of (seed, step,
+        micro, rank) like the noise, so a resumed run sees the same batches."""
         B, n = self.cfg.batch_size, len(self.dataset)
+        if self._weights is not None:
+            g = step_generator(self.cfg.seed, _DRAW_STREAM + step, micro, self.rank)
+            return torch.multinomial(self._weights, B, replacement=True, generator=g)
         global_batch = B * self.world
         start = (step * self.cfg.grad_accum + micro) * global_batch + self.rank * B
         pos = torch.arange(start, start + B)
