@@ -126,6 +126,21 @@ def test_oversample_weights_and_draws(tmp_path):
     assert abs(share - 4 * p / (3 * p + 1)) < 0.05, (share, p)
 
 
+def test_train_vae_takes_oversample(tmp_path):
+    """train vae draws by the same weights and records the rules in model.json."""
+    from latentforge.training.data import sample_weights
+    from latentforge.training.vae_train import VAETrainConfig, VAETrainer, train_vae
+
+    cfg = VAETrainConfig(data="shapes:16:200", out=str(tmp_path), max_steps=1, batch_size=2,
+                         sample_every=0, eval_images=4, quiet=True,
+                         oversample=("small star=4",))  # fmt: skip
+    trainer = VAETrainer(cfg)
+    assert torch.equal(trainer._weights, sample_weights(trainer.dataset, ["small star=4"]))
+    assert train_vae(cfg) == 0
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["training"]["config"]["oversample"] == ["small star=4"]
+
+
 def test_oversample_errors(tmp_path):
     from latentforge.training.data import parse_oversample
 

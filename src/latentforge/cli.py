@@ -17,6 +17,13 @@ def cli() -> None:
 
 
 # ----- train -----------------------------------------------------------------------------------
+oversample_option = click.option(
+    "--oversample", metavar="WORDS=FACTOR", multiple=True,
+    help="shapes data: draw images holding such an object FACTOR times as often, e.g. "
+         "'small star=3' (size, colour and/or shape words; repeatable; draws with replacement)",
+)  # fmt: skip
+
+
 @cli.group()
 def train() -> None:
     """Train a model from scratch (diffusion U-Net or VAE)."""
@@ -77,10 +84,7 @@ def train() -> None:
               help="start from this diffusion model folder's weights (fine-tuning); a wider "
                    "conv_in (--task inpaint / superres) gets zero kernels for the new "
                    "channels")  # fmt: skip
-@click.option("--oversample", metavar="WORDS=FACTOR", multiple=True,
-              help="shapes data: draw images holding such an object FACTOR times as often, "
-                   "e.g. 'small star=3' (size, colour and/or shape words; repeatable; draws "
-                   "with replacement)")  # fmt: skip
+@oversample_option
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:
@@ -135,6 +139,7 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
+@oversample_option
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_vae_cmd(resume: bool, **kw) -> int:

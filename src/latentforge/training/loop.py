@@ -158,8 +158,7 @@ class Trainer:
         self.step = 0
         self._stop = False
         self._cache = self._maybe_cache_dataset()
-        rules = getattr(cfg, "oversample", ())  # train diffusion only (VAETrainConfig has none)
-        self._weights = sample_weights(self.dataset, rules) if rules else None
+        self._weights = sample_weights(self.dataset, cfg.oversample) if cfg.oversample else None
         if self._weights is not None and self.rank == 0 and not cfg.quiet:
             share = (self._weights > 1).double().mean().item()
             drawn = (self._weights * (self._weights > 1)).sum() / self._weights.sum()

@@ -48,6 +48,7 @@ class VAETrainConfig:
     crop: int = 0  # train on random crops of this size (0: whole images); eval on whole images
     init_from: str | None = None  # start from this VAE folder's weights (its config, not preset)
     decoder_only: bool = False  # train the decoder alone: the latent space stays the source's
+    oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (data.sample_weights)
     quiet: bool = False
 
 
