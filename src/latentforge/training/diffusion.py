@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .data import ShapesDataset
 from .loop import Trainer
 
 
@@ -104,7 +105,7 @@ class DiffusionTrainer(Trainer):
         if self.text_encoder is not None:
             meta["text_encoder"] = self.text_encoder.spec
             meta["sampling"]["guidance"] = 3.0
-            if cfg.data.split(":")[0] == "shapes":  # the planner reads the shapes grammar
+            if isinstance(ds, ShapesDataset):  # the planner reads the shapes grammar
                 meta["sampling"]["layout"] = "shapes"
         return meta
 

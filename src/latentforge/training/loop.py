@@ -160,8 +160,9 @@ class Trainer:
         self._cache = self._maybe_cache_dataset()
         self._weights = sample_weights(self.dataset, cfg.oversample) if cfg.oversample else None
         if self._weights is not None and self.rank == 0 and not cfg.quiet:
-            share = (self._weights > 1).double().mean().item()
-            drawn = (self._weights * (self._weights > 1)).sum() / self._weights.sum()
+            matched = self._weights != 1  # the images the rules reweight
+            share = matched.double().mean().item()
+            drawn = (self._weights * matched).sum() / self._weights.sum()
             tqdm.write(f"--oversample: {share:.1%} of the images, {drawn.item():.1%} of the draws")
 
     def setup(self) -> None:
