@@ -54,6 +54,7 @@ from ..training.shapes import (
     SHAPES,
     SIZES,
     canonical_caption,
+    cell_relation,
     is_held_out,
     parse_prompt,
     render_shapes,
@@ -152,16 +153,6 @@ def _cell(cx: float, cy: float, side: int) -> int:
     return 3 * row + col
 
 
-def _relation(cell0: int, cell1: int) -> str:
-    """Where object 0 is relative to object 1, as the dataset's captioner says it."""
-    (r0, c0), (r1, c1) = divmod(cell0, 3), divmod(cell1, 3)
-    if c0 == c1 and r0 != r1:
-        return "above" if r0 < r1 else "below"
-    if r0 == r1 and c0 != c1:
-        return "left of" if c0 < c1 else "right of"
-    return "and"
-
-
 def _read_object(
     alpha: np.ndarray, best: np.ndarray, a_best: np.ndarray, labels: np.ndarray, k: int
 ) -> dict[str, Any] | None:
@@ -246,7 +237,7 @@ def analyse(image: torch.Tensor | Image.Image | np.ndarray) -> dict[str, Any]:
     relation = None
     if len(objects) == 2:
         cells = [POSITIONS.index(o["position"]) for o in objects]
-        relation = _relation(*cells)
+        relation = cell_relation(*cells)
     record = {"objects": objects, "background": bg_name, "relation": relation, "resolution": side}
     record["caption"] = canonical_caption(record) if objects else f"a {bg_name} background"
     return record
@@ -303,7 +294,7 @@ def matches(
             ok = a0 is not None and a1 is not None
             if ok and relation != "and":
                 cells = [POSITIONS.index(found[a]["position"]) for a in (a0, a1)]
-                ok = _relation(*cells) == relation
+                ok = cell_relation(*cells) == relation
             checks["relation"] = [ok]
         scored.append((sum(sum(v) for v in checks.values()), checks))
     best = max(scored, key=lambda sc: sc[0])[1]  # the first of the best
@@ -435,11 +426,12 @@ def evaluate_prompts(
     layout: str | None = None,
     batch: int = 64,
     progress: bool = False,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Generate ``per_prompt`` images for every prompt and score them with ``analyse``.
 
     ``layout``: the regions planner of text models (``generate``'s; the model's default when
-    None, recorded in ``settings``).
+    None, recorded in ``settings``). ``bf16``: sample under bf16 autocast (``generate``'s).
 
     Image k of prompt i uses seed ``seed + i * per_prompt + k``. Returns ``prompt_accuracy``
     (fraction of images with every stated attribute right), ``attribute_accuracy`` (per
@@ -466,7 +458,7 @@ def evaluate_prompts(
     images, seconds = generate_batched(
         model, num=len(per_image), **cond, seed=seed, batch=batch,
         progress=progress, desc="eval prompts", sampler=sampler, steps=steps, guidance=guidance,
-        guidance_interval=interval, layout=layout,
+        guidance_interval=interval, layout=layout, bf16=bf16,
     )  # fmt: skip
 
     rows, correct, by_attr = [], [], {a: [] for a in ATTRIBUTES}
@@ -507,6 +499,7 @@ def evaluate_prompts(
             guidance=guidance,
             guidance_interval=interval_to_json(interval),
             layout=layout,
+            bf16=bf16,
         ),
         "per_prompt": rows,
     }

@@ -68,7 +68,7 @@ def _place_pair(relation: str | None, known: list[int | None]) -> tuple[int, int
     """Cells for two objects: the stated ones kept, the others chosen so that the shapes
     captioner would write `relation` for them ("and": neither row nor column shared), as far
     apart as possible (then nearest the centre column / row)."""
-    from ..training.shapes import _relation
+    from ..training.shapes import cell_relation
 
     def key(pair: tuple[int, int]) -> tuple[int, int]:
         (r0, k0), (r1, k1) = divmod(pair[0], 3), divmod(pair[1], 3)
@@ -83,7 +83,7 @@ def _place_pair(relation: str | None, known: list[int | None]) -> tuple[int, int
         if c0 != c1
         and known[0] in (None, c0)
         and known[1] in (None, c1)
-        and _relation(c0, c1) == (relation or "and")
+        and cell_relation(c0, c1) == (relation or "and")
     ]
     return min(pairs, key=key) if pairs else None
 

@@ -156,12 +156,14 @@ def _rng(seed: int, index: int, attempt: int, stream: str = "record") -> random.
     return random.Random(f"latentforge-shapes:{stream}:{seed}:{index}:{attempt}")
 
 
-def _relation(cell0: int, cell1: int) -> str:
-    """Where object 0 is relative to object 1 ("and" when neither row nor column is shared)."""
+def cell_relation(cell0: int, cell1: int) -> str:
+    """Where object 0 is relative to object 1, as captions say it: "and" when the two share
+    neither row nor column (or share the cell, which the analyser can read but scenes never
+    hold)."""
     (r0, c0), (r1, c1) = divmod(cell0, 3), divmod(cell1, 3)
-    if c0 == c1:
+    if c0 == c1 and r0 != r1:
         return "above" if r0 < r1 else "below"
-    if r0 == r1:
+    if r0 == r1 and c0 != c1:
         return "left of" if c0 < c1 else "right of"
     return "and"
 
@@ -214,7 +216,7 @@ def _draw_scene(rng: random.Random) -> dict:
     relation = None
     if n_objects == 2:
         cells = [POSITIONS.index(o["position"]) for o in objects]
-        relation = _relation(*cells)
+        relation = cell_relation(*cells)
     return {"objects": objects, "background": background, "relation": relation}
 
 
