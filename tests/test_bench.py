@@ -50,3 +50,19 @@ def test_latent_vs_pixel_bench_quality_with_trained_models(tmp_path, capsys):
     assert out["quality_ratio"] == round(out["quality_latent"] / out["quality_pixel"], 3)
     assert out["vae_psnr_db"] > 0 and 0 < out["vae_ssim"] <= 1
     assert out["latent_shape"] == [4, 4, 4]
+
+
+def test_generate_bench_json(capsys):
+    """A tiny run of `bench generate --json` on the embedded model: every timing is there and
+    positive, bf16 images close to the fp32 ones on average."""
+    argv = ["bench", "generate", "--batch", "2", "--steps", "2", "--repeats", "1", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    settings = ("batch_one_object", "batch_two_objects_regions", "batch_two_objects_no_layout")
+    for precision in ("fp32", "bf16"):
+        assert out[f"{precision}_one_image_s"] > 0
+        for key in settings:
+            assert out[f"{precision}_{key}_images_per_s"] > 0
+    assert all(out[f"bf16_speedup_{key}"] > 0 for key in settings)
+    assert 0 < out["bf16_mean_abs_diff"] < 0.05 and out["bf16_max_abs_diff"] <= 2
+    assert out["batch"] == 2 and out["steps"] == 2 and isinstance(out["cpu_bf16"], bool)

@@ -199,14 +199,15 @@ def _stub_text_model() -> SimpleNamespace:
 def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     records = [shapes_record(i, seed=2) for i in range(5)]
     by_caption = {r["caption"]: r for r in records}
-    calls, intervals, layouts = [], [], []
+    calls, intervals, layouts, precisions = [], [], [], []
 
     def fake_generate(
-        model, *, prompts, num, seed, sampler, steps, guidance, guidance_interval, layout
+        model, *, prompts, num, seed, sampler, steps, guidance, guidance_interval, layout, bf16
     ):
         calls.append((len(prompts), num, seed, sampler, steps, guidance))
         intervals.append(tuple(guidance_interval))
         layouts.append(layout)
+        precisions.append(bf16)
         # the last prompt's images come out as somebody else's scene
         images = [
             render_shapes(by_caption[p] if p != records[-1]["caption"] else records[0])
@@ -244,6 +245,11 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     layouts.clear()
     assert evaluate_prompts(model, prompts[:1])["settings"]["layout"] == "shapes"
     assert set(layouts) == {"shapes"}
+    # fp32 unless asked; bf16 is passed on and reported
+    assert set(precisions) == {False} and result["settings"]["bf16"] is False
+    precisions.clear()
+    assert evaluate_prompts(model, prompts[:1], bf16=True)["settings"]["bf16"] is True
+    assert set(precisions) == {True}
     # the model folder's default interval is used, and an explicit one overrides it
     model = _stub_text_model()
     model.meta["sampling"]["guidance_interval"] = [1.0, None]

@@ -119,6 +119,18 @@ def test_bad_regions_and_layouts_are_clear_errors():
         plan_layout("boxes", "a red circle")
 
 
+def test_the_cli_offers_every_layout():
+    """--layout lists the planners by hand (the CLI starts without torch): keep it in step."""
+    import click
+
+    from latentforge.commands import layout_option
+    from latentforge.pipelines.layout import LAYOUTS
+
+    command = layout_option(click.command()(lambda layout: None))
+    (option,) = [p for p in command.params if p.name == "layout"]
+    assert sorted(option.type.choices) == sorted(LAYOUTS)
+
+
 def test_region_weight_and_json_round_trip():
     r = Region("a red circle", (0.0, 0.0, 0.5, 0.25))
     w = r.weight(4, 4)

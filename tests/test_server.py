@@ -165,6 +165,13 @@ def test_txt2img_runs_to_pngs_with_metadata(client, tmp_path):
     assert (params["seed"], params["steps"], params["num"]) == (4, 2, 1)
     assert params["guidance_interval"] == [0.0, None]  # this model guides every step
     assert params["layout"] == "none" and params["regions"] is None  # a class model
+    assert params["bf16"] is False and result["parameters"]["precision"] == "fp32"
+    # bf16 autocast is asked per request and recorded for --from-png
+    r = client.post("/v1/txt2img", json={"prompt": "a seven", "steps": 2, "seed": 4, "bf16": True})
+    half = wait(client, r.json()["id"])
+    assert half["status"] == "done", half["error"]
+    path.write_bytes(base64.b64decode(half["images"][0]["png"]))
+    assert params_from_png(path)["bf16"] is True
     # per-image seeds: image 1 of the batch is the seed-4 image drawn alone
     alone = wait(client, submit(client, prompt="a seven", steps=2, seed=4))
     assert png(alone["images"][0]["png"]).tobytes() == png(job["images"][1]["png"]).tobytes()

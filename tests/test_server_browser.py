@@ -112,6 +112,7 @@ def test_generate_shows_progress_previews_and_the_image(page):
     page.fill("#prompt", "a handwritten seven")
     page.fill("#steps", "60")
     page.fill("#seed", "7")
+    page.check("#bf16")  # sent as bf16: true, named in the caption
     page.click("#generate")
     result = page.locator("#gallery figure.result img").first
     expect(result).to_be_visible(timeout=60_000)
@@ -126,6 +127,7 @@ def test_generate_shows_progress_previews_and_the_image(page):
     assert natural[0] == 16 and natural[1] >= 64
     assert result.evaluate("(img) => getComputedStyle(img).imageRendering") == "pixelated"
     expect(page.locator("#gallery figcaption").first).to_contain_text("seed: 7")
+    expect(page.locator("#gallery figcaption").first).to_contain_text("precision: bf16")
     if os.environ.get("LATENTFORGE_UI_SCREENSHOT"):
         page.screenshot(path=os.environ["LATENTFORGE_UI_SCREENSHOT"])
 

@@ -184,6 +184,9 @@ def _sampling_options(f):
     )(f)  # fmt: skip
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
     f = click.option("--num", type=click.IntRange(min=1), default=1, show_default=True)(f)
+    f = click.option("--bf16/--no-bf16", default=False, show_default=True,
+                     help="bf16 autocast for the denoiser and decoder: about 1.5x faster on CPUs "
+                     "with AVX512-BF16 or AMX, slow on others")(f)  # fmt: skip
     return f
 
 
@@ -195,7 +198,7 @@ def _sampling_options(f):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
 @_sampling_options
 def sample(model_dir, label, guidance, guidance_interval, out, sampler, steps, spacing, options,
-           seed, num) -> None:  # fmt: skip
+           seed, num, bf16) -> None:  # fmt: skip
     """Sample a grid of images from a model folder."""
     from .io.images import save_grid
     from .pipelines.generate import generate, load_diffusion_model
@@ -214,6 +217,7 @@ def sample(model_dir, label, guidance, guidance_interval, out, sampler, steps, s
         spacing=spacing,
         guidance=guidance,
         guidance_interval=guidance_interval,
+        bf16=bf16,
         **(options or {}),
     )
     save_grid(images, out, seed=seed, sampler=sampler or "", steps=steps or "")
@@ -270,6 +274,7 @@ def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, r
 
 # ----- bench -----------------------------------------------------------------------------------
 BENCHMARKS = {
+    "generate": "latentforge.benchmarks.generate",
     "samplers": "latentforge.benchmarks.samplers",
     "latent-vs-pixel": "latentforge.benchmarks.latent_pixel",
     "unet": "latentforge.benchmarks.unet",

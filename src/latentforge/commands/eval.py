@@ -33,7 +33,7 @@ def _settings_line(what: str, settings: dict) -> str:
     return (
         f"{what} (sampler {settings['sampler']}, {settings['steps']} steps, "
         f"guidance {settings['guidance']:g}{_interval_words(settings)}, seed {settings['seed']}"
-        f"{_layout_words(settings)})"
+        f"{_layout_words(settings)}{', bf16' if settings.get('bf16') else ''})"
     )
 
 
@@ -67,9 +67,11 @@ def eval_group() -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @guidance_interval_option
 @layout_option
+@click.option("--bf16/--no-bf16", default=False, show_default=True,
+              help="sample under bf16 autocast, as generate --bf16")  # fmt: skip
 @_common_options
-def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, model_dir, sampler,
-                guidance, seed, batch, as_json, quiet) -> None:  # fmt: skip
+def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16, model_dir,
+                sampler, guidance, seed, batch, as_json, quiet) -> None:  # fmt: skip
     """Generate for every prompt and check colour, shape, size, position, relation and
     background of what was drawn (shapes models)."""
     from ..metrics.shapes_eval import evaluate_prompts, load_prompts
@@ -80,7 +82,7 @@ def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, model
     result = evaluate_prompts(
         model, prompts, per_prompt=per_prompt, seed=seed, sampler=sampler, steps=steps,
         guidance=guidance, guidance_interval=guidance_interval, layout=layout, batch=batch,
-        progress=not quiet,
+        progress=not quiet, bf16=bf16,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ..pipelines.layout import LAYOUTS
 from ..sampling import SAMPLERS
 from ..schedules import SPACINGS
 
@@ -88,10 +89,15 @@ class Txt2ImgRequest(SamplingParams, PromptParams):
     num: int = Field(1, ge=1, le=MAX_NUM, description="batch size")
     width: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
     height: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
-    layout: Literal["shapes", "none"] | None = Field(
+    layout: Literal[LAYOUTS] | None = Field(
         None,
         description="regional prompting (text models): 'shapes' draws each object of a "
         "two-object prompt in its own box under its own prompt; default: the model's",
+    )
+    bf16: bool = Field(
+        False,
+        description="bf16 autocast for the denoiser and decoder (generate --bf16): about 1.5x "
+        "faster on CPUs with AVX512-BF16 or AMX, slow on others",
     )
 
 

@@ -250,10 +250,11 @@ def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig
     def run(model: LoadedModel, callback) -> torch.Tensor:
         cond = _conditioning(model, req.prompt, req.negative_prompt)
         return generate(model, **cond, num=req.num, callback=callback, layout=layout,
-                        **p.sampling_kwargs())  # fmt: skip
+                        bf16=req.bf16, **p.sampling_kwargs())  # fmt: skip
 
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num,
-              "layout": layout, **p.params}  # fmt: skip
+              "layout": layout, "precision": "bf16" if req.bf16 else "fp32",
+              **p.params}  # fmt: skip
     seeds = [p.seed + i for i in range(req.num)]
     return Task("txt2img", p.name, params, p.steps, run, seeds, preview=req.preview)
 

@@ -226,6 +226,7 @@ async function buildRequest(kind, form) {
     const body = { ...base, prompt: f("prompt").value, negative_prompt: f("negative_prompt").value,
       width: w, height: h };
     if (f("layout").value) body.layout = f("layout").value;
+    if (f("bf16").checked) body.bf16 = true;
     return body;
   }
   if (kind === "interpolate") {
@@ -348,9 +349,10 @@ async function pollJob(id, update, finish) {
 
 // ----- results -------------------------------------------------------------------------------
 function describeParams(p) {
-  const keys = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "layout",
+  const keys = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "layout", "precision",
     "strength", "prompt_a", "prompt_b", "seed_a", "seed_b", "scale", "model"];
-  const shown = (k) => p[k] !== undefined && p[k] !== "" && !(k === "layout" && p[k] === "none");
+  const hidden = { layout: "none", precision: "fp32" };  // the plain cases go unsaid
+  const shown = (k) => p[k] !== undefined && p[k] !== "" && p[k] !== hidden[k];
   return keys.filter(shown).map((k) => `${k}: ${p[k]}`).join(" · ");
 }
 
