@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     result["parameters"] = count_parameters(unet)
 
     if not args.skip_load:
+        if args.tmp:
+            Path(args.tmp).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             folder = Path(tmp) / "sd15"
             meta = {"kind": "diffusion", "unet": unet.config.to_dict()}
