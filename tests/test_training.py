@@ -152,6 +152,46 @@ def test_oversample_errors(tmp_path):
         Trainer(_cfg(tmp_path, oversample=("star=2",)))
 
 
+def test_object_weight_boxes_and_loss(tmp_path):
+    """--object-weight 'small star=4': the cells of a small star's box (one cell wider) weigh 4,
+    every other cell 1; the trainer passes them to the loss, whose per-pixel weights of one
+    change nothing and whose weighted error grows only through the weighted cells."""
+    from latentforge.denoisers import _weighted_mean
+    from latentforge.training.data import load_dataset, object_weights
+
+    ds = load_dataset("shapes:64:300", seed=0)
+
+    def holds_small_star(i: int) -> bool:
+        return any(o["size"] == "small" and o["shape"] == "star" for o in ds.record(i)["objects"])
+
+    star = [i for i in range(len(ds)) if holds_small_star(i)]
+    plain = next(i for i in range(len(ds)) if i not in star)
+    w = object_weights(ds, ["small star=4"], torch.tensor([star[0], plain]), 16)
+    assert w.shape == (2, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 4.0}
+    assert torch.all(w[1] == 1)
+    (o,) = [o for o in ds.record(star[0])["objects"] if o["shape"] == "star"]
+    rows, cols = (w[0, 0] == 4).nonzero().unbind(1)
+    # every weighted cell's centre is within radius + one cell of the star's centre, per axis
+    for idx, c in ((rows, o["cy"]), (cols, o["cx"])):
+        assert ((idx + 0.5) * 4 - c).abs().max() <= o["radius"] + 4
+    assert (w[0] == 4).sum() >= 4  # a small star covers a few cells at least
+    err = torch.randn(2, 4, 16, 16)
+    assert torch.equal(_weighted_mean(err, torch.ones(2, 1, 16, 16)), _weighted_mean(err, None))
+    heavier = _weighted_mean(err, w)
+    assert heavier[0] > _weighted_mean(err, None)[0] and heavier[1] == _weighted_mean(err, None)[1]
+
+    cfg = _cfg(tmp_path, data="shapes:16:64", cond="none", object_weight=("small star=4",),
+               max_steps=2)  # fmt: skip
+    assert train_diffusion(cfg) == 0
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["training"]["config"]["object_weight"] == ["small star=4"]
+    with pytest.raises(UserError, match="--object-weight"):
+        Trainer(_cfg(tmp_path / "b", object_weight=("star=2",)))  # digits: no objects
+    with pytest.raises(UserError, match="--object-weight"):
+        Trainer(_cfg(tmp_path / "c", data="shapes:16:64", cond="none",
+                     object_weight=("tiny star=2",)))  # fmt: skip
+
+
 def test_class_cond_errors(tmp_path):
     with pytest.raises(UserError, match="unknown data spec"):
         Trainer(_cfg(tmp_path, data="cifar"))

@@ -85,6 +85,9 @@ def train() -> None:
                    "conv_in (--task inpaint / superres) gets zero kernels for the new "
                    "channels")  # fmt: skip
 @oversample_option
+@click.option("--object-weight", metavar="WORDS=FACTOR", multiple=True,
+              help="shapes data: weigh the loss on the pixels of such an object (its box, one "
+                   "latent cell wider) FACTOR times, e.g. 'small star=4' (repeatable)")  # fmt: skip
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:

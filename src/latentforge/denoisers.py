@@ -106,10 +106,15 @@ class VPDenoiser(nn.Module):
         return denoised
 
     def loss(
-        self, x0: torch.Tensor, generator: torch.Generator | None = None, **cond
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        pixel_weight: torch.Tensor | None = None,
+        **cond,
     ) -> torch.Tensor:
         """Simple MSE on the network's target (Ho et al. 2020), optionally Min-SNR-gamma weighted
-        (Hang et al. 2023). Per-sample losses, shape (B,)."""
+        (Hang et al. 2023). Per-sample losses, shape (B,). `pixel_weight` (broadcastable to x0,
+        e.g. (B, 1, H, W)) weighs each element's squared error before the mean."""
         B = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -119,7 +124,7 @@ class VPDenoiser(nn.Module):
         a, s = _expand(alpha_bar.sqrt(), x0), _expand((1 - alpha_bar).sqrt(), x0)
         target = {"eps": noise, "v": a * noise - s * x0, "x0": x0}[self.prediction]
         out = self.model(x_t, t.to(x0.dtype), **cond)
-        per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+        per_sample = _weighted_mean(out.float() - target.float(), pixel_weight)
         if self.min_snr_gamma:
             snr = 1 / sigma.double() ** 2
             clipped = snr.clamp(max=self.min_snr_gamma)
@@ -172,9 +177,14 @@ class EDMDenoiser(nn.Module):
         return denoised
 
     def loss(
-        self, x0: torch.Tensor, generator: torch.Generator | None = None, **cond
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        pixel_weight: torch.Tensor | None = None,
+        **cond,
     ) -> torch.Tensor:
-        """EDM loss: log-normal sigma, weight (sigma^2 + sd^2) / (sigma sd)^2 (Karras eq. 8)."""
+        """EDM loss: log-normal sigma, weight (sigma^2 + sd^2) / (sigma sd)^2 (Karras eq. 8);
+        `pixel_weight` as in VPDenoiser.loss."""
         B = x0.shape[0]
         n = torch.randn((B,), generator=generator, device=x0.device)
         sigma = (n * self.p_std + self.p_mean).exp()
@@ -185,7 +195,15 @@ class EDMDenoiser(nn.Module):
         out = self.model(x * _expand(c_in, x), c_noise, **cond)
         denoised = _expand(c_skip, x) * x + _expand(c_out, x) * out
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        return weight * (denoised.float() - x0.float()).pow(2).flatten(1).mean(1)
+        return weight * _weighted_mean(denoised.float() - x0.float(), pixel_weight)
+
+
+def _weighted_mean(error: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean of the squared error, each element weighed by `weight` when given."""
+    squared = error.pow(2)
+    if weight is not None:
+        squared = squared * weight.to(squared)
+    return squared.flatten(1).mean(1)
 
 
 def make_denoiser(model: nn.Module, spec: dict) -> VPDenoiser | EDMDenoiser:

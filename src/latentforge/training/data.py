@@ -20,6 +20,7 @@ Specs (``parse_spec`` / ``load_dataset``):
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import re
@@ -426,12 +427,15 @@ _ATTRIBUTES = {**dict.fromkeys(SIZES, "size"), **dict.fromkeys(COLOURS, "colour"
                **dict.fromkeys(SHAPES, "shape")}  # fmt: skip
 
 
-def parse_oversample(rules: tuple[str, ...] | list[str]) -> list[tuple[dict[str, str], float]]:
+def parse_oversample(
+    rules: tuple[str, ...] | list[str], option: str = "--oversample"
+) -> list[tuple[dict[str, str], float]]:
     """``["small star=3"]`` -> ``[({"size": "small", "shape": "star"}, 3.0)]``.
 
     A rule is ``WORDS=FACTOR``: WORDS name one object by its size, colour and/or shape (any of
     them, at most one of each), FACTOR > 0 scales how often an image holding such an object is
-    drawn. Raises UserError on anything else.
+    drawn (``--oversample``) or how much its pixels weigh in the loss (``--object-weight``).
+    Raises UserError, naming ``option``, on anything else.
     """
     parsed = []
     for rule in rules:
@@ -449,7 +453,7 @@ def parse_oversample(rules: tuple[str, ...] | list[str]) -> list[tuple[dict[str,
             value = float("nan")
         if not sep or not attrs or not value > 0 or value == float("inf"):
             raise UserError(
-                f"bad --oversample {rule!r}: expected 'WORDS=FACTOR', WORDS one object's size, "
+                f"bad {option} {rule!r}: expected 'WORDS=FACTOR', WORDS one object's size, "
                 f"colour and/or shape ({', '.join([*SIZES, *COLOURS, *SHAPES])}), FACTOR > 0"
             )
         parsed.append((attrs, value))
@@ -471,6 +475,34 @@ def sample_weights(dataset: ImageDataset, rules: tuple[str, ...] | list[str]) ->
             if any(all(o[k] == v for k, v in attrs.items()) for o in objects):
                 weights[i] *= factor
     return weights
+
+
+def object_weights(
+    dataset: ImageDataset, rules: tuple[str, ...] | list[str], indices: torch.Tensor, side: int
+) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, side, side) for ``--object-weight`` rules on a side x side
+    grid over images ``indices`` of shapes data: a cell weighs the product of the factors of the
+    rules whose object covers it (the object's bounding box grown by one cell), 1 elsewhere.
+    Cells are those of the latent grid when ``side`` is the latent side."""
+    parsed = parse_oversample(rules, "--object-weight")
+    if not isinstance(dataset, ShapesDataset):
+        raise UserError(f"--object-weight needs shapes data, whose images list their objects; "
+                        f"{dataset.spec!r} does not")  # fmt: skip
+    out = torch.ones(len(indices), 1, side, side)
+    centres = (torch.arange(side) + 0.5) / side  # cell centres, fractions of the side
+    for b, i in enumerate(indices.tolist()):
+        record = dataset.record(int(i))
+        res = record["resolution"]
+        for o in record["objects"]:
+            factor = math.prod(f for attrs, f in parsed if all(o[k] == v for k, v in attrs.items()))
+            if factor == 1:
+                continue
+            reach = (o["radius"] / res) + 1 / side
+            rows = (centres - o["cy"] / res).abs() <= reach
+            cols = (centres - o["cx"] / res).abs() <= reach
+            box = rows[:, None] & cols[None, :]
+            out[b, 0][box] *= factor
+    return out
 
 
 def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:

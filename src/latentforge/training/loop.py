@@ -86,6 +86,7 @@ class TrainConfig:
     crop: int = 0  # superres: train on random crops of this size (0: whole images)
     init_from: str | None = None  # a diffusion model folder whose weights to start from
     oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (data.sample_weights)
+    object_weight: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" loss weights on objects
 
 
 def step_generator(
