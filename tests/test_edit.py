@@ -135,6 +135,24 @@ def test_inpaint_keeps_unmasked_pixels_exactly(digits, feather):
     assert (out - image)[~keep].abs().max() > 0.05
 
 
+def test_inpaint_mask_of_zeros_returns_the_input_and_of_ones_is_generate(digits):
+    """Nothing to regenerate: the input comes back unchanged. Everything to regenerate: the
+    image is generate's for the same seed, bit for bit (the known region never enters)."""
+    image = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    kw = dict(steps=3, seed=4, labels=[3], num=2)
+    assert torch.equal(inpaint(digits, image, torch.zeros(1, 1, 16, 16), **kw), image)
+    whole = inpaint(digits, image, torch.ones(1, 1, 16, 16), **kw)
+    assert torch.equal(whole, generate(digits, **kw))
+
+
+def test_inpaint_mask_of_another_size_is_a_clear_error(digits):
+    from latentforge.errors import UserError
+
+    image = torch.zeros(1, 1, 16, 16)
+    with pytest.raises(UserError, match="mask"):
+        inpaint(digits, image, torch.ones(1, 1, 8, 8), steps=2, labels=[3])
+
+
 def test_feather_ramps_inside_the_mask_only():
     mask = torch.zeros(1, 1, 12, 12)
     mask[..., 2:10, 2:10] = 1
