@@ -157,7 +157,7 @@ def test_object_weight_boxes_and_loss(tmp_path):
     every other cell 1; the trainer passes them to the loss, whose per-pixel weights of one
     change nothing and whose weighted error grows only through the weighted cells."""
     from latentforge.denoisers import _weighted_mean
-    from latentforge.training.data import load_dataset, object_weights
+    from latentforge.training.data import load_dataset, object_rules, object_weights
 
     ds = load_dataset("shapes:64:300", seed=0)
 
@@ -166,7 +166,8 @@ def test_object_weight_boxes_and_loss(tmp_path):
 
     star = [i for i in range(len(ds)) if holds_small_star(i)]
     plain = next(i for i in range(len(ds)) if i not in star)
-    w = object_weights(ds, ["small star=4"], torch.tensor([star[0], plain]), 16)
+    rules = object_rules(ds, ["small star=4"], "--object-weight")
+    w = object_weights(ds, rules, torch.tensor([star[0], plain]), 16)
     assert w.shape == (2, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 4.0}
     assert torch.all(w[1] == 1)
     (o,) = [o for o in ds.record(star[0])["objects"] if o["shape"] == "star"]

@@ -460,41 +460,55 @@ def parse_oversample(
     return parsed
 
 
+ObjectRules = list[tuple[dict[str, str], float]]  # parse_oversample's result
+
+
+def object_rules(
+    dataset: ImageDataset, rules: tuple[str, ...] | list[str], option: str
+) -> ObjectRules:
+    """``option``'s rules parsed (``parse_oversample``), after checking that ``dataset`` is
+    shapes data, the only kind whose attribute records say what each image holds."""
+    parsed = parse_oversample(rules, option)
+    if not isinstance(dataset, ShapesDataset):
+        raise UserError(f"{option} needs shapes data, whose images list their objects; "
+                        f"{dataset.spec!r} does not")  # fmt: skip
+    return parsed
+
+
+def _is(obj: dict, attrs: dict[str, str]) -> bool:
+    """Whether a record's object has every attribute a rule names."""
+    return all(obj[k] == v for k, v in attrs.items())
+
+
 def sample_weights(dataset: ImageDataset, rules: tuple[str, ...] | list[str]) -> torch.Tensor:
     """Per-image draw weights (float64, one per dataset index) for ``--oversample`` rules: the
     product of the factors of the rules an object of the image matches (1 when none does).
-    Only for ``shapes`` data, whose attribute records say what each image holds."""
-    parsed = parse_oversample(rules)
-    if not isinstance(dataset, ShapesDataset):
-        raise UserError(f"--oversample needs shapes data, whose images list their objects; "
-                        f"{dataset.spec!r} does not")  # fmt: skip
+    Only for ``shapes`` data (``object_rules``)."""
+    parsed = object_rules(dataset, rules, "--oversample")
     weights = torch.ones(len(dataset), dtype=torch.float64)
     for i in range(len(dataset)):
         objects = dataset.record(i)["objects"]
         for attrs, factor in parsed:
-            if any(all(o[k] == v for k, v in attrs.items()) for o in objects):
+            if any(_is(o, attrs) for o in objects):
                 weights[i] *= factor
     return weights
 
 
 def object_weights(
-    dataset: ImageDataset, rules: tuple[str, ...] | list[str], indices: torch.Tensor, side: int
+    dataset: ImageDataset, rules: ObjectRules, indices: torch.Tensor, side: int
 ) -> torch.Tensor:
-    """Per-pixel loss weights (B, 1, side, side) for ``--object-weight`` rules on a side x side
-    grid over images ``indices`` of shapes data: a cell weighs the product of the factors of the
-    rules whose object covers it (the object's bounding box grown by one cell), 1 elsewhere.
-    Cells are those of the latent grid when ``side`` is the latent side."""
-    parsed = parse_oversample(rules, "--object-weight")
-    if not isinstance(dataset, ShapesDataset):
-        raise UserError(f"--object-weight needs shapes data, whose images list their objects; "
-                        f"{dataset.spec!r} does not")  # fmt: skip
+    """Per-pixel loss weights (B, 1, side, side) for ``--object-weight`` rules (parsed once by
+    ``object_rules``) on a side x side grid over images ``indices`` of shapes data: a cell
+    weighs the product of the factors of the rules whose object covers it (the object's
+    bounding box grown by one cell), 1 elsewhere. Cells are those of the latent grid when
+    ``side`` is the latent side."""
     out = torch.ones(len(indices), 1, side, side)
     centres = (torch.arange(side) + 0.5) / side  # cell centres, fractions of the side
     for b, i in enumerate(indices.tolist()):
         record = dataset.record(int(i))
         res = record["resolution"]
         for o in record["objects"]:
-            factor = math.prod(f for attrs, f in parsed if all(o[k] == v for k, v in attrs.items()))
+            factor = math.prod(f for attrs, f in rules if _is(o, attrs))
             if factor == 1:
                 continue
             reach = (o["radius"] / res) + 1 / side

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .data import ShapesDataset, object_weights
+from .data import ShapesDataset, object_rules, object_weights
 from .loop import Trainer
 
 
@@ -51,10 +51,11 @@ class DiffusionTrainer(Trainer):
         self.model = self.denoiser.model
         if cfg.init_from:
             self.meta["init_from"] = init_from_folder(self.model, self.meta, cfg.init_from)
+        self._object_rules = None  # --object-weight, parsed once
         if cfg.object_weight:
             if cfg.crop:
                 raise UserError("--object-weight weighs whole images; it does not take --crop")
-            object_weights(ds, cfg.object_weight, torch.zeros(0, dtype=torch.long), 1)  # checks
+            self._object_rules = object_rules(ds, cfg.object_weight, "--object-weight")
 
     def build_meta(self) -> dict:
         from ..models.presets import unet_preset
@@ -267,10 +268,8 @@ class DiffusionTrainer(Trainer):
             cond["class_labels"] = torch.where(drop, torch.full_like(labels, null), labels)
         if self.text_encoder is not None:
             cond["context"], cond["context_mask"] = self.text_context(batch, drop)
-        if self.cfg.object_weight:  # heavier loss on the pixels of the named objects
-            weight = object_weights(
-                self.dataset, self.cfg.object_weight, batch["index"], x0.shape[-1]
-            )
+        if self._object_rules:  # heavier loss on the pixels of the named objects
+            weight = object_weights(self.dataset, self._object_rules, batch["index"], x0.shape[-1])
             cond["pixel_weight"] = weight.to(x0.device)
         # DDP's gradient hooks live on the wrapper: run the loss through it.
         self.denoiser.model = self.ddp
