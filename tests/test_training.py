@@ -105,13 +105,19 @@ def test_oversample_weights_and_draws(tmp_path):
     from latentforge.training.data import load_dataset, sample_weights
 
     ds = load_dataset("shapes:16:400", seed=0)
-    weights = sample_weights(ds, ["small star=4", "large red=0.5"])
+    weights = sample_weights(ds, ["small star=4", "large red=0.5", "circle on gray=3"])
+    gray_circles = 0
     for i in range(len(ds)):
-        objects = ds.record(i)["objects"]
+        record = ds.record(i)
+        objects = record["objects"]
         expect = 4.0 if any(o["size"] == "small" and o["shape"] == "star" for o in objects) else 1
         if any(o["size"] == "large" and o["colour"] == "red" for o in objects):
             expect *= 0.5
+        if record["background"] == "gray" and any(o["shape"] == "circle" for o in objects):
+            expect *= 3
+            gray_circles += 1
         assert weights[i] == expect
+    assert gray_circles >= 5  # the background rule was tested on some images
     star = weights >= 2
     assert 0.05 < star.double().mean() < 0.4
 
@@ -145,7 +151,12 @@ def test_oversample_errors(tmp_path):
     from latentforge.training.data import parse_oversample
 
     assert parse_oversample(["Small STAR=2.5"]) == [({"size": "small", "shape": "star"}, 2.5)]
-    for bad in ["star", "tiny star=2", "star=0", "star=-1", "star=x", "small large=2", "=3"]:
+    assert parse_oversample(["blue star on a gray background=2", "on red=3"]) == [
+        ({"background": "gray", "colour": "blue", "shape": "star"}, 2.0),
+        ({"background": "red"}, 3.0),
+    ]
+    for bad in ["star", "tiny star=2", "star=0", "star=-1", "star=x", "small large=2", "=3",
+                "star on pink=2", "star on=2", "star on gray on red=2", "gray=2"]:  # fmt: skip
         with pytest.raises(UserError, match="--oversample"):
             parse_oversample([bad])
     with pytest.raises(UserError, match="shapes data"):

@@ -20,7 +20,8 @@ def cli() -> None:
 oversample_option = click.option(
     "--oversample", metavar="WORDS=FACTOR", multiple=True,
     help="shapes data: draw images holding such an object FACTOR times as often, e.g. "
-         "'small star=3' (size, colour and/or shape words; repeatable; draws with replacement)",
+         "'small star=3' (size, colour and/or shape words, optionally 'on COLOUR' for the "
+         "background: 'blue star on gray=4'; repeatable; draws with replacement)",
 )  # fmt: skip
 
 
@@ -87,7 +88,8 @@ def train() -> None:
 @oversample_option
 @click.option("--object-weight", metavar="WORDS=FACTOR", multiple=True,
               help="shapes data: weigh the loss on the pixels of such an object (its box, one "
-                   "latent cell wider) FACTOR times, e.g. 'small star=4' (repeatable)")  # fmt: skip
+                   "latent cell wider) FACTOR times, e.g. 'small star=4' (words as --oversample; "
+                   "repeatable)")  # fmt: skip
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:

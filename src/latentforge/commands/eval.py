@@ -16,7 +16,10 @@ def _common_options(f):
     f = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(f)
     f = click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
                      help="images per sampling batch")(f)  # fmt: skip
-    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--seed", type=int, default=0, show_default=True,
+                     help="seed of the first image; the j-th image generated uses SEED + j, so "
+                          "runs whose seeds differ by the image count or more draw disjoint "
+                          "noise")(f)  # fmt: skip
     f = click.option("--guidance", type=float, default=None,
                      help="classifier-free guidance scale (model default)")(f)  # fmt: skip
     f = click.option("--sampler", default=None, help="sampler name (model default)")(f)

@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 from ..errors import UserError
 from ..io.images import from_pil
 from .shapes import (
+    BACKGROUND_COLOURS,
     COLOURS,
     SHAPES,
     SIZES,
@@ -430,18 +431,27 @@ _ATTRIBUTES = {**dict.fromkeys(SIZES, "size"), **dict.fromkeys(COLOURS, "colour"
 def parse_oversample(
     rules: tuple[str, ...] | list[str], option: str = "--oversample"
 ) -> list[tuple[dict[str, str], float]]:
-    """``["small star=3"]`` -> ``[({"size": "small", "shape": "star"}, 3.0)]``.
+    """``["small star on gray=3"]`` -> ``[({"size": "small", "shape": "star", "background":
+    "gray"}, 3.0)]``.
 
-    A rule is ``WORDS=FACTOR``: WORDS name one object by its size, colour and/or shape (any of
-    them, at most one of each), FACTOR > 0 scales how often an image holding such an object is
-    drawn (``--oversample``) or how much its pixels weigh in the loss (``--object-weight``).
-    Raises UserError, naming ``option``, on anything else.
+    A rule is ``WORDS [on COLOUR]=FACTOR``: WORDS name one object by its size, colour and/or
+    shape (any of them, at most one of each), ``on COLOUR`` the image's background (a palette
+    colour or gray); FACTOR > 0 scales how often an image holding such an object is drawn
+    (``--oversample``) or how much its pixels weigh in the loss (``--object-weight``). Raises
+    UserError, naming ``option``, on anything else.
     """
     parsed = []
     for rule in rules:
         words, sep, factor = str(rule).rpartition("=")
         attrs: dict[str, str] = {}
-        for word in words.lower().split():
+        head, on, background = f" {words.lower()}".partition(" on ")
+        if on:
+            background = re.sub(r"^an? |\s+background$", "", background.strip())
+            if background in BACKGROUND_COLOURS:
+                attrs["background"] = background
+            else:
+                head = ""  # a bad background: the rule is rejected below
+        for word in head.split():
             kind = _ATTRIBUTES.get(word)
             if kind is None or kind in attrs:
                 attrs = {}
@@ -453,8 +463,9 @@ def parse_oversample(
             value = float("nan")
         if not sep or not attrs or not value > 0 or value == float("inf"):
             raise UserError(
-                f"bad {option} {rule!r}: expected 'WORDS=FACTOR', WORDS one object's size, "
-                f"colour and/or shape ({', '.join([*SIZES, *COLOURS, *SHAPES])}), FACTOR > 0"
+                f"bad {option} {rule!r}: expected 'WORDS [on COLOUR]=FACTOR', WORDS one "
+                f"object's size, colour and/or shape ({', '.join([*SIZES, *COLOURS, *SHAPES])}), "
+                f"COLOUR the background (a colour or gray), FACTOR > 0"
             )
         parsed.append((attrs, value))
     return parsed
@@ -475,9 +486,10 @@ def object_rules(
     return parsed
 
 
-def _is(obj: dict, attrs: dict[str, str]) -> bool:
-    """Whether a record's object has every attribute a rule names."""
-    return all(obj[k] == v for k, v in attrs.items())
+def _is(record: dict, obj: dict, attrs: dict[str, str]) -> bool:
+    """Whether an object of a record has every attribute a rule names (the background is the
+    record's)."""
+    return all((record if k == "background" else obj)[k] == v for k, v in attrs.items())
 
 
 def sample_weights(dataset: ImageDataset, rules: tuple[str, ...] | list[str]) -> torch.Tensor:
@@ -487,9 +499,9 @@ def sample_weights(dataset: ImageDataset, rules: tuple[str, ...] | list[str]) ->
     parsed = object_rules(dataset, rules, "--oversample")
     weights = torch.ones(len(dataset), dtype=torch.float64)
     for i in range(len(dataset)):
-        objects = dataset.record(i)["objects"]
+        record = dataset.record(i)
         for attrs, factor in parsed:
-            if any(_is(o, attrs) for o in objects):
+            if any(_is(record, o, attrs) for o in record["objects"]):
                 weights[i] *= factor
     return weights
 
@@ -508,7 +520,7 @@ def object_weights(
         record = dataset.record(int(i))
         res = record["resolution"]
         for o in record["objects"]:
-            factor = math.prod(f for attrs, f in rules if _is(o, attrs))
+            factor = math.prod(f for attrs, f in rules if _is(record, o, attrs))
             if factor == 1:
                 continue
             reach = (o["radius"] / res) + 1 / side
