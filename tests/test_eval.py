@@ -193,7 +193,7 @@ def test_load_prompts_errors(tmp_path):
 
 def _stub_text_model() -> SimpleNamespace:
     return SimpleNamespace(meta={"cond": "text", "sampling": {}}, text_encoder=None,
-                           num_classes=0, class_names=[])  # fmt: skip
+                           conditioning="text", num_classes=0, class_names=[])  # fmt: skip
 
 
 def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
@@ -422,8 +422,8 @@ def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
 
 def _stub_shapes_model(spec: str = "shapes:64", res: int = 64) -> SimpleNamespace:
     return SimpleNamespace(meta={"cond": "text", "sampling": {}, "data": {"spec": spec}},
-                           text_encoder=None, num_classes=0, class_names=[],
-                           output_shape=(3, res, res), path="stub")  # fmt: skip
+                           text_encoder=None, conditioning="text", num_classes=0,
+                           class_names=[], output_shape=(3, res, res), path="stub")  # fmt: skip
 
 
 def _fake_inpaint(tasks, calls, *, truth: bool):

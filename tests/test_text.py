@@ -9,7 +9,9 @@ from PIL import Image
 from latentforge.errors import UserError
 from latentforge.guidance import CFGDenoiser, parse_interval
 from latentforge.pipelines.generate import (
+    LoadedModel,
     conditioning,
+    describe_conditioning,
     generate,
     load_diffusion_model,
     make_sigmas,
@@ -44,6 +46,23 @@ def test_minilm_encoder(text_model):
         warnings.simplefilter("always")
         enc.encode(["a red circle " * 40])
     assert any("truncated" in str(w.message) for w in caught)
+
+
+def test_conditioning_kind_is_read_from_model_json(text_model, tiny_digits_model):
+    """A model's conditioning ("text", "class", "none") comes from its model.json alone, so a
+    folder whose weights are not loaded (the server's model list) reads the same as a loaded
+    one, and describe_conditioning turns a prompt into generate's arguments by it."""
+    digits = load_diffusion_model(tiny_digits_model)
+    plain = LoadedModel(None, {**digits.meta, "unet": {**digits.meta["unet"], "num_classes": 0}},
+                        digits.path)  # type: ignore[arg-type]  # fmt: skip
+    for model, kind in ((text_model, "text"), (digits, "class"), (plain, "none")):
+        assert model.conditioning == kind
+        view = LoadedModel(None, model.meta, model.path)  # type: ignore[arg-type]
+        assert view.conditioning == kind
+    assert describe_conditioning(text_model, "a red star")[0] == {"prompts": ["a red star"]}
+    assert describe_conditioning(digits, "a seven")[0] == {"labels": [7]}
+    assert describe_conditioning(digits, "a cat")[0] == {"labels": [None]}
+    assert describe_conditioning(plain, "a seven")[0] == {}
 
 
 def test_text_changes_the_output_and_negative_prompt_is_used(text_model):

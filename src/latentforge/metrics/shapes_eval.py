@@ -402,9 +402,9 @@ def generate_batched(
 def _conditioning(model: LoadedModel, prompts: list[str]) -> dict[str, list]:
     """generate's per-image conditioning for prompts: text models take them as they are, class
     models the class each names (``labels_from_prompt``), unconditional models nothing."""
-    if model.meta.get("cond") == "text" or getattr(model, "text_encoder", None) is not None:
+    if model.conditioning == "text":
         return {"prompts": prompts}
-    if model.meta.get("cond") == "class" or model.num_classes:
+    if model.conditioning == "class":
         return {"labels": [labels_from_prompt(p, model.class_names) for p in prompts]}
     return {}
 

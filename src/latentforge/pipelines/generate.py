@@ -54,6 +54,14 @@ class LoadedModel:
         return self.meta.get("data", {}).get("class_names", [])
 
     @property
+    def conditioning(self) -> str:
+        """What a prompt conditions: "text", "class" or "none". Read from model.json, so it holds
+        for a folder whose weights are not loaded (the server's model list)."""
+        if self.meta.get("text_encoder"):
+            return "text"
+        return "class" if self.num_classes else "none"
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """Shape of what the denoiser works on (pixels, or latents for a latent model)."""
         data = self.meta["data"]
@@ -383,9 +391,9 @@ PARAM_KEYS = (
 
 def describe_conditioning(model: LoadedModel, prompt: str) -> tuple[dict, str]:
     """Keyword arguments for `generate` from a prompt, and a few words saying what they mean."""
-    if model.text_encoder is not None:
+    if model.conditioning == "text":
         return {"prompts": [prompt]}, f"prompt {prompt!r}"
-    if model.num_classes:
+    if model.conditioning == "class":
         label = labels_from_prompt(prompt, model.class_names)
         if label is None:
             return {"labels": [None]}, "no class named in the prompt: unconditional"

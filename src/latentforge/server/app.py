@@ -365,13 +365,12 @@ def _sse_text(event: str, data: str) -> str:
 def _model_info(view) -> dict:
     """What /v1/models says about a model, from its model.json alone."""
     c, h, w = view.output_shape
-    text = bool(view.meta.get("text_encoder"))
     task = tasks.model_task(view)
     return {
         "task": task, "scale": view.meta.get("scale") if task == "superres" else None,
         "width": w, "height": h, "channels": c, "latent": bool(view.meta.get("latent")),
-        "conditioning": "text" if text else "class" if view.num_classes else "none",
-        "class_names": [] if text else [str(n) for n in view.class_names],
+        "conditioning": view.conditioning,
+        "class_names": [] if view.conditioning == "text" else [str(n) for n in view.class_names],
         "defaults": view.meta.get("sampling", {}),
     }  # fmt: skip
 
