@@ -118,6 +118,9 @@ def test_oversample_weights_and_draws(tmp_path):
             gray_circles += 1
         assert weights[i] == expect
     assert gray_circles >= 5  # the background rule was tested on some images
+    with pytest.warns(UserWarning, match="matches no image"):  # red stars are held out
+        held_out = sample_weights(load_dataset("shapes:16:400:holdout", seed=0), ["red star=5"])
+    assert torch.all(held_out == 1)
     star = weights >= 2
     assert 0.05 < star.double().mean() < 0.4
 

@@ -498,11 +498,18 @@ def sample_weights(dataset: ImageDataset, rules: tuple[str, ...] | list[str]) ->
     Only for ``shapes`` data (``object_rules``)."""
     parsed = object_rules(dataset, rules, "--oversample")
     weights = torch.ones(len(dataset), dtype=torch.float64)
+    matched = [0] * len(parsed)
     for i in range(len(dataset)):
         record = dataset.record(i)
-        for attrs, factor in parsed:
+        for k, (attrs, factor) in enumerate(parsed):
             if any(_is(record, o, attrs) for o in record["objects"]):
                 weights[i] *= factor
+                matched[k] += 1
+    for rule, count in zip(rules, matched, strict=True):
+        if not count:
+            warnings.warn(f"--oversample {rule!r} matches no image of {dataset.spec!r} "
+                          "(a :holdout spec leaves out the held-out colour/shape pairs)",
+                          stacklevel=2)  # fmt: skip
     return weights
 
 
