@@ -1,5 +1,6 @@
 """Text conditioning with the frozen MiniLM encoder, and classifier-free guidance."""
 
+import json
 import warnings
 
 import pytest
@@ -63,6 +64,50 @@ def test_conditioning_kind_is_read_from_model_json(text_model, tiny_digits_model
     assert describe_conditioning(digits, "a seven")[0] == {"labels": [7]}
     assert describe_conditioning(digits, "a cat")[0] == {"labels": [None]}
     assert describe_conditioning(plain, "a seven")[0] == {}
+
+
+@pytest.mark.parametrize("cache_text", [False, True])
+def test_region_captions_replace_the_picked_images_context(tmp_path, cache_text):
+    """--region-captions 1: every two-object image of a batch whose caption is not dropped
+    trains under the encoding of one object's region caption, with the other object's box out
+    of the loss; dropped captions and one-object images keep their context and weights. The
+    run finishes and records the share."""
+    from latentforge.training.data import region_captions
+    from latentforge.training.diffusion import DiffusionTrainer
+
+    cfg = TrainConfig(data="shapes:16:64", out=str(tmp_path), cond="text", max_steps=2,
+                      batch_size=8, sample_every=0, quiet=True, region_captions=1.0,
+                      cache_text=cache_text)  # fmt: skip
+    trainer = DiffusionTrainer(cfg)
+    batch = trainer.batch(0, 0)
+    objects = [len(trainer.dataset.record(int(i))["objects"]) for i in batch["index"]]
+    assert 2 in objects[1:] and 1 in objects
+    drop = torch.zeros(8, dtype=torch.bool)
+    drop[objects.index(2)] = True  # a dropped two-object caption stays the empty prompt
+    base = trainer.text_context(batch, drop)
+    cond = {"context": base[0].clone(), "context_mask": base[1].clone()}
+    weight = trainer._region_captions(batch, drop, cond, 4, torch.Generator().manual_seed(0))
+    # the same draws: the share (all images), then which object
+    g = torch.Generator().manual_seed(0)
+    torch.rand(8, generator=g)
+    which = torch.where(drop, -1, torch.randint(0, 2, (8,), generator=g))
+    captions, expect = region_captions(trainer.dataset, batch["index"], which, 4)
+    assert torch.equal(weight, expect)
+    changed = 0
+    for b, caption in enumerate(captions):
+        if caption is None:
+            assert torch.equal(cond["context"][b], base[0][b]) and torch.all(weight[b] == 1)
+            continue
+        hidden, mask = trainer.text_encoder.encode([caption])
+        assert torch.equal(cond["context"][b], hidden[0]) and torch.equal(
+            cond["context_mask"][b], mask[0]
+        )
+        assert (weight[b] == 0).any()
+        changed += 1
+    assert changed == sum(n == 2 for n in objects) - 1
+    assert train_diffusion(cfg) == 0
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["training"]["config"]["region_captions"] == 1.0
 
 
 def test_text_changes_the_output_and_negative_prompt_is_used(text_model):

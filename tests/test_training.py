@@ -207,6 +207,37 @@ def test_object_weight_boxes_and_loss(tmp_path):
                      object_weight=("tiny star=2",)))  # fmt: skip
 
 
+def test_region_captions_are_the_planners_region_prompts(tmp_path):
+    """--region-captions: a picked two-object image is captioned as the layout planner writes
+    the prompt of that object's box (read from the image's own caption), the other object's box
+    (one cell wider) weighs 0 in the loss and the picked one 1; images not picked, and
+    one-object images, keep their caption and weigh 1 everywhere."""
+    from latentforge.pipelines.layout import shapes_layout
+    from latentforge.training.data import load_dataset, region_captions
+
+    ds = load_dataset("shapes:64:300", seed=0)
+    two = [i for i in range(len(ds)) if len(ds.record(i)["objects"]) == 2][:3]
+    one = next(i for i in range(len(ds)) if len(ds.record(i)["objects"]) == 1)
+    indices = torch.tensor([two[0], two[1], two[2], one])
+    captions, w = region_captions(ds, indices, torch.tensor([0, 1, -1, 0]), 16)
+    assert w.shape == (4, 1, 16, 16) and captions[2:] == [None, None]
+    assert torch.all(w[2:] == 1)
+    for b, k in ((0, 0), (1, 1)):
+        record = ds.record(int(indices[b]))
+        regions = shapes_layout(record["caption"])
+        assert captions[b] == regions[k].prompt  # what regional prompting asks of this box
+        other, kept = record["objects"][1 - k], record["objects"][k]
+        zero = (w[b, 0] == 0).nonzero()
+        assert len(zero) >= 4 and set(w[b].unique().tolist()) == {0.0, 1.0}
+        for idx, c in ((zero[:, 0], other["cy"]), (zero[:, 1], other["cx"])):
+            assert ((idx + 0.5) * 4 - c).abs().max() <= other["radius"] + 4
+        assert w[b, 0, int(kept["cy"] // 4), int(kept["cx"] // 4)] == 1
+    with pytest.raises(UserError, match="--region-captions"):
+        Trainer(_cfg(tmp_path / "a", data="shapes:16:64", cond="none", region_captions=0.5))
+    with pytest.raises(UserError, match="--region-captions"):
+        Trainer(_cfg(tmp_path / "b", region_captions=0.5))  # digits
+
+
 def test_class_cond_errors(tmp_path):
     with pytest.raises(UserError, match="unknown data spec"):
         Trainer(_cfg(tmp_path, data="cifar"))

@@ -90,6 +90,11 @@ def train() -> None:
               help="shapes data: weigh the loss on the pixels of such an object (its box, one "
                    "latent cell wider) FACTOR times, e.g. 'small star=4' (words as --oversample; "
                    "repeatable)")  # fmt: skip
+@click.option("--region-captions", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              metavar="P",
+              help="shapes data, --cond text: caption this share of the two-object images as "
+                   "one of their objects alone (the prompt regional prompting gives its box) "
+                   "and leave the other object's box out of the loss")  # fmt: skip
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_diffusion_cmd(resume: bool, **kw) -> int:

@@ -42,6 +42,7 @@ from .shapes import (
     COLOURS,
     SHAPES,
     SIZES,
+    canonical_caption,
     is_held_out,
     render_shapes,
     sample_caption,
@@ -522,20 +523,50 @@ def object_weights(
     bounding box grown by one cell), 1 elsewhere. Cells are those of the latent grid when
     ``side`` is the latent side."""
     out = torch.ones(len(indices), 1, side, side)
-    centres = (torch.arange(side) + 0.5) / side  # cell centres, fractions of the side
     for b, i in enumerate(indices.tolist()):
         record = dataset.record(int(i))
-        res = record["resolution"]
         for o in record["objects"]:
             factor = math.prod(f for attrs, f in rules if _is(record, o, attrs))
-            if factor == 1:
-                continue
-            reach = (o["radius"] / res) + 1 / side
-            rows = (centres - o["cy"] / res).abs() <= reach
-            cols = (centres - o["cx"] / res).abs() <= reach
-            box = rows[:, None] & cols[None, :]
-            out[b, 0][box] *= factor
+            if factor != 1:
+                out[b, 0][_cells(o, record["resolution"], side)] *= factor
     return out
+
+
+def _cells(obj: dict, resolution: int, side: int) -> torch.Tensor:
+    """(side, side) bool: the cells of a side x side grid over the image whose centres lie in
+    the object's bounding box (half-side = radius) grown by one cell."""
+    centres = (torch.arange(side) + 0.5) / side  # fractions of the image side
+    reach = obj["radius"] / resolution + 1 / side
+    rows = (centres - obj["cy"] / resolution).abs() <= reach
+    cols = (centres - obj["cx"] / resolution).abs() <= reach
+    return rows[:, None] & cols[None, :]
+
+
+def region_captions(
+    dataset: ImageDataset, indices: torch.Tensor, which: torch.Tensor, side: int
+) -> tuple[list[str | None], torch.Tensor]:
+    """Region captions for images ``indices`` of shapes data (``--region-captions``): where
+    ``which`` is 0 or 1 and the image holds two objects, the caption of that object alone, as
+    regional prompting writes a box's prompt (``pipelines/layout.py``: the canonical one-object
+    caption with the image's background), and a (B, 1, side, side) loss weight that is 0 on the
+    other object's box grown by one cell (1 elsewhere); None and all-ones for the other images.
+
+    At inference every box is denoised under such a prompt while the image also holds the other
+    objects. Training on it teaches the U-Net that a one-object caption names what is in its box
+    and says nothing about the rest, instead of asking for an image with that object alone.
+    """
+    captions: list[str | None] = []
+    weight = torch.ones(len(indices), 1, side, side)
+    for b, (i, k) in enumerate(zip(indices.tolist(), which.tolist(), strict=True)):
+        record = dataset.record(int(i))
+        objects = record["objects"]
+        if k not in (0, 1) or len(objects) != 2:
+            captions.append(None)
+            continue
+        kept, other = objects[k], objects[1 - k]
+        captions.append(canonical_caption({"objects": [kept], "background": record["background"]}))
+        weight[b, 0][_cells(other, record["resolution"], side)] = 0
+    return captions, weight
 
 
 def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .data import ShapesDataset, object_rules, object_weights
+from .data import ShapesDataset, object_rules, object_weights, region_captions
 from .loop import Trainer
 
 
@@ -56,6 +56,16 @@ class DiffusionTrainer(Trainer):
             if cfg.crop:
                 raise UserError("--object-weight weighs whole images; it does not take --crop")
             self._object_rules = object_rules(ds, cfg.object_weight, "--object-weight")
+        if cfg.region_captions:
+            if not 0 < cfg.region_captions <= 1:
+                raise UserError(
+                    f"--region-captions is a share in (0, 1], got {cfg.region_captions}"
+                )
+            if cfg.cond != "text" or not isinstance(ds, ShapesDataset):
+                raise UserError("--region-captions needs --cond text on shapes data, whose "
+                                "images list their objects")  # fmt: skip
+            if cfg.crop:
+                raise UserError("--region-captions needs whole images; it does not take --crop")
 
     def build_meta(self) -> dict:
         from ..models.presets import unet_preset
@@ -268,8 +278,13 @@ class DiffusionTrainer(Trainer):
             cond["class_labels"] = torch.where(drop, torch.full_like(labels, null), labels)
         if self.text_encoder is not None:
             cond["context"], cond["context_mask"] = self.text_context(batch, drop)
+        weight = None
         if self._object_rules:  # heavier loss on the pixels of the named objects
             weight = object_weights(self.dataset, self._object_rules, batch["index"], x0.shape[-1])
+        if self.cfg.region_captions:  # some two-object images captioned as one of their objects
+            region_weight = self._region_captions(batch, drop, cond, x0.shape[-1], g)
+            weight = region_weight if weight is None else weight * region_weight
+        if weight is not None:
             cond["pixel_weight"] = weight.to(x0.device)
         # DDP's gradient hooks live on the wrapper: run the loss through it.
         self.denoiser.model = self.ddp
@@ -277,6 +292,25 @@ class DiffusionTrainer(Trainer):
             return self.denoiser.loss(x0, g, **cond).mean()
         finally:
             self.denoiser.model = self.model
+
+    def _region_captions(
+        self, batch: dict, drop: torch.Tensor, cond: dict, side: int, g: torch.Generator
+    ) -> torch.Tensor:
+        """--region-captions: picks images (share P, their captions not dropped) and one of
+        their two objects, puts that object's one-object caption in `cond`'s context, and
+        returns the loss weights that leave the other object's box out."""
+        n = len(drop)
+        picked = (torch.rand(n, generator=g, device=g.device) < self.cfg.region_captions) & ~drop
+        which = torch.randint(0, 2, (n,), generator=g, device=g.device)
+        which = torch.where(picked, which, torch.full_like(which, -1))
+        captions, weight = region_captions(self.dataset, batch["index"], which.cpu(), side)
+        rows = [i for i, c in enumerate(captions) if c is not None]
+        if rows:
+            hidden, mask = self.text_encoder.encode([captions[i] for i in rows])
+            index = torch.tensor(rows, device=cond["context"].device)
+            cond["context"][index] = hidden.to(cond["context"])
+            cond["context_mask"][index] = mask.to(cond["context_mask"])
+        return weight
 
     def sample_images(self, n: int = 16) -> torch.Tensor:
         from ..pipelines.generate import LoadedModel, build_denoiser, generate

@@ -87,6 +87,8 @@ class TrainConfig:
     init_from: str | None = None  # a diffusion model folder whose weights to start from
     oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (data.sample_weights)
     object_weight: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" loss weights on objects
+    region_captions: float = 0.0  # shapes text models: share of two-object images captioned as
+    # one of their objects alone, the other object's box left out of the loss (data.py)
 
 
 def step_generator(
