@@ -1,8 +1,11 @@
+import shutil
+
 import pytest
 from PIL import Image
 
 from latentforge.cli import main
 from latentforge.io.images import read_png_metadata
+from latentforge.io.model_folder import default_model_dir
 
 
 def _one_line_error(capsys, argv, *needles):
@@ -94,7 +97,9 @@ def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path, capsys):
     _one_line_error(capsys, ["sample", "--model", str(pickled), "--out", "x.png"], "pickle")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    (corrupt / "model.json").write_text('{"kind": "diffusion"}')
+    (corrupt / "model.json").write_text('{"kind": "diffusion"}')  # model.json is read first
+    _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "'unet'")
+    shutil.copy(default_model_dir() / "model.json", corrupt / "model.json")
     (corrupt / "model.safetensors").write_bytes(b"not safetensors at all")
     _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "safetensors")
 
@@ -117,8 +122,6 @@ def test_the_embedded_default_model_generates_and_round_trips(tmp_path):
     """No --model: the shipped shapes text-to-image model. 64x64 RGB, the same image for the
     same seed, another for another seed, and --from-png reproduces it bit-exactly."""
     import json
-
-    from latentforge.pipelines.generate import default_model_dir
 
     meta = json.loads((default_model_dir() / "model.json").read_text())
     assert meta["cond"] == "text" and meta["latent"]["image_resolution"] == 64

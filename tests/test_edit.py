@@ -14,7 +14,8 @@ from torch import nn
 from latentforge import sampling
 from latentforge.cli import main
 from latentforge.io.images import save_png
-from latentforge.pipelines.generate import LoadedModel, generate, load_diffusion_model, make_sigmas
+from latentforge.io.model_folder import LoadedModel, load_diffusion_model
+from latentforge.pipelines.generate import generate, make_sigmas
 from latentforge.pipelines.img2img import img2img
 from latentforge.pipelines.inpaint import feather_mask, inpaint
 from latentforge.pipelines.interpolate import decode_noise, interpolate, invert, slerp, walk
@@ -48,11 +49,13 @@ class CorrelatedGaussian(nn.Module):
 
 def analytic_model(res: int = 8, steps: int = 10) -> LoadedModel:
     meta = {
+        "kind": "diffusion",
+        "parameterization": {"type": "analytic"},
         "unet": {"num_classes": 0},
         "data": {"channels": 1, "resolution": res},
         "sampling": {"sampler": "ddim", "steps": steps, "spacing": "karras", "guidance": 1.0},
     }
-    return LoadedModel(CorrelatedGaussian(), meta, Path("."))
+    return LoadedModel(meta, Path("."), denoiser=CorrelatedGaussian())
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ digits classifier, both evaluation loops (stubbed and real) and the `eval` CLI."
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from latentforge.cli import main
 from latentforge.errors import UserError
 from latentforge.io.images import from_pil
+from latentforge.io.model_folder import DataInfo, LoadedModel, ModelMeta, load_diffusion_model
 from latentforge.metrics import shapes_eval
 from latentforge.metrics.digits_eval import digits_classifier, evaluate_digits
 from latentforge.metrics.shapes_eval import (
@@ -23,7 +25,6 @@ from latentforge.metrics.shapes_eval import (
     matches,
     prompt_set_path,
 )
-from latentforge.pipelines.generate import load_diffusion_model
 from latentforge.training.shapes import (
     COLOURS,
     POSITIONS,
@@ -191,9 +192,18 @@ def test_load_prompts_errors(tmp_path):
     assert load_prompts(good) == ["a red circle", "a blue star"]
 
 
-def _stub_text_model() -> SimpleNamespace:
-    return SimpleNamespace(meta={"cond": "text", "sampling": {}}, text_encoder=None,
-                           conditioning="text", num_classes=0, class_names=[])  # fmt: skip
+def _stub_meta(spec: str = "shapes:64", res: int = 64) -> dict:
+    """model.json of a text model with no weights (the stubs below never run a network)."""
+    return {
+        "kind": "diffusion", "cond": "text", "unet": {"num_classes": 0},
+        "parameterization": {"type": "vp"}, "sampling": {},
+        "data": {"spec": spec, "resolution": res, "channels": 3},
+        "text_encoder": {"type": "minilm"},
+    }  # fmt: skip
+
+
+def _stub_text_model() -> LoadedModel:
+    return LoadedModel(_stub_meta())
 
 
 def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
@@ -241,7 +251,7 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     # no layout set anywhere: none, passed explicitly and reported; else the model's default
     assert set(layouts) == {"none"} and result["settings"]["layout"] == "none"
     model = _stub_text_model()
-    model.meta["sampling"]["layout"] = "shapes"
+    model.meta = model.meta.with_defaults(layout="shapes")
     layouts.clear()
     assert evaluate_prompts(model, prompts[:1])["settings"]["layout"] == "shapes"
     assert set(layouts) == {"shapes"}
@@ -252,7 +262,7 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     assert set(precisions) == {True}
     # the model folder's default interval is used, and an explicit one overrides it
     model = _stub_text_model()
-    model.meta["sampling"]["guidance_interval"] = [1.0, None]
+    model.meta = model.meta.with_defaults(guidance_interval=(1.0, None))
     intervals.clear()
     result = evaluate_prompts(model, prompts[:1], per_prompt=1)
     assert intervals == [(1.0, math.inf)]
@@ -327,8 +337,8 @@ def test_cli_eval(tiny_digits_model, tmp_path, capsys):
 
 def test_inversion_round_trip_improves_with_steps(capsys):
     from latentforge.cli import main
+    from latentforge.io.model_folder import load_diffusion_model
     from latentforge.metrics.inversion_eval import evaluate_inversion
-    from latentforge.pipelines.generate import load_diffusion_model
 
     model = load_diffusion_model(None)  # the embedded shapes text-to-image model
     coarse = evaluate_inversion(model, n=3, steps=3)
@@ -362,7 +372,8 @@ def test_eval_vae_reads_shapes_reconstructions_back_with_the_analyser():
     keeps none; one that blurs loses small objects first."""
     from latentforge.metrics.vae_eval import evaluate_vae
 
-    meta = {"data": {"spec": "shapes:64"}, "scaling_factor": 1.0}
+    data = {"spec": "shapes:64", "resolution": 64, "channels": 3}
+    meta = ModelMeta.from_json({"kind": "vae", "vae": {}, "scaling_factor": 1.0, "data": data})
     exact = evaluate_vae(_StubVAE(lambda z: z), meta, n=40, batch=16)
     assert exact["roundtrip_scene_accuracy"] == 1.0
     kinds = exact["roundtrip_scene_accuracy_by_object"]
@@ -377,15 +388,16 @@ def test_eval_vae_reads_shapes_reconstructions_back_with_the_analyser():
 
     blurred = evaluate_vae(_StubVAE(blur), meta, n=40, batch=16)
     assert blurred["roundtrip_scene_accuracy"] < 1.0
-    digits = evaluate_vae(_StubVAE(lambda z: z), {"data": {"spec": "digits:16"}}, n=4)
+    digits_meta = meta.replace(data=DataInfo(spec="digits:16", resolution=16, channels=1))
+    digits = evaluate_vae(_StubVAE(lambda z: z), digits_meta, n=4)
     assert "roundtrip_scene_accuracy" not in digits  # only shapes scenes have records
 
 
 def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
+    from latentforge.io.model_folder import load_vae
     from latentforge.metrics.quality import psnr_per_image
     from latentforge.metrics.superres_eval import held_out_images
     from latentforge.metrics.vae_eval import evaluate_vae
-    from latentforge.pipelines.generate import load_vae
     from latentforge.training.vae_train import VAETrainConfig, train_vae
 
     folder = tmp_path / "vae"
@@ -400,7 +412,7 @@ def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
         recon = vae.decode(z)
     assert result["psnr_db"] == pytest.approx(psnr_per_image(recon, x).mean().item(), abs=1e-3)
     assert result["psnr_min_db"] == pytest.approx(psnr_per_image(recon, x).min().item(), abs=1e-3)
-    rms = meta["scaling_factor"] * z.pow(2).mean().sqrt().item()
+    rms = meta.scaling_factor * z.pow(2).mean().sqrt().item()
     assert result["scaled_latent_rms"] == pytest.approx(rms, abs=1e-3)
     assert (result["n"], result["data"], result["downsample_factor"]) == (6, "shapes:16", 4)
 
@@ -420,10 +432,8 @@ def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
 # ----- eval inpaint ------------------------------------------------------------------------------
 
 
-def _stub_shapes_model(spec: str = "shapes:64", res: int = 64) -> SimpleNamespace:
-    return SimpleNamespace(meta={"cond": "text", "sampling": {}, "data": {"spec": spec}},
-                           text_encoder=None, conditioning="text", num_classes=0,
-                           class_names=[], output_shape=(3, res, res), path="stub")  # fmt: skip
+def _stub_shapes_model(spec: str = "shapes:64", res: int = 64) -> LoadedModel:
+    return LoadedModel(_stub_meta(spec, res), Path("stub"))
 
 
 def _fake_inpaint(tasks, calls, *, truth: bool):
@@ -473,7 +483,7 @@ def test_inpaint_eval_with_a_ground_truth_and_a_blank_stub(monkeypatch, mode):
     assert result["settings"]["layout"] == "none"
     # a model's default layout is applied and recorded; --layout overrides it
     stub = _stub_shapes_model()
-    stub.meta["sampling"]["layout"] = "shapes"
+    stub.meta = stub.meta.with_defaults(layout="shapes")
     calls.clear()
     laid = inpaint_eval.evaluate_inpaint(stub, **{**kw, "n": 5})
     assert calls[0][-2] == "shapes" == laid["settings"]["layout"]
@@ -482,7 +492,7 @@ def test_inpaint_eval_with_a_ground_truth_and_a_blank_stub(monkeypatch, mode):
     assert calls[0][-2] == "none"
     # a model's default interval is applied and recorded; --guidance-interval overrides it
     stub = _stub_shapes_model()
-    stub.meta["sampling"]["guidance_interval"] = [1.0, None]
+    stub.meta = stub.meta.with_defaults(guidance_interval=(1.0, None))
     calls.clear()
     limited = inpaint_eval.evaluate_inpaint(stub, **{**kw, "n": 5})
     assert calls[0][-1] == [1.0, None] == limited["settings"]["guidance_interval"]

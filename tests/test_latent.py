@@ -10,7 +10,8 @@ import torch
 from latentforge.cli import main
 from latentforge.errors import UserError
 from latentforge.io.images import read_png_metadata
-from latentforge.pipelines.generate import generate, load_diffusion_model, load_vae
+from latentforge.io.model_folder import load_diffusion_model, load_vae
+from latentforge.pipelines.generate import generate
 from latentforge.training.loop import TrainConfig, train_diffusion
 from latentforge.training.vae_train import VAETrainConfig, train_vae
 
@@ -41,7 +42,7 @@ def test_scaling_factor_gives_unit_variance_latents(tiny_vae):
     vae, meta = load_vae(tiny_vae)
     ds = load_dataset("shapes:32", seed=5)
     x = torch.stack([ds[i]["image"] for i in range(64)])
-    z = vae.encode(x).sample(torch.Generator().manual_seed(0)) * meta["scaling_factor"]
+    z = vae.encode(x).sample(torch.Generator().manual_seed(0)) * meta.scaling_factor
     assert 0.8 < z.std().item() < 1.25
 
 
@@ -88,7 +89,8 @@ def test_vae_init_from_errors(tiny_vae, tmp_path):
     other = tmp_path / "unet"
     shutil.copytree(tiny_vae, other)
     meta = json.loads((other / "model.json").read_text())
-    (other / "model.json").write_text(json.dumps({**meta, "kind": "diffusion"}))
+    as_diffusion = {**meta, "kind": "diffusion", "unet": {}, "parameterization": {"type": "vp"}}
+    (other / "model.json").write_text(json.dumps(as_diffusion))
     with pytest.raises(UserError, match="not a VAE"):
         train_vae(VAETrainConfig(init_from=str(other), **base))
     with pytest.raises(UserError, match="channel"):

@@ -22,7 +22,7 @@ from conftest import SD_SCHEDULER, TINY_UNET, perturbed, tiny_clip  # noqa: E402
 from latentforge.denoisers import make_denoiser  # noqa: E402
 from latentforge.errors import UserError  # noqa: E402
 from latentforge.io import ldm  # noqa: E402
-from latentforge.io.checkpoint import load_state_strict, save_model_folder  # noqa: E402
+from latentforge.io.checkpoint import load_state_strict  # noqa: E402
 from latentforge.io.diffusers_config import (  # noqa: E402
     parameterization_from_scheduler,
     scheduler_from_parameterization,
@@ -36,10 +36,11 @@ from latentforge.io.diffusers_format import (  # noqa: E402
     load_unet_module,
     load_vae,
 )
+from latentforge.io.model_folder import ModelMeta, save_model_folder  # noqa: E402
+from latentforge.io.model_folder import load_vae as load_native_vae  # noqa: E402
 from latentforge.models.presets import UNetConfig, unet_preset  # noqa: E402
 from latentforge.models.unet import UNet  # noqa: E402
 from latentforge.models.vae import AutoencoderKL  # noqa: E402
-from latentforge.pipelines.generate import load_vae as load_native_vae  # noqa: E402
 
 SD2_UNET = {**TINY_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True}
 
@@ -184,7 +185,8 @@ def test_import_diffusers_folder(native, sd_folder):
 
 
 def test_imported_model_runs_in_the_pipeline(native, sd_folder):
-    from latentforge.pipelines.generate import generate, load_diffusion_model
+    from latentforge.io.model_folder import load_diffusion_model
+    from latentforge.pipelines.generate import generate
 
     model = load_diffusion_model(native)
     ref_text = transformers.CLIPTextModel.from_pretrained(sd_folder / "text_encoder").eval()
@@ -287,12 +289,12 @@ def test_export_class_embedding_and_single_file(tmp_path):
     config = UNetConfig(**{**unet_config_from_diffusers(TINY_UNET).to_dict(), "num_classes": 3})
     torch.manual_seed(0)
     unet = perturbed(UNet(config))
-    meta = {
+    meta = ModelMeta.from_json({
         "kind": "diffusion",
         "unet": config.to_dict(),
-        "data": {"resolution": 16},
+        "data": {"resolution": 16, "channels": 4},
         "parameterization": {"type": "vp", "prediction": "v", "beta_schedule": "linear"},
-    }
+    })  # fmt: skip
     save_model_folder(tmp_path / "native", meta, unet.state_dict())
     info = export_model(tmp_path / "native", tmp_path / "out")
     assert "model_index.json" in info["notes"][0]

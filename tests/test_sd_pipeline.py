@@ -26,6 +26,7 @@ rules themselves):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 
@@ -36,7 +37,8 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from latentforge.errors import UserError  # noqa: E402
-from latentforge.pipelines.generate import generate, load_diffusion_model  # noqa: E402
+from latentforge.io.model_folder import load_diffusion_model  # noqa: E402
+from latentforge.pipelines.generate import generate  # noqa: E402
 
 PROMPT, NEGATIVE = "a red cat", "blurry, low quality"
 STEPS, GUIDANCE = 4, 6.0
@@ -62,13 +64,12 @@ def model(native):
     VAE are convolutional, diffusers gets the same size by height= / width=, and the U-Net's
     full-resolution self-attention over 1024 tokens would make every case ~5x slower on CPU."""
     model = load_diffusion_model(native)
-    data, latent = model.meta["data"], model.meta["latent"]
-    assert (data["resolution"], latent["image_resolution"]) == (32, 64)  # what the import wrote
-    model.meta = {
-        **model.meta,
-        "data": {**data, "resolution": 16},
-        "latent": {**latent, "image_resolution": 32},
-    }
+    data, latent = model.meta.data, model.meta.latent
+    assert (data.resolution, latent.image_resolution) == (32, 64)  # what the import wrote
+    model.meta = model.meta.replace(
+        data=dataclasses.replace(data, resolution=16),
+        latent=dataclasses.replace(latent, image_resolution=32),
+    )
     return model
 
 
@@ -145,7 +146,7 @@ def test_text2img_matches_diffusers(
     assert scheduler.config.timestep_spacing == "leading" and scheduler.config.steps_offset == 1
     want, ref_calls = _diffusers(pipe, scheduler, negative, noise)
     assert scheduler.timesteps.tolist() == [751, 501, 251, 1]
-    assert model.meta["sampling"]["spacing"] == "leading"  # the import kept SD's spacing
+    assert model.defaults.spacing == "leading"  # the import kept SD's spacing
     got, calls, _ = ours(sampler, negative)
     assert got.shape == want.shape == (1, 3, 32, 32)
     assert calls == ref_calls == [2] * STEPS  # one batched uncond + cond call per step

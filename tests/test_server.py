@@ -51,13 +51,14 @@ def models_dir(tiny_digits_model, tmp_path_factory):
 def make_superres_model(base, out) -> None:
     """An untrained x2 super-resolution model shaped like `base` (no training: fast)."""
     conditioned = pytest.importorskip("latentforge.models.conditioned")
-    from latentforge.io.checkpoint import read_model_json, save_model_folder
+    from latentforge.io.model_folder import read_model_meta, save_model_folder
     from latentforge.models.presets import UNetConfig
 
-    meta = read_model_json(base)
-    meta["unet"]["in_channels"] += 1  # the low-res image rides along as a concatenated channel
-    meta.update(task="superres", scale=2, concat_channels=1)
-    unet = conditioned.ConcatUNet(UNetConfig.from_dict(meta["unet"]), 1, noise_level=True)
+    meta = read_model_meta(base)
+    # the low-res image rides along as a concatenated channel
+    unet_json = {**meta.unet, "in_channels": meta.unet["in_channels"] + 1}
+    meta = meta.replace(unet=unet_json, task="superres", scale=2, concat_channels=1)
+    unet = conditioned.ConcatUNet(UNetConfig.from_dict(meta.unet), 1, noise_level=True)
     save_model_folder(out, meta, unet.state_dict())
 
 

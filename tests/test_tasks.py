@@ -16,9 +16,10 @@ from latentforge.cli import main
 from latentforge.denoisers import make_denoiser
 from latentforge.errors import UserError
 from latentforge.io.images import save_png
+from latentforge.io.model_folder import load_diffusion_model
 from latentforge.models.conditioned import ConcatUNet
 from latentforge.pipelines import superres
-from latentforge.pipelines.generate import generate, load_diffusion_model
+from latentforge.pipelines.generate import generate
 from latentforge.pipelines.inpaint import inpaint
 from latentforge.pipelines.superres import blend_tiles, tile_starts, upscale
 from latentforge.training.loop import TrainConfig, step_generator, train_diffusion
@@ -154,7 +155,7 @@ def test_init_from_widens_conv_in_with_zeros_so_the_inpainter_starts_as_its_sour
     trainer = InpaintTrainer(
         _cfg(tmp_path / "ip", data="digits", task="inpaint", cond="class", init_from=base_dir)
     )
-    info = trainer.meta["init_from"]
+    info = trainer.meta.init_from
     assert info["zero_channels"] == 2 and info["fresh_tensors"] == 0 and len(info["sha256"]) == 16
     w = trainer.model.unet.conv_in.weight
     assert torch.equal(w[:, :1], base.denoiser.model.conv_in.weight)
@@ -171,7 +172,7 @@ def test_init_from_widens_conv_in_with_zeros_so_the_inpainter_starts_as_its_sour
     # a super-resolution model from it: the noise-level MLP is new and keeps its init
     sr_trainer = SuperResTrainer(_cfg(tmp_path / "sr", data="digits", task="superres",
                                       cond="class", scale=2, init_from=base_dir))  # fmt: skip
-    assert sr_trainer.meta["init_from"]["fresh_tensors"] > 0
+    assert sr_trainer.meta.init_from["fresh_tensors"] > 0
 
 
 @pytest.mark.parametrize(
@@ -190,8 +191,8 @@ def test_init_from_errors(tmp_path, kw, message):
 
 def test_inpaint_folder_records_the_task(inpainter):
     meta = inpainter.meta
-    assert (meta["task"], meta["concat_channels"]) == ("inpaint", 2)  # mask + 1-channel image
-    assert meta["unet"]["in_channels"] == 3 and inpainter.num_classes == 10
+    assert (meta.task, meta.concat_channels) == ("inpaint", 2)  # mask + 1-channel image
+    assert meta.unet["in_channels"] == 3 and inpainter.num_classes == 10
 
 
 def test_random_masks_cover_every_kind_and_repeat_per_step():
@@ -245,11 +246,11 @@ def test_latent_superres_and_inpaint(tmp_path):
     kw = {"data": "shapes:32", "vae": str(vae), "max_steps": 1, "batch_size": 2}
     train_diffusion(_cfg(tmp_path / "sr", task="superres", scale=4, **kw))
     sr = load_diffusion_model(tmp_path / "sr")
-    assert sr.meta["concat_channels"] == 3 and sr.image_shape == (4, 8, 8)  # RGB at latent res
+    assert sr.meta.concat_channels == 3 and sr.image_shape == (4, 8, 8)  # RGB at latent res
     assert upscale(sr, _low(0), steps=1).shape == (1, 3, 32, 32)
     train_diffusion(_cfg(tmp_path / "ip", task="inpaint", **kw))
     ip = load_diffusion_model(tmp_path / "ip")
-    assert ip.meta["concat_channels"] == 5  # mask + 4 latent channels
+    assert ip.meta.concat_channels == 5  # mask + 4 latent channels
     images, mask = torch.rand(1, 3, 32, 32) * 2 - 1, torch.zeros(32, 32)
     mask[8:20, 8:20] = 1
     out = inpaint(ip, images, mask, steps=1)
@@ -326,7 +327,7 @@ def test_superres_trains_on_crops_and_upscales_whole_images(tmp_path, monkeypatc
     assert train_diffusion(_cfg(out, data="shapes:32", task="superres", crop=16)) == 0
     assert shapes == [(4, 3, 16, 16)] * 2
     model = load_diffusion_model(out)
-    assert model.meta["training"]["config"]["crop"] == 16
+    assert model.meta.training["config"]["crop"] == 16
     assert upscale(model, _low(0), steps=1).shape == (1, 3, 32, 32)
     for crop in (10, 64):
         with pytest.raises(UserError, match="--crop"):
@@ -369,7 +370,7 @@ def test_embedded_upscaler_beats_bicubic(tmp_path, capsys):
 
     folder = superres.default_upscaler_dir()
     model = load_diffusion_model(folder)
-    assert (model.meta["task"], model.meta["scale"]) == ("superres", 4)
+    assert (model.meta.task, model.meta.scale) == ("superres", 4)
     assert model.output_shape == (3, 64, 64)
     # 128 held-out images at 20 steps: +5.5 dB (docs/superres.md); 6 images at 10 steps here
     result = evaluate_superres(model, n=6, steps=10, batch=6)

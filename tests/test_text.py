@@ -9,12 +9,11 @@ from PIL import Image
 
 from latentforge.errors import UserError
 from latentforge.guidance import CFGDenoiser, parse_interval
+from latentforge.io.model_folder import ModelFolder, load_diffusion_model
 from latentforge.pipelines.generate import (
-    LoadedModel,
     conditioning,
     describe_conditioning,
     generate,
-    load_diffusion_model,
     make_sigmas,
 )
 from latentforge.training.loop import TrainConfig, train_diffusion
@@ -54,11 +53,11 @@ def test_conditioning_kind_is_read_from_model_json(text_model, tiny_digits_model
     folder whose weights are not loaded (the server's model list) reads the same as a loaded
     one, and describe_conditioning turns a prompt into generate's arguments by it."""
     digits = load_diffusion_model(tiny_digits_model)
-    plain = LoadedModel(None, {**digits.meta, "unet": {**digits.meta["unet"], "num_classes": 0}},
-                        digits.path)  # type: ignore[arg-type]  # fmt: skip
+    plain = ModelFolder(digits.meta.replace(unet={**digits.meta.unet, "num_classes": 0}),
+                        digits.path)  # fmt: skip
     for model, kind in ((text_model, "text"), (digits, "class"), (plain, "none")):
         assert model.conditioning == kind
-        view = LoadedModel(None, model.meta, model.path)  # type: ignore[arg-type]
+        view = ModelFolder(model.meta, model.path)
         assert view.conditioning == kind
     assert describe_conditioning(text_model, "a red star")[0] == {"prompts": ["a red star"]}
     assert describe_conditioning(digits, "a seven")[0] == {"labels": [7]}
@@ -164,14 +163,15 @@ def test_guidance_interval_guides_inside_and_runs_one_plain_call_outside(text_mo
     # (0, inf) is every step: bit-identical to no interval; a model default is honoured
     full = generate(text_model, **kw)
     assert torch.equal(generate(text_model, guidance_interval=(0, float("inf")), **kw), full)
-    text_model.meta.setdefault("sampling", {})["guidance_interval"] = [lo, hi]
+    before = text_model.meta
+    text_model.meta = before.with_defaults(guidance_interval=(lo, hi))
     try:
         assert torch.equal(
             generate(text_model, **kw), generate(text_model, guidance_interval=(lo, hi), **kw)
         )
         assert not torch.equal(generate(text_model, **kw), full)
     finally:
-        del text_model.meta["sampling"]["guidance_interval"]
+        text_model.meta = before
 
 
 def test_guidance_interval_per_image_sigmas(text_model):
@@ -279,7 +279,7 @@ def test_a_model_with_phrase_slots_round_trips(tmp_path):
             "batch_size": 2, "sample_every": 0, "quiet": True}  # fmt: skip
     assert train_diffusion(TrainConfig(text_phrases=2, **base)) == 0
     model = load_diffusion_model(tmp_path)
-    assert model.meta["text_encoder"]["phrases"] == 2
+    assert model.meta.text_encoder["phrases"] == 2
     assert model.text_encoder.context_length == 34
     out = generate(model, prompts=["a red circle and a blue star"], num=1, steps=2, seed=0)
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
@@ -348,9 +348,9 @@ def test_init_from_adds_a_context_refiner_that_starts_as_its_source(tmp_path):
     trainer = DiffusionTrainer(
         TrainConfig(out=str(tmp_path / "new"), preset="shapes-t2i-bind", init_from=str(src), **base)
     )
-    assert trainer.meta["unet"]["context_refiner"] == 2
+    assert trainer.meta.unet["context_refiner"] == 2
     n_refiner = len(trainer.model.context_refiner.state_dict())
-    assert trainer.meta["init_from"]["fresh_tensors"] == n_refiner
+    assert trainer.meta.init_from["fresh_tensors"] == n_refiner
     ctx, mask = source.text_encoder.encode(["a red circle in the top left", ""])
     x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 8.0])
     with torch.no_grad():
@@ -367,7 +367,7 @@ def test_regions_run_in_one_batched_call_and_match_the_plain_forward(text_model)
     from latentforge.pipelines.layout import Region, shapes_layout
 
     # a text model trained on shapes plans regions by default
-    assert text_model.meta["sampling"]["layout"] == "shapes"
+    assert text_model.defaults.layout == "shapes"
     prompt = "a small red circle in the top left and a blue square in the bottom right"
     kw = dict(prompts=[prompt], num=2, steps=3, sampler="ddim", guidance=3.0)
     plain = generate(text_model, layout="none", **kw)

@@ -8,8 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from latentforge.errors import UserError
-from latentforge.io.checkpoint import load_model_folder, save_model_folder
-from latentforge.pipelines.generate import generate, load_diffusion_model
+from latentforge.io.model_folder import (
+    DataInfo,
+    ModelMeta,
+    load_diffusion_model,
+    load_model_folder,
+    save_model_folder,
+)
+from latentforge.pipelines.generate import generate
 from latentforge.training.diffusion import DiffusionTrainer as Trainer
 from latentforge.training.loop import TrainConfig, train_diffusion
 
@@ -33,9 +39,10 @@ def _cfg(out, **kw):
 
 def test_model_folder_round_trip(tmp_path):
     state = {"a": torch.randn(3, 4), "b": torch.arange(5)}
-    save_model_folder(tmp_path, {"kind": "x"}, state)
-    meta, back = load_model_folder(tmp_path)
-    assert meta == {"kind": "x"}
+    meta = ModelMeta(kind="vae", vae={"in_channels": 3}, data=DataInfo(resolution=8, channels=3))
+    save_model_folder(tmp_path, meta, state)
+    back_meta, back = load_model_folder(tmp_path)
+    assert back_meta == meta
     assert all(torch.equal(state[k], back[k]) for k in state)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 

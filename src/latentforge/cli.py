@@ -211,7 +211,8 @@ def sample(model_dir, label, guidance, guidance_interval, out, sampler, steps, s
            seed, num, bf16) -> None:  # fmt: skip
     """Sample a grid of images from a model folder."""
     from .io.images import save_grid
-    from .pipelines.generate import generate, load_diffusion_model
+    from .io.model_folder import load_diffusion_model
+    from .pipelines.generate import generate
 
     model = load_diffusion_model(model_dir)
     labels = None

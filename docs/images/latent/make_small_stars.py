@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentforge.pipelines.generate import default_model_dir, load_vae
+from latentforge.io.model_folder import default_model_dir, load_vae
 from latentforge.training.shapes import render_shapes, shapes_record
 
 CROP, N, ZOOM = 24, 8, 4

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from latentforge.metrics.shapes_eval import analyse
-from latentforge.pipelines.generate import default_model_dir, load_vae
+from latentforge.io.model_folder import default_model_dir, load_vae
 from latentforge.training.shapes import BACKGROUND_COLOURS, COLOURS, SIZES, render_shapes
 
 N, RES = 8, 64

@@ -14,7 +14,7 @@ from PIL import Image
 
 from latentforge.metrics.superres_eval import bicubic, held_out_images
 from latentforge.models.conditioned import downsample
-from latentforge.pipelines.generate import load_diffusion_model
+from latentforge.io.model_folder import load_diffusion_model
 from latentforge.pipelines.superres import default_upscaler_dir, upscale
 
 OUT = Path("docs/images/superres/shapes-x4.png")

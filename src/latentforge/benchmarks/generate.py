@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from ..pipelines.generate import generate, load_diffusion_model
+from ..io.model_folder import load_diffusion_model
+from ..pipelines.generate import generate
 
 ONE = "a large yellow star in the center on a blue background"
 TWO = "a small red circle above a blue square on a white background"

@@ -19,13 +19,21 @@ import torch
 
 from .. import sampling
 from ..denoisers import make_denoiser
-from ..io.checkpoint import read_model_json
+from ..io.model_folder import (
+    DataInfo,
+    LatentInfo,
+    LoadedModel,
+    ModelMeta,
+    load_diffusion_model,
+    load_vae,
+    read_model_meta,
+)
 from ..metrics.fd import fd
 from ..metrics.vae_eval import evaluate_vae
 from ..models.presets import unet_preset
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL, vae_preset
-from ..pipelines.generate import LoadedModel, generate, load_diffusion_model, load_vae
+from ..pipelines.generate import generate
 from ..training.data import held_out_images, load_dataset
 
 PARAM = {"type": "vp", "prediction": "eps", "beta_schedule": "cosine"}
@@ -54,12 +62,17 @@ def _model(folder, preset, shape, vae=None, scaling=1.0) -> LoadedModel:
         return load_diffusion_model(folder)
     c, r = shape[0], shape[1]
     den = make_denoiser(UNet(unet_preset(preset, in_channels=c, out_channels=c)), PARAM)
-    meta = {"data": {"channels": c, "resolution": r}, "unet": {"num_classes": 0}}
+    latent = None
     if vae is not None:
-        meta["latent"] = {"scaling_factor": scaling, "image_resolution": r * 4, "image_channels": 3}
-    model = LoadedModel(den.eval(), meta, None)
-    model.vae = vae
-    return model
+        latent = LatentInfo(scaling_factor=scaling, image_resolution=r * 4, image_channels=3)
+    meta = ModelMeta(
+        kind="diffusion",
+        unet={"num_classes": 0},
+        parameterization=PARAM,
+        data=DataInfo(resolution=r, channels=c),
+        latent=latent,
+    )
+    return LoadedModel(meta, denoiser=den.eval(), vae=vae)
 
 
 def run(args) -> dict:
@@ -68,12 +81,12 @@ def run(args) -> dict:
     images = torch.stack([ds[i]["image"] for i in range(args.batch_size)])
     vae_dir = args.vae
     if not vae_dir and args.latent_model:  # a latent model folder carries its VAE
-        meta = read_model_json(args.latent_model)
-        vae_dir = str(Path(args.latent_model) / meta.get("latent", {}).get("vae", "vae"))
+        latent = read_model_meta(args.latent_model).latent
+        vae_dir = str(Path(args.latent_model) / (latent.vae if latent else "vae"))
     vae_eval = None
     if vae_dir:
         vae, vae_meta = load_vae(vae_dir)
-        scaling = vae_meta["scaling_factor"]
+        scaling = vae_meta.scaling_factor or 1.0
         vae_eval = evaluate_vae(vae, vae_meta, n=args.quality_n, data=args.data)
     else:
         vae, scaling = AutoencoderKL(vae_preset("f4-tiny")).eval(), 1.0

@@ -22,10 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ..io.checkpoint import MODEL_WEIGHTS, save_model_folder
+from ..io.checkpoint import MODEL_WEIGHTS
 from ..io.lazy import as_lazy, build_module
+from ..io.model_folder import DataInfo, ModelMeta, save_model_folder
 from ..models.presets import unet_preset
 from ..models.unet import UNet, count_parameters
+
+# SD 1.x's noise schedule (the saved folder needs one; the benchmark times loading only)
+SD_PARAMETERIZATION = {"type": "vp", "prediction": "eps", "beta_schedule": "scaled_linear"}
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -46,10 +50,11 @@ base = peak_rss()
 t0 = time.perf_counter()
 if mode == "naive":  # what a plain load does: whole file in memory + a random-init module
     from safetensors.torch import load_file
-    from latentforge.io.checkpoint import load_state_strict, read_model_json
+    from latentforge.io.checkpoint import load_state_strict
+    from latentforge.io.model_folder import read_model_meta
     from latentforge.models.presets import UNetConfig
     from latentforge.models.unet import UNet
-    unet = UNet(UNetConfig.from_dict(read_model_json(folder)["unet"]))
+    unet = UNet(UNetConfig.from_dict(read_model_meta(folder).unet))
     load_state_strict(unet, load_file(f"{folder}/model.safetensors"), "U-Net")
 else:
     dtype = torch.bfloat16 if mode == "lazy-bf16" else None
@@ -111,7 +116,12 @@ def run(args: argparse.Namespace) -> dict:
             Path(args.tmp).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             folder = Path(tmp) / "sd15"
-            meta = {"kind": "diffusion", "unet": unet.config.to_dict()}
+            meta = ModelMeta(
+                kind="diffusion",
+                unet=unet.config.to_dict(),
+                parameterization=SD_PARAMETERIZATION,
+                data=DataInfo(resolution=64, channels=4),
+            )
             save_model_folder(folder, meta, unet.state_dict())
             size = (folder / MODEL_WEIGHTS).stat().st_size
             result["load_file_bytes"] = size

@@ -62,7 +62,8 @@ def _save(images: torch.Tensor, out: str, **meta) -> None:
 
 
 def _model_and_cond(model_dir, prompt: str):
-    from ..pipelines.generate import describe_conditioning, load_diffusion_model
+    from ..io.model_folder import load_diffusion_model
+    from ..pipelines.generate import describe_conditioning
 
     model = load_diffusion_model(model_dir)
     cond, what = describe_conditioning(model, prompt or "")
@@ -162,8 +163,8 @@ def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, mod
                 spacing, guidance, guidance_interval, ms_per_frame, out) -> None:  # fmt: skip
     """Morph image A into image B (DDIM inversion + slerp), or walk between two --seeds."""
     from ..io.images import save_gif, save_grid
+    from ..io.model_folder import load_diffusion_model
     from ..pipelines import interpolate as pipe
-    from ..pipelines.generate import load_diffusion_model
 
     if bool(images) == bool(seeds) or len(images) not in (0, 2):
         raise UserError("give two images A B, or --seeds A B (not both)")

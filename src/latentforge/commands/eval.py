@@ -77,8 +77,8 @@ def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16,
                 sampler, guidance, seed, batch, as_json, quiet) -> None:  # fmt: skip
     """Generate for every prompt and check colour, shape, size, position, relation and
     background of what was drawn (shapes models)."""
+    from ..io.model_folder import load_diffusion_model
     from ..metrics.shapes_eval import evaluate_prompts, load_prompts
-    from ..pipelines.generate import load_diffusion_model
 
     prompts = load_prompts(prompt_file)
     model = load_diffusion_model(model_dir)
@@ -115,8 +115,8 @@ def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16,
 def digits_cmd(per_class, steps, model_dir, sampler, guidance, seed, batch, as_json,
                quiet) -> None:  # fmt: skip
     """Generate every digit and score it with the project's digits classifier."""
+    from ..io.model_folder import load_diffusion_model
     from ..metrics.digits_eval import evaluate_digits
-    from ..pipelines.generate import load_diffusion_model
 
     model = load_diffusion_model(model_dir)
     result = evaluate_digits(
@@ -155,8 +155,8 @@ def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, see
                  as_json, quiet) -> None:  # fmt: skip
     """Upscale held-out images downsampled by the model's scale; PSNR and SSIM against the
     originals, beside bicubic's."""
+    from ..io.model_folder import load_diffusion_model
     from ..metrics.superres_eval import evaluate_superres
-    from ..pipelines.generate import load_diffusion_model
     from ..pipelines.superres import require_default_upscaler
 
     model = load_diffusion_model(model_dir or require_default_upscaler())
@@ -197,14 +197,13 @@ def vae_cmd(model_dir, n, data, data_seed, batch, as_json, quiet) -> None:
     """Encode and decode held-out images; PSNR and SSIM of the reconstructions."""
     from pathlib import Path
 
-    from ..io.checkpoint import read_model_json
+    from ..io.model_folder import load_vae, read_model_meta
     from ..metrics.vae_eval import evaluate_vae
-    from ..pipelines.generate import load_vae
 
     folder = Path(model_dir)
-    meta = read_model_json(folder)
-    if meta.get("kind") == "diffusion" and meta.get("latent"):
-        folder = folder / meta["latent"].get("vae", "vae")
+    meta = read_model_meta(folder)
+    if meta.kind == "diffusion" and meta.latent is not None:
+        folder = folder / meta.latent.vae
     vae, meta = load_vae(folder)
     result = evaluate_vae(vae, meta, n=n, data=data, data_seed=data_seed, batch=batch,
                           progress=not quiet)  # fmt: skip
@@ -242,8 +241,8 @@ def vae_cmd(model_dir, n, data, data_seed, batch, as_json, quiet) -> None:
 def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json, quiet) -> None:
     """DDIM-invert dataset images to noise and decode them back; PSNR / SSIM of the round
     trip."""
+    from ..io.model_folder import load_diffusion_model
     from ..metrics.inversion_eval import evaluate_inversion
-    from ..pipelines.generate import load_diffusion_model
 
     model = load_diffusion_model(model_dir)
     result = evaluate_inversion(
@@ -290,8 +289,8 @@ def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidan
                 quiet) -> None:  # fmt: skip
     """Mask one object in held-out shapes scenes, inpaint the hole from a prompt and check
     that the prompted object is there (the issue 6 benchmark)."""
+    from ..io.model_folder import load_diffusion_model
     from ..metrics.inpaint_eval import evaluate_inpaint
-    from ..pipelines.generate import load_diffusion_model
 
     model = load_diffusion_model(model_dir)
     result = evaluate_inpaint(

@@ -46,7 +46,7 @@ def _scale(ctx, param, value):
 def upscale(image, model_dir, scale, noise_level, steps, sampler, seed, tile, out) -> None:
     """Upscale IMAGE with a super-resolution model (tiled when larger than the model)."""
     from ..io.images import load_image
-    from ..pipelines.generate import load_diffusion_model
+    from ..io.model_folder import load_diffusion_model
     from ..pipelines.superres import require_default_upscaler
     from ..pipelines.superres import upscale as run
     from .edit import _save
@@ -58,4 +58,4 @@ def upscale(image, model_dir, scale, noise_level, steps, sampler, seed, tile, ou
     result = run(model, picture, **params)
     _save(result, out, **{k: v for k, v in params.items() if v is not None})
     (_, h, w), (H, W) = picture.shape, result.shape[-2:]
-    click.echo(f"wrote {h}x{w} -> {H}x{W} (x{model.meta['scale']}) to {out}")
+    click.echo(f"wrote {h}x{w} -> {H}x{W} (x{model.meta.scale}) to {out}")

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -63,15 +64,9 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def save_model_folder(folder: str | Path, meta: dict, state_dict: dict[str, torch.Tensor]) -> None:
-    """model.json + model.safetensors; weights first so model.json never points at nothing."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(folder / MODEL_WEIGHTS, state_dict, {"format": "latentforge"})
-    write_json_atomic(folder / MODEL_JSON, meta)
-
-
-def read_model_json(folder: str | Path) -> dict:
+def read_json_file(folder: str | Path) -> Any:
+    """A model folder's model.json, parsed (not validated: `model_folder.read_model_meta` does
+    that); UserError for a missing folder or file, a pickle in its place, or bad JSON."""
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"model folder not found: {folder}")
@@ -86,11 +81,10 @@ def read_model_json(folder: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-
-
-def load_model_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta = read_model_json(folder)
-    return meta, load_tensors(Path(folder) / MODEL_WEIGHTS)
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__})") from None
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -30,9 +30,7 @@ from .checkpoint import (
     MODEL_JSON,
     MODEL_WEIGHTS,
     PICKLE_SUFFIXES,
-    read_model_json,
     replace_dir_atomic,
-    save_model_folder,
     save_tensors_atomic,
     write_json_atomic,
 )
@@ -46,6 +44,15 @@ from .diffusers_config import (
     vae_config_to_diffusers,
 )
 from .lazy import LazyState, build_module, check_strict, load_all, open_sharded, open_weights
+from .model_folder import (
+    DataInfo,
+    LatentInfo,
+    ModelFolder,
+    ModelMeta,
+    SamplingDefaults,
+    read_model_meta,
+    save_model_folder,
+)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 SD_SAMPLING = {"sampler": "ddim", "steps": 50, "spacing": "leading", "guidance": 7.5}
@@ -130,7 +137,7 @@ def load_unet_lazy(
         parts = ldm.split_checkpoint(open_weights(src, allow_pickle=allow_pickle))
         config, state = ldm.unet_from_checkpoint(parts, num_heads)
     elif (src / MODEL_JSON).is_file():  # a native model folder
-        config = UNetConfig.from_dict(read_model_json(src)["unet"])
+        config = UNetConfig.from_dict(ModelFolder.read(src).meta.unet)
         state = open_weights(src / MODEL_WEIGHTS)
     else:
         folder = _component(src, "unet")
@@ -293,40 +300,35 @@ def import_model(
         unet_config, unet_state = got["unet"]
         vae_config, vae_state = got["vae"]
         f = vae_config.downsample_factor
-        vae_meta = {
-            "format": "latentforge",
-            "version": 1,
-            "kind": "vae",
-            "vae": vae_config.to_dict(),
-            "scaling_factor": vae_config.scaling_factor,
-            "data": {"resolution": got["sample_size"] * f, "channels": vae_config.in_channels},
-        }
+        vae_meta = ModelMeta(
+            kind="vae",
+            vae=vae_config.to_dict(),
+            scaling_factor=vae_config.scaling_factor,
+            data=DataInfo(resolution=got["sample_size"] * f, channels=vae_config.in_channels),
+        )
         save_model_folder(work / "vae", vae_meta, load_all(vae_state, dtype))
         cond = "text" if unet_config.cross_attention_dim else "none"
-        meta = {
-            "format": "latentforge",
-            "version": 1,
-            "kind": "diffusion",
-            "cond": "class" if unet_config.num_classes and cond == "none" else cond,
-            "unet": unet_config.to_dict(),
-            "parameterization": got["spec"],
-            "data": {
-                "resolution": got["sample_size"],
-                "channels": vae_config.latent_channels,
-                "num_classes": unet_config.num_classes,
-                "class_names": [],
-            },
-            "latent": {
-                "vae": "vae",
-                "scaling_factor": vae_config.scaling_factor,
-                "image_resolution": got["sample_size"] * f,
-                "image_channels": vae_config.out_channels,
-            },
-            "sampling": {**SD_SAMPLING, "spacing": got["spacing"]},
-            "source": {"imported_from": str(src), "format": got["format"]},
-        }
-        if got["text"]:
-            meta["text_encoder"] = got["text"]
+        meta = ModelMeta(
+            kind="diffusion",
+            cond="class" if unet_config.num_classes and cond == "none" else cond,
+            unet=unet_config.to_dict(),
+            parameterization=got["spec"],
+            data=DataInfo(
+                resolution=got["sample_size"],
+                channels=vae_config.latent_channels,
+                num_classes=unet_config.num_classes,
+                class_names=(),
+            ),
+            latent=LatentInfo(
+                vae="vae",
+                scaling_factor=vae_config.scaling_factor,
+                image_resolution=got["sample_size"] * f,
+                image_channels=vae_config.out_channels,
+            ),
+            sampling=SamplingDefaults(**{**SD_SAMPLING, "spacing": got["spacing"]}),
+            source={"imported_from": str(src), "format": got["format"]},
+            text_encoder=got["text"] or None,
+        )
         save_model_folder(work, meta, load_all(unet_state, dtype))
         replace_dir_atomic(work, dst)
     except BaseException:
@@ -345,17 +347,18 @@ def import_model(
 # --------------------------------------------------------------------------- export
 
 
-def _native_parts(native: Path) -> tuple[dict, UNetConfig, LazyState, dict | None]:
-    meta = read_model_json(native)
-    if meta.get("kind") != "diffusion":
-        raise UserError(f"{native}: kind {meta.get('kind')!r} is not a diffusion model")
-    config = UNetConfig.from_dict(meta["unet"])
+def _native_parts(
+    native: Path,
+) -> tuple[ModelMeta, UNetConfig, LazyState, tuple[ModelMeta, LazyState] | None]:
+    """A native diffusion folder's meta, U-Net config and lazy weights, and (meta, lazy
+    weights) of its VAE where it has one."""
+    meta = ModelFolder.read(native).meta
+    config = UNetConfig.from_dict(meta.unet)
     state = open_weights(native / MODEL_WEIGHTS)
     vae = None
-    if meta.get("latent"):
-        vae_dir = native / meta["latent"].get("vae", "vae")
-        vae = read_model_json(vae_dir)
-        vae["_state"] = open_weights(vae_dir / MODEL_WEIGHTS)
+    if meta.latent is not None:
+        vae_dir = native / meta.latent.vae
+        vae = (read_model_meta(vae_dir), open_weights(vae_dir / MODEL_WEIGHTS))
     return meta, config, state, vae
 
 
@@ -374,24 +377,24 @@ def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers"
     if fmt == "single-file":
         if dst.suffix != ".safetensors":
             raise UserError(f"single-file export writes a .safetensors file, got {dst}")
-        text = meta.get("text_encoder") or {}
+        text = meta.text_encoder or {}
         text_dir = native / text.get("path", "text_encoder") if text.get("type") == "clip" else None
-        vae_config = VAEConfig.from_dict(vae["vae"]) if vae else None
+        vae_config = VAEConfig.from_dict(vae[0].vae) if vae else None
         notes = ldm.write_single_file(
             dst,
             config,
             load_all(state),
             vae_config,
-            load_all(vae["_state"]) if vae else None,
+            load_all(vae[1]) if vae else None,
             text_dir,
         )
         return {"dst": str(dst), "format": fmt, "notes": notes}
-    res = meta["data"]["resolution"]
+    res = meta.data.resolution
     unet_json = unet_config_to_diffusers(config, res)
     scheduler = scheduler_from_parameterization(
-        meta["parameterization"], meta.get("sampling", {}).get("spacing", "leading")
+        meta.parameterization, meta.defaults.spacing or "leading"
     )
-    text = meta.get("text_encoder") or {}
+    text = meta.text_encoder or {}
     notes = []
     work = _fresh_work_dir(dst)
     try:
@@ -407,12 +410,12 @@ def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers"
             "scheduler": ["diffusers", "DDIMScheduler"],
         }
         if vae is not None:
-            vae_config = VAEConfig.from_dict(vae["vae"])
-            vae_json = vae_config_to_diffusers(vae_config, meta["latent"]["image_resolution"])
-            vae_json["scaling_factor"] = meta["latent"].get("scaling_factor", 1.0)
+            vae_config = VAEConfig.from_dict(vae[0].vae)
+            vae_json = vae_config_to_diffusers(vae_config, meta.latent.image_resolution)
+            vae_json["scaling_factor"] = meta.latent.scaling_factor
             save_tensors_atomic(
                 work / "vae" / f"{DIFFUSERS_WEIGHTS}.safetensors",
-                load_all(vae["_state"]),
+                load_all(vae[1]),
                 {"format": "pt"},
             )
             write_json_atomic(work / "vae" / "config.json", vae_json)

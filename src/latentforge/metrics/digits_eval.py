@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..pipelines.generate import LoadedModel, sampling_defaults
+from ..io.model_folder import LoadedModel
+from ..pipelines.generate import sampling_defaults
 from ..training.data import DIGITS_RESOLUTION
 from .shapes_eval import generate_batched
 

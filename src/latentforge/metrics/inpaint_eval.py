@@ -36,12 +36,8 @@ import torch
 from ..errors import UserError
 from ..guidance import interval_to_json
 from ..io.images import from_pil
-from ..pipelines.generate import (
-    LoadedModel,
-    resolve_guidance_interval,
-    resolve_layout,
-    sampling_defaults,
-)
+from ..io.model_folder import LoadedModel
+from ..pipelines.generate import resolve_guidance_interval, resolve_layout, sampling_defaults
 from ..pipelines.inpaint import inpaint
 from ..training.shapes import COLOURS, HELD_OUT, SHAPES, canonical_caption, render_shapes
 from .batching import run_batched
@@ -222,11 +218,11 @@ def evaluate_inpaint(
     docstring). Returns `hole_accuracy`, `prompt_accuracy`, `attribute_accuracy`,
     `unmasked_max_abs_diff`, `images_per_s` (inpainting only), `ground_truth` (the same
     scores on the targets' renders), `skipped`, `settings` and `per_scene`."""
-    task = model.meta.get("task", "generate")
+    task = model.task
     if task not in ("generate", "inpaint"):
         raise UserError(f"{model.path} is a {task!r} model; eval inpaint needs a generating "
                         f"or --task inpaint model")  # fmt: skip
-    spec = data or model.meta["data"]["spec"]
+    spec = data or model.meta.data.spec
     _require_shapes(spec)
     if model.output_shape[0] != 3:
         raise UserError(f"{model.path} makes {model.output_shape[0]}-channel images; "

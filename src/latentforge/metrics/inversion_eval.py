@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pipelines.generate import LoadedModel
+from ..io.model_folder import LoadedModel
 from ..pipelines.interpolate import decode_noise, invert
 from ..pipelines.superres import require_task
 from .batching import run_batched
@@ -34,15 +34,15 @@ def evaluate_inversion(
     from ..training.data import load_dataset
 
     require_task(model, "generate")
-    spec = data or model.meta["data"]["spec"]
+    spec = data or model.meta.data.spec
     ds = load_dataset(spec, seed=data_seed, resolution=model.output_shape[-1])
     n = min(n, len(ds))
     items = [ds[i] for i in range(n)]
     images = torch.stack([it["image"] for it in items])
     cond: dict = {}
-    if model.meta["unet"].get("num_classes"):
+    if model.num_classes:
         cond["labels"] = [it["label"] for it in items]
-    if model.meta.get("text_encoder"):
+    if model.conditioning == "text":
         cond["prompts"] = [it["caption"] for it in items]
 
     def round_trip(start: int, stop: int) -> torch.Tensor:

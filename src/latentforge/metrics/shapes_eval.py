@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from ..errors import UserError
 from ..guidance import interval_to_json
+from ..io.model_folder import LoadedModel
 from ..pipelines.generate import (
-    LoadedModel,
     generate,
     labels_from_prompt,
     resolve_guidance_interval,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..io.model_folder import LoadedModel
 from ..models.conditioned import downsample, lowres_condition
-from ..pipelines.generate import LoadedModel, sampling_defaults
+from ..pipelines.generate import sampling_defaults
 from ..pipelines.superres import require_task, upscale
 from ..training.data import held_out_images
 from .batching import run_batched
@@ -40,8 +41,8 @@ def evaluate_superres(
 ) -> dict:
     """PSNR / SSIM of the model's upscales and of bicubic's, on n held-out images."""
     require_task(model, "superres")
-    scale = model.meta["scale"]
-    spec = data or model.meta["data"]["spec"]
+    scale = model.meta.scale
+    spec = data or model.meta.data.spec
     images = held_out_images(spec, n, data_seed)
     low = downsample(images, scale)
     out, seconds = run_batched(

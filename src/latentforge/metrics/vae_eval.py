@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..io.model_folder import ModelMeta
 from ..training.data import held_out_images, load_dataset, parse_spec
 from .batching import run_batched
 from .quality import psnr_per_image, ssim
@@ -25,7 +26,7 @@ from .quality import psnr_per_image, ssim
 
 def evaluate_vae(
     vae: nn.Module,
-    meta: dict,
+    meta: ModelMeta,
     *,
     n: int = 256,
     data: str | None = None,
@@ -35,7 +36,7 @@ def evaluate_vae(
 ) -> dict:
     """PSNR / SSIM of encode -> posterior mode -> decode on n held-out images, and the std of
     the scaled latents (about 1 when the stored scaling factor fits these images)."""
-    spec = data or meta["data"]["spec"]
+    spec = data or meta.data.spec
     images = held_out_images(spec, n, data_seed)
     sq = []  # per batch: mean square of the latents x batch size
 
@@ -47,7 +48,7 @@ def evaluate_vae(
 
     recon, seconds = run_batched(reconstruct, n, batch, progress=progress, desc="reconstructing")
     psnr = psnr_per_image(recon, images)
-    scaling = meta.get("scaling_factor", 1.0)
+    scaling = meta.scaling_factor or 1.0
     extra = {}
     if parse_spec(spec)[0] == "shapes" and images.shape[1] == 3:
         extra = _analyser_round_trip(spec, data_seed, recon)

@@ -5,181 +5,19 @@ encode conditioning -> prior noise -> sampler (any registered one) -> images in 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import sampling, schedules
-from ..denoisers import make_denoiser
 from ..errors import UserError
 from ..guidance import CFGDenoiser, RegionalDenoiser, interval_to_json, parse_interval
-from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict, read_model_json
-from ..io.lazy import build_module, open_safetensors
-from ..models.presets import UNetConfig
-from ..models.unet import UNet
+from ..io.model_folder import LoadedModel, ModelFolder, load_diffusion_model
 from .layout import LAYOUTS, Region, plan_layout, region_conditioning
-
-DEFAULT_MODEL = "default"
-
-
-def default_model_dir() -> Path:
-    """The embedded default model that ships inside the package."""
-    return Path(str(resources.files("latentforge") / "assets" / DEFAULT_MODEL))
-
-
-@dataclass
-class LoadedModel:
-    """A diffusion model folder in memory: denoiser, and where used its VAE and text encoder."""
-
-    denoiser: nn.Module
-    meta: dict
-    path: Path
-    sha256: str = ""
-    vae: nn.Module | None = None
-    text_encoder: nn.Module | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.meta["unet"].get("num_classes", 0)
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.meta.get("data", {}).get("class_names", [])
-
-    @property
-    def conditioning(self) -> str:
-        """What a prompt conditions: "text", "class" or "none". Read from model.json, so it holds
-        for a folder whose weights are not loaded (the server's model list)."""
-        if self.meta.get("text_encoder"):
-            return "text"
-        return "class" if self.num_classes else "none"
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """Shape of what the denoiser works on (pixels, or latents for a latent model)."""
-        data = self.meta["data"]
-        return data["channels"], data["resolution"], data["resolution"]
-
-    @property
-    def output_shape(self) -> tuple[int, int, int]:
-        """Shape of the decoded images."""
-        latent = self.meta.get("latent")
-        if not latent:
-            return self.image_shape
-        res = latent["image_resolution"]
-        return latent.get("image_channels", 3), res, res
-
-    @property
-    def scaling_factor(self) -> float:
-        return self.meta.get("latent", {}).get("scaling_factor", 1.0)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the denoiser's space: scaled VAE latents (posterior mode), or the
-        images themselves for a pixel-space model."""
-        if self.vae is None:
-            return images
-        return self.vae.encode(images).mode() * self.scaling_factor
-
-    @torch.no_grad()
-    def preview(self, x: torch.Tensor) -> torch.Tensor:
-        """A cheap image of x for live display: the VAE's fitted linear latent->RGB map when it
-        has one (no decoder pass), else the full decode."""
-        rgb_map = getattr(self.vae, "latent_rgb", None)
-        if rgb_map is None:
-            return self.decode(x)
-        from ..models.vae import latent_to_rgb_preview
-
-        return latent_to_rgb_preview(x / self.scaling_factor, rgb_map)
-
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
-        """The denoiser's space -> images in [-1, 1]; `tile_size` (latent pixels) bounds memory."""
-        if self.vae is None:
-            return x
-        return self.vae.decode(x / self.scaling_factor, tile_size=tile_size).clamp(-1, 1)
-
-
-def build_denoiser(
-    meta: dict, state: Mapping[str, torch.Tensor] | None = None, *, dtype: torch.dtype | None = None
-) -> nn.Module:
-    """The denoiser a model.json describes; `state` (tensors or lazy tensors) is loaded strictly,
-    tensor by tensor into a network built on the meta device, so an SD-size U-Net never exists
-    twice in memory. dtype=torch.bfloat16 gives bf16 weights."""
-    config = UNetConfig.from_dict(meta["unet"])
-
-    def network() -> nn.Module:
-        if meta.get("task") in ("superres", "inpaint"):  # the conditioning image is concatenated
-            from ..models.conditioned import ConcatUNet
-
-            return ConcatUNet(
-                config, meta["concat_channels"], noise_level=meta["task"] == "superres"
-            )
-        return UNet(config)
-
-    unet = network() if state is None else build_module(network, state, "U-Net", dtype=dtype)
-    unet.eval().requires_grad_(False)
-    return make_denoiser(unet, meta["parameterization"])
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def load_vae(path: str | Path) -> tuple[nn.Module, dict]:
-    """A VAE model folder (kind "vae") -> (AutoencoderKL in eval mode, its model.json)."""
-    from ..models.vae import AutoencoderKL, VAEConfig
-
-    meta, state = load_model_folder(path)
-    if meta.get("kind") != "vae":
-        raise UserError(f"{path}: model kind {meta.get('kind')!r} is not a VAE")
-    vae = AutoencoderKL(VAEConfig.from_dict(meta["vae"]))
-    load_state_strict(vae, state, "VAE")
-    if meta.get("latent_rgb"):
-        vae.latent_rgb = torch.tensor(meta["latent_rgb"])
-    return channels_last(vae.eval().requires_grad_(False)), meta
-
-
-def channels_last(module: nn.Module) -> nn.Module:
-    """Convolution weights in NHWC order, the layout oneDNN's CPU kernels run fastest (the
-    activations follow): 1.3-1.5x the images/s of the embedded model in batches of 64, its
-    VAE decode 1.6x (docs/text-to-image.md). Results match the NCHW layout to float rounding;
-    a loaded model is deterministic either way."""
-    return module.to(memory_format=torch.channels_last)
-
-
-def load_diffusion_model(path: str | Path | None = None) -> LoadedModel:
-    """Load a native model folder; None means the embedded default model."""
-    folder = default_model_dir() if path is None else Path(path)
-    meta = read_model_json(folder)
-    if meta.get("kind") != "diffusion":
-        raise UserError(f"{folder}: model kind {meta.get('kind')!r} is not a diffusion model")
-    state, _ = open_safetensors(folder / MODEL_WEIGHTS)
-    model = LoadedModel(
-        channels_last(build_denoiser(meta, state)),
-        meta,
-        folder,
-        _file_digest(folder / MODEL_WEIGHTS),
-    )
-    if meta.get("latent"):
-        model.vae, _ = load_vae(folder / meta["latent"].get("vae", "vae"))
-    if meta.get("text_encoder"):
-        from ..models.text import build_text_encoder
-
-        model.text_encoder = build_text_encoder(meta["text_encoder"], folder)
-    return model
-
 
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -198,7 +36,7 @@ def labels_from_prompt(prompt: str, class_names: list[str]) -> int | None:
 
 def make_sigmas(model: LoadedModel, steps: int, spacing: str | None = None) -> torch.Tensor:
     den = model.denoiser
-    spacing = spacing or model.meta.get("sampling", {}).get("spacing", "karras")
+    spacing = spacing or model.defaults.spacing or "karras"
     return schedules.get_sigmas(
         spacing,
         steps,
@@ -264,18 +102,18 @@ def conditioning(
 
 
 def resolve_guidance_interval(
-    model: LoadedModel, value: Sequence[float | None] | None
+    model: ModelFolder, value: Sequence[float | None] | None
 ) -> tuple[float, float] | None:
     """The guidance interval to use: `value`, or the model folder's default when None."""
     if value is None:
-        value = model.meta.get("sampling", {}).get("guidance_interval")
+        value = model.defaults.guidance_interval
     return parse_interval(value)
 
 
-def resolve_layout(model: LoadedModel, value: str | None) -> str:
+def resolve_layout(model: ModelFolder, value: str | None) -> str:
     """The layout planner to use: `value`, or the model folder's default (`sampling.layout`
     in model.json; "none" where it names none)."""
-    name = value or model.meta.get("sampling", {}).get("layout") or "none"
+    name = value or model.defaults.layout or "none"
     if name not in LAYOUTS:
         raise UserError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
     return name
@@ -311,13 +149,13 @@ def _per_image(values: list, num: int, what: str) -> list:
 
 
 def sampling_defaults(
-    model: LoadedModel, sampler: str | None, steps: int | None, guidance: float | None
+    model: ModelFolder, sampler: str | None, steps: int | None, guidance: float | None
 ) -> tuple[str, int, float]:
     """Fill unset sampler / steps / guidance from the model folder's defaults and validate."""
-    defaults = model.meta.get("sampling", {})
-    sampler = sampler or defaults.get("sampler", "ddim")
-    steps = defaults.get("steps", 20) if steps is None else steps
-    guidance = defaults.get("guidance", 1.0) if guidance is None else guidance
+    defaults = model.defaults
+    sampler = sampler or defaults.sampler
+    steps = defaults.steps if steps is None else steps
+    guidance = defaults.guidance if guidance is None else guidance
     if not isinstance(steps, int) or steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps}")
     sampling.get_sampler(sampler)  # validate the name before any work
@@ -389,7 +227,7 @@ PARAM_KEYS = (
 )  # fmt: skip
 
 
-def describe_conditioning(model: LoadedModel, prompt: str) -> tuple[dict, str]:
+def describe_conditioning(model: ModelFolder, prompt: str) -> tuple[dict, str]:
     """Keyword arguments for `generate` from a prompt, and a few words saying what they mean."""
     if model.conditioning == "text":
         return {"prompts": [prompt]}, f"prompt {prompt!r}"
@@ -450,7 +288,7 @@ def generate_to_png(
         "prompt": prompt or "", "negative": negative or "", "seed": seed, "num": num,
         "sampler": sampler, "steps": steps, "guidance": guidance,
         "guidance_interval": json.dumps(interval),
-        "spacing": params.get("spacing") or model.meta.get("sampling", {}).get("spacing", ""),
+        "spacing": params.get("spacing") or model.defaults.spacing or "",
         "options": json.dumps(options, sort_keys=True) if options else "",
         "layout": layout,
         "regions": json.dumps([r.to_json() for r in regions]) if regions else "",

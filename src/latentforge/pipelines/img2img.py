@@ -15,7 +15,8 @@ import torch
 
 from .. import sampling
 from ..errors import UserError
-from .generate import LoadedModel, conditioning, make_sigmas, plan_regions, sampling_defaults
+from ..io.model_folder import LoadedModel
+from .generate import conditioning, make_sigmas, plan_regions, sampling_defaults
 from .layout import Region
 
 

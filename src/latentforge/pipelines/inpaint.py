@@ -20,7 +20,8 @@ from torch import nn
 
 from .. import sampling
 from ..errors import UserError
-from .generate import LoadedModel, conditioning, plan_regions, sampling_defaults
+from ..io.model_folder import LoadedModel
+from .generate import conditioning, plan_regions, sampling_defaults
 from .img2img import batch_images, schedule_tail, start_point
 from .layout import Region
 
@@ -170,7 +171,7 @@ def inpaint(
     `layout` / `regions`: regional prompting, as for `generate` (the model's layout by
     default), so a prompt naming the kept object and the new one draws each in its box.
     """
-    if model.meta.get("task") == "inpaint":  # a dedicated inpainting model: inpaint_model.py
+    if model.task == "inpaint":  # a dedicated inpainting model: inpaint_model.py
         from .inpaint_model import inpaint_with_model
 
         return inpaint_with_model(

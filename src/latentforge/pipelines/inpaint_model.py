@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import sampling
+from ..io.model_folder import LoadedModel
 from ..models.conditioned import inpaint_condition, masked_image
-from .generate import LoadedModel, conditioning, plan_regions, sampling_defaults
+from .generate import conditioning, plan_regions, sampling_defaults
 from .img2img import batch_images, schedule_tail, start_point
 from .inpaint import _positive_int, feather_mask, paste_back, prepare_masks, repaint
 from .layout import Region

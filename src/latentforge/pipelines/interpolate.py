@@ -23,7 +23,8 @@ from torch import nn
 
 from .. import sampling
 from ..errors import UserError
-from .generate import LoadedModel, conditioning, make_sigmas, sampling_defaults
+from ..io.model_folder import LoadedModel
+from .generate import conditioning, make_sigmas, sampling_defaults
 from .img2img import batch_images
 
 ODE_SAMPLER = "ddim"  # eta defaults to 0: deterministic, and invertible step for step

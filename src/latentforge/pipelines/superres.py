@@ -25,8 +25,9 @@ from .. import sampling
 from ..errors import UserError
 from ..guidance import CFGDenoiser
 from ..io.checkpoint import MODEL_JSON
+from ..io.model_folder import LoadedModel
 from ..models.conditioned import augment, lowres_condition
-from .generate import LoadedModel, _per_image, conditioning, make_sigmas, sampling_defaults
+from .generate import _per_image, conditioning, make_sigmas, sampling_defaults
 from .img2img import batch_images
 
 UPSCALER = "upscaler"
@@ -49,7 +50,7 @@ def require_default_upscaler() -> Path:
 
 
 def require_task(model: LoadedModel, task: str) -> None:
-    got = model.meta.get("task", "generate")
+    got = model.task
     if got != task:
         raise UserError(f"{model.path} is a {got!r} model; this needs a --task {task} model")
 
@@ -135,7 +136,7 @@ def upscale(
     larger than a tile are made in one pass at their own size.
     """
     require_task(model, "superres")
-    s = model.meta["scale"]
+    s = model.meta.scale
     if scale is not None and scale != s:
         raise UserError(f"{model.path} upscales x{s}, not x{scale}")
     if not 0.0 <= noise_level <= 1.0:

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import sampling
 from ..errors import UserError
+from ..io.model_folder import ModelFolder
 from . import schemas, tasks
 from .config import ServerConfig
 from .jobs import FINAL, Job, JobQueue, QueueFull
@@ -362,16 +363,15 @@ def _sse_text(event: str, data: str) -> str:
     return f"event: {event}\ndata: {data}\n\n"
 
 
-def _model_info(view) -> dict:
+def _model_info(view: ModelFolder) -> dict:
     """What /v1/models says about a model, from its model.json alone."""
     c, h, w = view.output_shape
-    task = tasks.model_task(view)
     return {
-        "task": task, "scale": view.meta.get("scale") if task == "superres" else None,
-        "width": w, "height": h, "channels": c, "latent": bool(view.meta.get("latent")),
+        "task": view.task, "scale": view.meta.scale if view.task == "superres" else None,
+        "width": w, "height": h, "channels": c, "latent": view.meta.latent is not None,
         "conditioning": view.conditioning,
         "class_names": [] if view.conditioning == "text" else [str(n) for n in view.class_names],
-        "defaults": view.meta.get("sampling", {}),
+        "defaults": view.meta.sampling.to_json() if view.meta.sampling else {},
     }  # fmt: skip
 
 

@@ -14,8 +14,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import UserError
-from ..io.checkpoint import MODEL_JSON, read_model_json
-from ..pipelines.generate import LoadedModel, default_model_dir, load_diffusion_model
+from ..io.checkpoint import MODEL_JSON
+from ..io.model_folder import LoadedModel, ModelFolder, default_model_dir, load_diffusion_model
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 
@@ -54,7 +54,7 @@ class ModelStore:
                 self.embedded[UPSCALER] = upscaler
         self.max_loaded = max(1, max_loaded)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._meta: dict[Path, tuple[float, dict]] = {}
+        self._views: dict[Path, tuple[float, ModelFolder]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -66,7 +66,7 @@ class ModelStore:
             for p in sorted(self.models_dir.iterdir()):
                 if p.name in out or not _NAME.fullmatch(p.name) or not self._inside(p):
                     continue
-                if (p / MODEL_JSON).is_file() and self._kind(p) == "diffusion":
+                if (p / MODEL_JSON).is_file() and self._readable(p):
                     out.append(p.name)
         return out
 
@@ -104,27 +104,32 @@ class ModelStore:
         root = self.models_dir
         return root is not None and path.resolve().is_relative_to(root)
 
-    # ----- metadata (model.json only: cheap, used to validate requests) -----------------------
-    def meta(self, folder: Path) -> dict:
-        mtime = (folder / MODEL_JSON).stat().st_mtime
-        cached = self._meta.get(folder)
+    # ----- views (model.json only: cheap, used to validate requests) ---------------------------
+    def _view(self, folder: Path) -> ModelFolder:
+        """The folder's validated model.json, re-read when the file changes; UserError for a
+        folder that is not a readable diffusion model."""
+        try:
+            mtime = (folder / MODEL_JSON).stat().st_mtime
+        except OSError:
+            raise ModelNotFound(f"model {folder.name!r} has no readable model.json") from None
+        cached = self._views.get(folder)
         if cached is None or cached[0] != mtime:
-            meta = read_model_json(folder)
-            if meta.get("kind") != "diffusion":
-                raise UserError(f"model {folder.name!r} is not a diffusion model")
-            cached = self._meta[folder] = (mtime, meta)
+            cached = self._views[folder] = (mtime, ModelFolder.read(folder))
         return cached[1]
 
-    def view(self, name: str | None) -> tuple[str, LoadedModel]:
-        """(name, a LoadedModel holding only model.json): shapes, classes, sampling defaults."""
+    def view(self, name: str | None) -> tuple[str, ModelFolder]:
+        """(name, the weights-free view of its folder): shapes, classes, sampling defaults."""
         name, folder = self.resolve(name)
-        return name, LoadedModel(None, self.meta(folder), folder)  # type: ignore[arg-type]
+        return name, self._view(folder)
 
-    def _kind(self, folder: Path) -> str | None:
+    def _readable(self, folder: Path) -> bool:
+        """Whether the folder is a valid diffusion model (a broken one is left out of the list,
+        not a reason to fail the whole listing)."""
         try:
-            return self.meta(folder).get("kind")
+            self._view(folder)
         except (UserError, OSError):
-            return None
+            return False
+        return True
 
     # ----- loaded models -----------------------------------------------------------------------
     def is_loaded(self, name: str) -> bool:
@@ -149,6 +154,4 @@ class ModelStore:
 
 
 def _check_diffusion_folder(folder: Path) -> None:
-    meta = read_model_json(folder)  # UserError naming the problem
-    if meta.get("kind") != "diffusion":
-        raise UserError(f"{folder}: model kind {meta.get('kind')!r} is not a diffusion model")
+    ModelFolder.read(folder)  # UserError naming the problem

@@ -28,7 +28,8 @@ from PIL import Image, PngImagePlugin
 from .. import sampling
 from ..errors import UserError
 from ..io.images import from_pil, make_grid, to_pil
-from ..pipelines.generate import LoadedModel, describe_conditioning, labels_from_prompt
+from ..io.model_folder import LoadedModel
+from ..pipelines.generate import describe_conditioning, labels_from_prompt
 from . import schemas
 from .config import ServerConfig
 from .jobs import Job, JobCancelled, Task
@@ -137,27 +138,23 @@ TASK_WORDS = {
 }
 
 
-def model_task(view: LoadedModel) -> str:
-    return view.meta.get("task", "generate")
-
-
 def _pick_model(store: ModelStore, name: str | None, tasks: tuple[str, ...]):
     """(name, view) of the requested model, which must do one of `tasks`; with no name, the
     default model if it does, else the first one that does."""
     want = " or ".join(TASK_WORDS.get(t, t) for t in tasks)
     if name is None:
         default, view = store.view(None)
-        if model_task(view) in tasks:
+        if view.task in tasks:
             return default, view
         for other in store.names():
             with contextlib.suppress(UserError, OSError):  # a broken folder is not a candidate
                 other, view = store.view(other)
-                if model_task(view) in tasks:
+                if view.task in tasks:
                     return other, view
         raise FieldError("model", f"this server has no {want} model")
     name, view = store.view(name)
-    if model_task(view) not in tasks:
-        got = TASK_WORDS.get(model_task(view), model_task(view))
+    if view.task not in tasks:
+        got = TASK_WORDS.get(view.task, view.task)
         raise FieldError("model", f"model {name!r} is a {got} model; this needs a {want} model")
     return name, view
 
@@ -207,7 +204,7 @@ class _Prepared:
             )
         self.knobs = dict(req.knobs)
         self.seed = random.randrange(2**31) if req.seed is None else req.seed
-        self.spacing = req.spacing or self.view.meta.get("sampling", {}).get("spacing", "")
+        self.spacing = req.spacing or self.view.defaults.spacing or ""
         self.params = {
             "model": self.name,
             "sampler": self.sampler,
@@ -245,7 +242,7 @@ def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig
     from ..pipelines.generate import generate, resolve_layout
 
     # stored resolved, so `generate --from-png` reproduces the image whatever the default
-    layout = resolve_layout(p.view, req.layout) if p.view.meta.get("text_encoder") else "none"
+    layout = resolve_layout(p.view, req.layout) if p.view.conditioning == "text" else "none"
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
         cond = _conditioning(model, req.prompt, req.negative_prompt)
@@ -330,7 +327,7 @@ def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig
 def upscale(req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig) -> Task:
     fn = _pipeline(("superres", "upscale"), "upscale", "upscaling")
     p = _Prepared(req, store, config, tasks=("superres",))
-    scale = p.view.meta.get("scale")
+    scale = p.view.meta.scale
     if req.scale is not None and req.scale != scale:
         raise FieldError("scale", f"model {p.name!r} upscales x{scale}, not x{req.scale}")
     image = image_tensor(req.image, "image", None, p.view.output_shape[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..io.model_folder import ModelMeta
 from .data import ShapesDataset, object_rules, object_weights, region_captions
 from .loop import Trainer
 
@@ -20,7 +21,7 @@ class DiffusionTrainer(Trainer):
     )  # fmt: skip
 
     def setup(self) -> None:
-        from ..pipelines.generate import build_denoiser, load_vae
+        from ..io.model_folder import build_denoiser, load_vae
 
         cfg, ds = self.cfg, self.dataset
         if cfg.cond not in ("none", "class", "text"):
@@ -30,10 +31,12 @@ class DiffusionTrainer(Trainer):
         self.vae, self.scaling_factor = None, 1.0
         if cfg.vae:
             self.vae, self.vae_meta = load_vae(cfg.vae)
-            if self.vae_meta["data"]["channels"] != ds.channels:
-                raise UserError(f"--vae {cfg.vae} expects {self.vae_meta['data']['channels']}-"
+            if self.vae_meta.data.channels != ds.channels:
+                raise UserError(f"--vae {cfg.vae} expects {self.vae_meta.data.channels}-"
                                 f"channel images; {cfg.data!r} has {ds.channels}")  # fmt: skip
-            self.scaling_factor = self.vae_meta["scaling_factor"]
+            if self.vae_meta.scaling_factor is None:
+                raise UserError(f"--vae {cfg.vae}: its model.json has no scaling_factor")
+            self.scaling_factor = self.vae_meta.scaling_factor
         self.text_encoder, self._text_table = None, None
         if cfg.cond == "text":
             from ..models.text import build_text_encoder
@@ -50,7 +53,8 @@ class DiffusionTrainer(Trainer):
         self.denoiser = build_denoiser(self.meta).to(self.device)  # the schedule buffers
         self.model = self.denoiser.model
         if cfg.init_from:
-            self.meta["init_from"] = init_from_folder(self.model, self.meta, cfg.init_from)
+            provenance = init_from_folder(self.model, self.meta, cfg.init_from)
+            self.meta = self.meta.replace(init_from=provenance)
         self._object_rules = None  # --object-weight, parsed once
         if cfg.object_weight:
             if cfg.crop:
@@ -67,7 +71,7 @@ class DiffusionTrainer(Trainer):
             if cfg.crop:
                 raise UserError("--region-captions needs whole images; it does not take --crop")
 
-    def build_meta(self) -> dict:
+    def build_meta(self) -> ModelMeta:
         from ..models.presets import unet_preset
 
         ds, cfg = self.dataset, self.cfg
@@ -122,7 +126,7 @@ class DiffusionTrainer(Trainer):
             meta["sampling"]["guidance"] = 3.0
             if isinstance(ds, ShapesDataset):  # the planner reads the shapes grammar
                 meta["sampling"]["layout"] = "shapes"
-        return meta
+        return ModelMeta.from_json(meta)
 
     def _maybe_cache_dataset(self) -> dict | None:
         path = self._cache_file()  # digests the VAE weights: once
@@ -162,13 +166,13 @@ class DiffusionTrainer(Trainer):
         if not cfg.cache_dir or not (latents or text):
             return None
         from ..io.checkpoint import MODEL_WEIGHTS
-        from ..pipelines.generate import _file_digest
+        from ..io.model_folder import file_digest
 
         key = {
             "version": 1,
             "data": cfg.data,
             "seed": cfg.seed,
-            "vae": _file_digest(Path(cfg.vae) / MODEL_WEIGHTS) if latents else None,
+            "vae": file_digest(Path(cfg.vae) / MODEL_WEIGHTS) if latents else None,
             "text": self.text_encoder.spec if text else None,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -272,8 +276,8 @@ class DiffusionTrainer(Trainer):
         cond = {}
         x0 = self.latents(batch, g)
         drop = torch.rand((x0.shape[0],), generator=g, device=g.device) < self.cfg.label_dropout
-        if self.meta["unet"]["num_classes"]:
-            null = self.meta["unet"]["num_classes"]
+        if self.meta.num_classes:
+            null = self.meta.num_classes
             labels = batch["label"]
             cond["class_labels"] = torch.where(drop, torch.full_like(labels, null), labels)
         if self.text_encoder is not None:
@@ -313,13 +317,14 @@ class DiffusionTrainer(Trainer):
         return weight
 
     def sample_images(self, n: int = 16) -> torch.Tensor:
-        from ..pipelines.generate import LoadedModel, build_denoiser, generate
+        from ..io.model_folder import LoadedModel, build_denoiser
+        from ..pipelines.generate import generate
 
         # Sampling runs on CPU (the pipeline's seeded noise lives there): copies when training
         # on a GPU.
         state = {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}
         den = build_denoiser(self.meta, state)
-        model = LoadedModel(den, self.meta, self.out)
+        model = LoadedModel(self.meta, self.out, denoiser=den)
         model.vae, model.text_encoder = self.vae, self.text_encoder
         if self.device.type != "cpu":
             model.vae = copy.deepcopy(self.vae).cpu() if self.vae is not None else None
@@ -329,7 +334,7 @@ class DiffusionTrainer(Trainer):
                     model.text_encoder = copy.deepcopy(self.text_encoder).cpu()
                 finally:
                     self.text_encoder._cache = cache
-        k = self.meta["unet"]["num_classes"]
+        k = self.meta.num_classes
         labels = [i % k for i in range(n)] if k else None
         prompts = None
         if self.text_encoder is not None:
@@ -347,7 +352,7 @@ class DiffusionTrainer(Trainer):
 
 
 # ----- --init-from: fine-tune a model folder's weights ----------------------------------------
-def init_from_folder(model: torch.nn.Module, meta: dict, folder: str) -> dict:
+def init_from_folder(model: torch.nn.Module, meta: ModelMeta, folder: str) -> dict:
     """Load a diffusion model folder's (EMA) weights into `model` (built from `meta`) to
     fine-tune them; returns the provenance recorded in the new model.json.
 
@@ -360,19 +365,19 @@ def init_from_folder(model: torch.nn.Module, meta: dict, folder: str) -> dict:
     refiner the source lacks, which starts as the identity). The source must
     predict the same target (eps / v / x0) and live in the same space (pixels or latents).
     """
-    from ..io.checkpoint import MODEL_WEIGHTS, load_model_folder, load_state_strict
-    from ..pipelines.generate import _file_digest
+    from ..io.checkpoint import MODEL_WEIGHTS, load_state_strict
+    from ..io.model_folder import file_digest, load_model_folder
 
     src_meta, state = load_model_folder(folder)
     what = f"--init-from {folder}"
-    if src_meta.get("kind") != "diffusion":
-        raise UserError(f"{what} is a {src_meta.get('kind')!r} model folder, not a diffusion one")
-    src_pred = src_meta.get("parameterization", {}).get("prediction")
-    pred = meta["parameterization"]["prediction"]
+    if src_meta.kind != "diffusion":
+        raise UserError(f"{what} is a {src_meta.kind!r} model folder, not a diffusion one")
+    src_pred = src_meta.parameterization.get("prediction")
+    pred = meta.parameterization["prediction"]
     if src_pred != pred:
         raise UserError(f"{what} predicts {src_pred}; this run trains {pred} (--prediction)")
-    if bool(src_meta.get("latent")) != bool(meta.get("latent")):
-        space = "latents" if src_meta.get("latent") else "pixels"
+    if (src_meta.latent is None) != (meta.latent is None):
+        space = "latents" if src_meta.latent is not None else "pixels"
         raise UserError(f"{what} works on {space}; give the same --vae (or none) as it was trained")
     own = model.state_dict()
     state = dict(state)
@@ -397,8 +402,8 @@ def init_from_folder(model: torch.nn.Module, meta: dict, folder: str) -> dict:
     load_state_strict(model, state, what)
     return {
         "folder": str(Path(folder).resolve()),
-        "sha256": _file_digest(Path(folder) / MODEL_WEIGHTS),
-        "step": src_meta.get("training", {}).get("step"),
+        "sha256": file_digest(Path(folder) / MODEL_WEIGHTS),
+        "step": (src_meta.training or {}).get("step"),
         "zero_channels": widened,
         "fresh_tensors": len(fresh),
     }

@@ -30,13 +30,8 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import UserError
-from ..io.checkpoint import (
-    load_tensors,
-    replace_dir_atomic,
-    save_model_folder,
-    save_tensors_atomic,
-    write_json_atomic,
-)
+from ..io.checkpoint import load_tensors, replace_dir_atomic, save_tensors_atomic, write_json_atomic
+from ..io.model_folder import save_model_folder
 from .data import load_dataset, sample_weights
 
 CHECKPOINTS = "checkpoints"
@@ -308,14 +303,17 @@ class Trainer:
 
     def save_model(self) -> None:
         """The usable model folder (EMA weights) beside the checkpoints, refreshed at each save."""
-        meta = dict(self.meta)
-        meta["training"] = {
+        meta = self.meta.replace(training=self.provenance())
+        save_model_folder(self.out, meta, _cpu(self.ema.state_dict()))
+
+    def provenance(self) -> dict:
+        """model.json's `training` record: the step, the full config, the world size."""
+        return {
             "step": self.step,
             "config": dataclasses.asdict(self.cfg),
             "world_size": self.world,
             "latentforge": __version__,
         }
-        save_model_folder(self.out, meta, _cpu(self.ema.state_dict()))
 
     def resume(self) -> bool:
         """Load the newest checkpoint under out/checkpoints; False when there is none."""

@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..errors import UserError
+from ..io.model_folder import ModelMeta
 from ..models.conditioned import (
     augment,
     downsample,
@@ -79,12 +80,11 @@ class _ConcatTrainer(DiffusionTrainer):
         models)."""
         return images.shape[-2] // self.vae_factor, images.shape[-1] // self.vae_factor
 
-    def build_meta(self) -> dict:
+    def build_meta(self) -> ModelMeta:
         meta = super().build_meta()
         extra = self.concat_channels()
-        meta["unet"]["in_channels"] += extra
-        meta.update(task=self.task, scale=self.scale, concat_channels=extra)
-        return meta
+        unet = {**meta.unet, "in_channels": meta.unet["in_channels"] + extra}
+        return meta.replace(unet=unet, task=self.task, scale=self.scale, concat_channels=extra)
 
     @property
     def scale(self) -> int:
@@ -110,9 +110,10 @@ class _ConcatTrainer(DiffusionTrainer):
 
     def loaded_ema(self):
         """The EMA weights as a LoadedModel, for the sample grids written while training."""
-        from ..pipelines.generate import LoadedModel, build_denoiser
+        from ..io.model_folder import LoadedModel, build_denoiser
 
-        model = LoadedModel(build_denoiser(self.meta, self.ema.state_dict()), self.meta, self.out)
+        den = build_denoiser(self.meta, self.ema.state_dict())
+        model = LoadedModel(self.meta, self.out, denoiser=den)
         model.vae, model.text_encoder = self.vae, self.text_encoder
         return model
 
@@ -121,7 +122,7 @@ class _ConcatTrainer(DiffusionTrainer):
         items = [self.dataset[i] for i in range(n)]
         images = torch.stack([it["image"] for it in items])
         kw: dict = {}
-        if self.meta["unet"]["num_classes"]:
+        if self.meta.num_classes:
             kw["labels"] = [it["label"] for it in items]
         if self.text_encoder is not None:
             kw["prompts"] = [it["caption"] for it in items]
@@ -165,10 +166,9 @@ class SuperResTrainer(_ConcatTrainer):
         # the low-res image in pixel channels, also for latent models (SD x4 upscaler style)
         return self.dataset.channels
 
-    def build_meta(self) -> dict:
+    def build_meta(self) -> ModelMeta:
         meta = super().build_meta()
-        meta["sampling"]["noise_level"] = DEFAULT_NOISE_LEVEL
-        return meta
+        return meta.with_defaults(noise_level=DEFAULT_NOISE_LEVEL)
 
     def task_cond(self, batch: dict, g: torch.Generator) -> dict:
         low = downsample(batch["image"], self.scale)  # (B, C, H / s, W / s)

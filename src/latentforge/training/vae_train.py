@@ -6,14 +6,12 @@ on held-out images are measured at every save and stored in model.json.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from .. import __version__
 from ..errors import UserError
-from ..io.checkpoint import save_model_folder
+from ..io.model_folder import DataInfo, ModelMeta, load_model_folder, save_model_folder
 from ..metrics.quality import psnr_db, ssim
 from ..models.vae import fit_latent_rgb_map
 from .data import ShapesDataset, held_out_images, random_crops
@@ -58,12 +56,12 @@ class VAETrainer(Trainer):
     def setup(self) -> None:
         from ..models.vae import AutoencoderKL, VAEConfig, vae_preset
 
-        self.source: dict | None = None
+        self.source: ModelMeta | None = None
         if self.cfg.decoder_only and not self.cfg.init_from:
             raise UserError("--decoder-only fine-tunes a trained VAE's decoder: give --init-from")
         if self.cfg.init_from:
             self.source, state = _load_source(self.cfg.init_from, self.dataset.channels)
-            self.config = VAEConfig.from_dict(self.source["vae"])
+            self.config = VAEConfig.from_dict(self.source.vae)
         else:
             self.config = vae_preset(self.cfg.preset, in_channels=self.dataset.channels,
                                      out_channels=self.dataset.channels)  # fmt: skip
@@ -85,17 +83,15 @@ class VAETrainer(Trainer):
             self.disc_opt = torch.optim.AdamW(
                 self.disc.parameters(), lr=self.cfg.lr, betas=(0.5, 0.9)
             )
-        self.meta = {
-            "format": "latentforge",
-            "version": 1,
-            "kind": "vae",
-            "vae": self.config.to_dict(),
-            "data": {
-                "spec": self.cfg.data,
-                "resolution": self.dataset.resolution,
-                "channels": self.dataset.channels,
-            },
-        }
+        self.meta = ModelMeta(
+            kind="vae",
+            vae=self.config.to_dict(),
+            data=DataInfo(
+                spec=self.cfg.data,
+                resolution=self.dataset.resolution,
+                channels=self.dataset.channels,
+            ),
+        )
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         if self.cfg.decoder_only:  # the latent space stays the source's
@@ -188,26 +184,25 @@ class VAETrainer(Trainer):
 
     def save_model(self) -> None:
         m = self.measure()
-        meta = dict(self.meta)
-        meta["scaling_factor"] = m.pop("scaling_factor")
+        scaling_factor = m.pop("scaling_factor")
         if self.cfg.decoder_only:
             # the encoder is the source's, bit for bit: keep its scaling factor exactly, so
             # diffusion models trained on the source's latents can swap this VAE in
-            meta["scaling_factor"] = self.source["scaling_factor"]
+            scaling_factor = self.source.scaling_factor
+        init_from = None
         if self.source is not None:
-            meta["init_from"] = {
+            init_from = {
                 "folder": self.cfg.init_from,
                 "decoder_only": self.cfg.decoder_only,
-                "psnr_db": self.source.get("eval", {}).get("psnr_db"),
+                "psnr_db": (self.source.eval or {}).get("psnr_db"),
             }
-        meta["latent_rgb"] = m.pop("latent_rgb")  # cheap live previews (models/vae.py)
-        meta["eval"] = m
-        meta["training"] = {
-            "step": self.step,
-            "config": dataclasses.asdict(self.cfg),
-            "world_size": self.world,
-            "latentforge": __version__,
-        }
+        meta = self.meta.replace(
+            scaling_factor=scaling_factor,
+            init_from=init_from,
+            latent_rgb=m.pop("latent_rgb"),  # cheap live previews (models/vae.py)
+            eval=m,
+            training=self.provenance(),
+        )
         save_model_folder(self.out, meta, self.ema.state_dict())
 
 
@@ -231,14 +226,12 @@ def edge_map(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(edges, 3, stride=1, padding=1)
 
 
-def _load_source(folder: str, channels: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    from ..io.checkpoint import load_model_folder
-
+def _load_source(folder: str, channels: int) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
     meta, state = load_model_folder(folder)
-    if meta.get("kind") != "vae":
-        raise UserError(f"--init-from {folder} is a {meta.get('kind')!r} folder, not a VAE")
-    if meta["vae"]["in_channels"] != channels:
-        raise UserError(f"--init-from {folder} encodes {meta['vae']['in_channels']}-channel "
+    if meta.kind != "vae":
+        raise UserError(f"--init-from {folder} is a {meta.kind!r} folder, not a VAE")
+    if meta.vae["in_channels"] != channels:
+        raise UserError(f"--init-from {folder} encodes {meta.vae['in_channels']}-channel "
                         f"images; --data has {channels}")  # fmt: skip
     return meta, state
 
