@@ -137,7 +137,7 @@ def test_legacy_folders_load_and_sample(tmp_path):
     assert model.conditioning == "text" and model.vae is not None
     images = generate(model, prompts=["a red circle"], num=2, steps=2)
     assert images.shape == (2, 3, 16, 16)
-    vae, meta = load_vae(LEGACY / "text-latent" / "vae")
+    _, meta = load_vae(LEGACY / "text-latent" / "vae")
     assert meta.kind == "vae" and meta.scaling_factor > 0 and len(meta.latent_rgb) == 3
     # a copy re-saved through ModelMeta loads the same weights to the same outputs
     shutil.copytree(LEGACY / "class-pixel", tmp_path / "copy")

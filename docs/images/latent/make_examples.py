@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from latentforge.cli import main
 from latentforge.io.images import load_image, save_png
+from latentforge.io.model_folder import load_vae
 from latentforge.metrics.superres_eval import held_out_images
 from latentforge.models.vae import latent_to_rgb_preview
-from latentforge.io.model_folder import load_vae
 
 D = Path("docs/images/latent")
 W = Path(tempfile.mkdtemp())

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import torch
 
-from latentforge.metrics.shapes_eval import analyse
 from latentforge.io.model_folder import default_model_dir, load_vae
+from latentforge.metrics.shapes_eval import analyse
 from latentforge.training.shapes import BACKGROUND_COLOURS, COLOURS, SIZES, render_shapes
 
 N, RES = 8, 64

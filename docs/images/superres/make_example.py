@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from latentforge.io.model_folder import load_diffusion_model
 from latentforge.metrics.superres_eval import bicubic, held_out_images
 from latentforge.models.conditioned import downsample
-from latentforge.io.model_folder import load_diffusion_model
 from latentforge.pipelines.superres import default_upscaler_dir, upscale
 
 OUT = Path("docs/images/superres/shapes-x4.png")

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from latentforge.io.images import to_pil
+from latentforge.io.model_folder import load_diffusion_model
 from latentforge.metrics.shapes_eval import analyse, matches
 from latentforge.pipelines.generate import generate
-from latentforge.io.model_folder import load_diffusion_model
 from latentforge.pipelines.layout import shapes_layout
 from latentforge.training.shapes import parse_prompt
 
