@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if args.tiny:
-        from latentforge.training.loop import TrainConfig, train_diffusion
+        from latentforge.training import TrainConfig, train_diffusion
 
         model = tempfile.mkdtemp(prefix="lf-bench-")
         cfg = TrainConfig(data="digits", out=model, cond="class", max_steps=2, batch_size=4,

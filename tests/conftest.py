@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentforge.training.loop import TrainConfig, train_diffusion
+from latentforge.training import TrainConfig, train_diffusion
 
 
 @pytest.fixture(scope="session")

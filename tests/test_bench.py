@@ -1,6 +1,50 @@
 import json
 
+import pytest
+
 from latentforge.cli import main
+
+BENCHMARKS = {"samplers": "samplers", "latent-vs-pixel": "latent_pixel", "unet": "unet",
+              "generate": "generate"}  # fmt: skip
+
+
+def test_bench_samplers_help_shows_its_options(capsys):
+    """`bench NAME --help` is the benchmark's own help (click used to eat it)."""
+    assert main(["bench", "samplers", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage: latentforge bench samplers [OPTIONS]" in out
+    for option in ("--draws", "--nfe", "--no-diffusers", "--no-unseen", "--fit", "--plot"):
+        assert option in out
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_every_bench_subcommand_has_help(name, capsys):
+    """Each benchmark is a click subcommand: --help and -h print its options and exit 0, from
+    `latentforge bench NAME` and from its script's main(argv) alike."""
+    import importlib
+
+    for flag in ("--help", "-h"):
+        assert main(["bench", name, flag]) == 0
+        out = capsys.readouterr().out
+        assert f"Usage: latentforge bench {name} [OPTIONS]" in out and "--json" in out
+    module = importlib.import_module(f"latentforge.benchmarks.{BENCHMARKS[name]}")
+    assert module.main(["--help"]) == 0
+    assert f"Usage: latentforge bench {name} [OPTIONS]" in capsys.readouterr().out
+
+
+def test_bench_lists_the_benchmarks_and_rejects_bad_options(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in BENCHMARKS)
+    for argv in (["bench", "nope"], ["bench", "samplers", "--nfe", "1"],
+                 ["bench", "samplers", "--nfe", "5,x"], ["bench", "unet", "--bogus"]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("latentforge: error:") and err.count("\n") == 1, err
+    from latentforge.benchmarks.samplers import main as script_main
+
+    assert script_main(["--draws", "0"]) == 2  # bench/samplers.py: click's usage error
+    assert "--draws" in capsys.readouterr().err
 
 
 def test_latent_vs_pixel_bench_json(capsys):
@@ -34,7 +78,7 @@ def test_samplers_bench_json_records(capsys):
 def test_latent_vs_pixel_bench_quality_with_trained_models(tmp_path, capsys):
     """With model folders the bench scores both on held-out images and reads the VAE from the
     latent model's folder; quality_ratio is latent / pixel."""
-    from latentforge.training.loop import TrainConfig, train_diffusion
+    from latentforge.training import TrainConfig, train_diffusion
     from latentforge.training.vae_train import VAETrainConfig, train_vae
 
     common = dict(data="shapes:16", max_steps=1, batch_size=2, sample_every=0, quiet=True)

@@ -27,11 +27,53 @@ def _one_line_error(capsys, argv, *needles):
         ["train", "diffusion", "--help"],
         ["sample", "--help"],
         ["generate", "--help"],
+        ["bench", "--help"],
+        ["bench", "samplers", "--help"],
     ],
 )
 def test_help_everywhere(argv, capsys):
     assert main(argv) == 0
     assert "Usage" in capsys.readouterr().out
+
+
+def test_every_command_is_on_the_root_group():
+    from latentforge.cli import cli
+
+    assert set(cli.commands) == {
+        "train", "sample", "generate", "img2img", "inpaint", "interpolate", "upscale", "eval",
+        "bench", "serve", "import", "export",
+    }  # fmt: skip
+
+
+def test_no_command_module_imports_the_cli():
+    """cli.py imports latentforge.commands, never the other way round (no import circle):
+    read every module's imports, absolute and relative, at any depth in the file."""
+    import ast
+    from pathlib import Path
+
+    import latentforge.commands
+
+    root = Path(latentforge.commands.__file__).parent
+    files = sorted(root.rglob("*.py"))
+    assert {"options.py", "common.py", "bench.py"} <= {f.name for f in files}
+    for path in files:
+        package = "latentforge." + ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        if path.name != "__init__.py":
+            package = package.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                targets = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for target in targets:
+                assert not (target == "latentforge.cli" or target.startswith("latentforge.cli.")), (
+                    f"{path.name}:{node.lineno} imports {target}"
+                )
 
 
 def test_sample_writes_a_grid(tiny_digits_model, tmp_path, capsys):

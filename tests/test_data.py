@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from latentforge.errors import UserError
-from latentforge.training.data import (
+from latentforge.data import (
     DIGIT_WORDS,
     FolderDataset,
     ImageDataset,
-    ShapesDataset,
     load_dataset,
     parse_spec,
 )
-from latentforge.training.shapes import (
+from latentforge.errors import UserError
+from latentforge.shapes.dataset import ShapesDataset
+from latentforge.shapes.scenes import (
     BACKGROUND_COLOURS,
     HELD_OUT,
     PALETTE,
@@ -73,7 +73,9 @@ def test_bad_specs_raise_user_error(spec):
 
 
 def test_unknown_spec_message():
-    with pytest.raises(UserError, match=r"unknown data spec 'mnist'; use shapes"):
+    with pytest.raises(
+        UserError, match=r"unknown data spec 'mnist'; use digits\[:RES\], folder:PATH or shapes"
+    ):
         load_dataset("mnist")
 
 

@@ -15,7 +15,8 @@ from latentforge import sampling
 from latentforge.cli import main
 from latentforge.io.images import save_png
 from latentforge.io.model_folder import LoadedModel, load_diffusion_model
-from latentforge.pipelines.generate import generate, make_sigmas
+from latentforge.pipelines.common import make_sigmas
+from latentforge.pipelines.generate import generate
 from latentforge.pipelines.img2img import img2img
 from latentforge.pipelines.inpaint import feather_mask, inpaint
 from latentforge.pipelines.interpolate import decode_noise, interpolate, invert, slerp, walk

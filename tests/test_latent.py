@@ -12,8 +12,7 @@ from latentforge.errors import UserError
 from latentforge.io.images import read_png_metadata
 from latentforge.io.model_folder import load_diffusion_model, load_vae
 from latentforge.pipelines.generate import generate
-from latentforge.training.loop import TrainConfig, train_diffusion
-from latentforge.training.vae_train import VAETrainConfig, train_vae
+from latentforge.training import TrainConfig, VAETrainConfig, train_diffusion, train_vae
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def test_vae_folder_has_scaling_factor_and_psnr(tiny_vae):
 
 def test_scaling_factor_gives_unit_variance_latents(tiny_vae):
     """Measured on held-out images; on other images the scaled latents are still ~unit std."""
-    from latentforge.training.data import load_dataset
+    from latentforge.data import load_dataset
 
     vae, meta = load_vae(tiny_vae)
     ds = load_dataset("shapes:32", seed=5)
@@ -202,8 +201,8 @@ def test_edge_weighted_vae_loss_trains_and_is_resume_checked(tmp_path):
 
 
 def test_vae_trains_on_crops_and_evaluates_on_whole_held_out_images(tmp_path, monkeypatch):
+    from latentforge.data import load_dataset
     from latentforge.models.vae import AutoencoderKL
-    from latentforge.training.data import load_dataset
     from latentforge.training.vae_train import VAETrainer
 
     sizes = []

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from latentforge.errors import UserError
-from latentforge.guidance import RegionalDenoiser
-from latentforge.pipelines.layout import Region, plan_layout, shapes_layout
-from latentforge.training.shapes import POSITIONS, parse_prompt
+from latentforge.guidance import Region, RegionalDenoiser
+from latentforge.pipelines.layout import plan_layout
+from latentforge.shapes.layout import shapes_layout
+from latentforge.shapes.scenes import POSITIONS, parse_prompt
 
 
 class _Recorder(torch.nn.Module):

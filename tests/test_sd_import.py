@@ -36,7 +36,7 @@ from latentforge.io.diffusers_format import (  # noqa: E402
     load_unet_module,
     load_vae,
 )
-from latentforge.io.model_folder import ModelMeta, save_model_folder  # noqa: E402
+from latentforge.io.model_folder import ModelMeta, read_model_meta, save_model_folder  # noqa: E402
 from latentforge.io.model_folder import load_vae as load_native_vae  # noqa: E402
 from latentforge.models.presets import UNetConfig, unet_preset  # noqa: E402
 from latentforge.models.unet import UNet  # noqa: E402
@@ -172,6 +172,12 @@ def test_import_diffusers_folder(native, sd_folder):
         "clip_skip": 1,
     }
     assert meta["sampling"]["spacing"] == "leading"
+    # the imported folders round-trip through ModelMeta like every folder the project writes
+    assert read_model_meta(native).to_json() == meta
+    vae_meta = read_model_meta(native / "vae")
+    assert vae_meta.kind == "vae" and vae_meta.to_json() == json.loads(
+        (native / "vae" / "model.json").read_text()
+    )
     for sub in (
         "vae/model.json",
         "vae/model.safetensors",

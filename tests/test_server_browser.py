@@ -152,10 +152,6 @@ def test_paint_a_mask_and_inpaint(page):
     assert mask.size == (16, 16)
     left, right = mask.crop((0, 0, 6, 16)), mask.crop((10, 0, 16, 16))
     assert max(left.tobytes()) == 255 and max(right.tobytes()) == 0  # the strokes, and only them
-    # the result, or (until pipelines/inpaint.py lands) the 501 message
     done = page.locator("#gallery figure.result").nth(before)
-    missing = page.locator("#message", has_text="not available")
-    expect(done.or_(missing)).to_be_visible(timeout=60_000)
-    if missing.is_visible():
-        return
+    expect(done).to_be_visible(timeout=60_000)
     expect(page.locator("#gallery figure.result")).to_have_count(before + 1)

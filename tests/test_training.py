@@ -16,8 +16,8 @@ from latentforge.io.model_folder import (
     save_model_folder,
 )
 from latentforge.pipelines.generate import generate
+from latentforge.training import TrainConfig, train_diffusion
 from latentforge.training.diffusion import DiffusionTrainer as Trainer
-from latentforge.training.loop import TrainConfig, train_diffusion
 
 
 def _cfg(out, **kw):
@@ -109,7 +109,8 @@ def test_grad_accumulation_and_batch_sharding(tmp_path):
 def test_oversample_weights_and_draws(tmp_path):
     """--oversample 'small star=4': images holding a small star weigh 4 (and only they), the
     draws are a pure function of (seed, step, micro, rank), and they follow the weights."""
-    from latentforge.training.data import load_dataset, sample_weights
+    from latentforge.data import load_dataset
+    from latentforge.shapes.dataset import sample_weights
 
     ds = load_dataset("shapes:16:400", seed=0)
     weights = sample_weights(ds, ["small star=4", "large red=0.5", "circle on gray=3"])
@@ -144,7 +145,7 @@ def test_oversample_weights_and_draws(tmp_path):
 
 def test_train_vae_takes_oversample(tmp_path):
     """train vae draws by the same weights and records the rules in model.json."""
-    from latentforge.training.data import sample_weights
+    from latentforge.shapes.dataset import sample_weights
     from latentforge.training.vae_train import VAETrainConfig, VAETrainer, train_vae
 
     cfg = VAETrainConfig(data="shapes:16:200", out=str(tmp_path), max_steps=1, batch_size=2,
@@ -158,7 +159,7 @@ def test_train_vae_takes_oversample(tmp_path):
 
 
 def test_oversample_errors(tmp_path):
-    from latentforge.training.data import parse_oversample
+    from latentforge.shapes.dataset import parse_oversample
 
     assert parse_oversample(["Small STAR=2.5"]) == [({"size": "small", "shape": "star"}, 2.5)]
     assert parse_oversample(["blue star on a gray background=2", "on red=3"]) == [
@@ -169,7 +170,7 @@ def test_oversample_errors(tmp_path):
                 "star on pink=2", "star on=2", "star on gray on red=2", "gray=2"]:  # fmt: skip
         with pytest.raises(UserError, match="--oversample"):
             parse_oversample([bad])
-    with pytest.raises(UserError, match="shapes data"):
+    with pytest.raises(UserError, match="--oversample needs data whose images list their objects"):
         Trainer(_cfg(tmp_path, oversample=("star=2",)))
 
 
@@ -177,8 +178,9 @@ def test_object_weight_boxes_and_loss(tmp_path):
     """--object-weight 'small star=4': the cells of a small star's box (one cell wider) weigh 4,
     every other cell 1; the trainer passes them to the loss, whose per-pixel weights of one
     change nothing and whose weighted error grows only through the weighted cells."""
+    from latentforge.data import load_dataset
     from latentforge.denoisers import _weighted_mean
-    from latentforge.training.data import load_dataset, object_rules, object_weights
+    from latentforge.shapes.dataset import object_rules, object_weights
 
     ds = load_dataset("shapes:64:300", seed=0)
 
@@ -219,8 +221,9 @@ def test_region_captions_are_the_planners_region_prompts(tmp_path):
     the prompt of that object's box (read from the image's own caption), the other object's box
     (one cell wider) weighs 0 in the loss and the picked one 1; images not picked, and
     one-object images, keep their caption and weigh 1 everywhere."""
-    from latentforge.pipelines.layout import shapes_layout
-    from latentforge.training.data import load_dataset, region_captions
+    from latentforge.data import load_dataset
+    from latentforge.shapes.dataset import region_captions
+    from latentforge.shapes.layout import shapes_layout
 
     ds = load_dataset("shapes:64:300", seed=0)
     two = [i for i in range(len(ds)) if len(ds.record(i)["objects"]) == 2][:3]
@@ -268,9 +271,127 @@ def test_torchrun_two_processes(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000003"]
 
 
+_DDP_SYNC = """
+import sys
+
+import torch
+import torch.distributed as dist
+
+from latentforge.training import TrainConfig
+from latentforge.training.tasks import InpaintTrainer
+
+cfg = TrainConfig(data="digits", out=sys.argv[1], cond="class", task="inpaint", max_steps=2,
+                  grad_accum=2, batch_size=4, lr=1e-2, sample_every=0, ckpt_every=2, quiet=True)
+trainer = InpaintTrainer(cfg)
+assert trainer.denoiser.model is trainer.ddp
+start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+assert trainer.fit() == 0
+weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+rank0 = weights.clone()
+dist.broadcast(rank0, 0)
+assert not torch.equal(weights, start)
+assert torch.equal(weights, rank0), "the ranks' weights differ: gradients were not all-reduced"
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on linux")
+def test_ddp_ranks_train_the_same_weights(tmp_path):
+    """Under DDP the loss runs the network through the wrapper (the trainer's denoiser is built
+    around trainer.ddp), so each rank's gradients on its own shard are all-reduced and the two
+    ranks end with the same weights; a forward through the bare model would leave them apart.
+    A task trainer, for its task inputs, and grad_accum 2, for DDP's no_sync micro-batch."""
+    script = tmp_path / "ddp_sync.py"
+    script.write_text(_DDP_SYNC)
+    env = dict(os.environ, OMP_NUM_THREADS="1", LATENTFORGE_DEVICE="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29518", str(script), str(tmp_path / "run")]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_training_modules_import_without_a_circle():
+    """The modules of latentforge/training import one another in one direction only, the
+    generic loop importing no trainer, counting every import: relative or absolute, at module
+    level or inside a function. And none imports a dataset's wing (latentforge.shapes plugs
+    itself in through data.register_data_kind) or a front end (server, commands, cli)."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+    from pathlib import Path
+
+    import latentforge.training
+
+    package = "latentforge.training"
+    parts = package.split(".")
+    files = {p.stem: p for p in Path(latentforge.training.__file__).parent.glob("*.py")}
+    forbidden = ("latentforge.shapes", "latentforge.server", "latentforge.commands",
+                 "latentforge.cli")  # fmt: skip
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        imported: list[str] = []  # the dotted names each import statement asks for
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # every file here (and __init__) sits in the package itself
+                    up = parts[: len(parts) - (node.level - 1)]
+                    base = ".".join([*up, base] if base else up)
+                for alias in node.names:
+                    imported.append(f"{base}.{alias.name}")  # `from .. import shapes` too
+                    if not (base == package and alias.name in files):
+                        imported.append(base)  # a name defined in base: base runs
+        for target in imported:
+            bad = [f for f in forbidden if target == f or target.startswith(f + ".")]
+            assert not bad, f"training/{path.name} imports {target}"
+        edges = {"__init__" for t in imported if t == package}
+        edges |= {t.split(".")[len(parts)] for t in imported if t.startswith(package + ".")}
+        graph[name] = (edges & set(files)) - {name}
+    assert {"diffusion", "loop"} <= graph["tasks"]  # the parser sees the edges there are
+    assert graph["loop"] == set(), f"loop.py imports {graph['loop']}"
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as e:
+        raise AssertionError(f"import circle in latentforge/training: {e.args[1]}") from None
+
+
+def test_import_latentforge_leaves_the_trainers_unimported():
+    """`import latentforge` imports no trainer (the shapes wing registers its data kind in
+    `latentforge.data`, below training); `latentforge.training` exports the entry points."""
+    code = (
+        "import sys, latentforge\n"
+        "print(sorted(m for m in sys.modules if m.startswith('latentforge.training')))\n"
+        "import latentforge.training as t\n"
+        "print(t.TrainConfig.__module__, t.train_diffusion.__module__, t.train_vae.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "[]",
+        "latentforge.training.diffusion latentforge.training.tasks latentforge.training.vae_train",
+    ]
+
+
+def test_the_loss_gets_the_task_inputs_and_runs_through_ddp(tmp_path):
+    """DiffusionTrainer.compute_loss hands task_cond's inputs (here the inpainting mask and
+    masked image) to the denoiser's loss with the class labels, through trainer.ddp (the model
+    itself in one process), and leaves the denoiser as it was built."""
+    from latentforge.training.tasks import InpaintTrainer
+
+    trainer = InpaintTrainer(_cfg(tmp_path, task="inpaint"))
+    assert trainer.denoiser.model is trainer.ddp is trainer.model
+    seen = []
+    trainer.ddp.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(sorted(kwargs)), with_kwargs=True
+    )
+    before = dict(vars(trainer.denoiser))
+    trainer.train_step()
+    assert seen == [["class_labels", "concat"]]
+    assert vars(trainer.denoiser) == before  # nothing bound to it or swapped in for a call
+
+
 def test_parallel_render_matches_in_process():
     """Worker-process rendering (used to cache big datasets on GPU machines) is bit-exact."""
-    from latentforge.training.data import load_dataset
+    from latentforge.data import load_dataset
     from latentforge.training.loop import render_dataset
 
     ds = load_dataset("shapes:16:40:holdout")

@@ -1,9 +1,13 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper: one batched forward."""
+"""Denoiser wrappers: classifier-free guidance (Ho & Salimans 2022) in one batched forward,
+regional prompting (a prompt per box), and the known region of inpainting. Each is a
+`DenoiserWrapper`, so samplers see the same contract D(x, sigma, **cond) -> x0.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,9 +42,13 @@ def interval_to_json(interval: tuple[float, float] | None) -> list:
     return [lo, None if hi == math.inf else hi]
 
 
-class _Wrapper(nn.Module):
+class DenoiserWrapper(nn.Module):
     """A denoiser around `self.inner` that reads the inner one's attributes (sigma_min,
-    sigma_max, ...) as its own."""
+    sigma_max, ...) as its own: the one base of every denoiser wrapper."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
 
     def __getattr__(self, name: str):
         try:
@@ -49,7 +57,7 @@ class _Wrapper(nn.Module):
             return getattr(self.inner, name)
 
 
-class CFGDenoiser(_Wrapper):
+class CFGDenoiser(DenoiserWrapper):
     """D_cfg = D(x, uncond) + scale * (D(x, cond) - D(x, uncond)), cond and uncond in one batch.
 
     `cond` / `uncond` are dicts of per-image tensors (class_labels, context, context_mask).
@@ -70,8 +78,7 @@ class CFGDenoiser(_Wrapper):
         rescale: float = 0.0,
         interval: tuple[float, float] | None = None,
     ):
-        super().__init__()
-        self.inner = denoiser
+        super().__init__(denoiser)
         self.scale = scale
         self.uncond = uncond
         self.rescale = rescale
@@ -113,7 +120,7 @@ class CFGDenoiser(_Wrapper):
         return guided
 
 
-class RegionalDenoiser(_Wrapper):
+class RegionalDenoiser(DenoiserWrapper):
     """Regional prompting: each region of an image is denoised under its own prompt.
 
     Cond keys besides `context` / `context_mask`: `region_context` (B, K, T, D),
@@ -134,8 +141,7 @@ class RegionalDenoiser(_Wrapper):
     """
 
     def __init__(self, denoiser: nn.Module):
-        super().__init__()
-        self.inner = denoiser
+        super().__init__(denoiser)
 
     def forward(
         self,
@@ -182,3 +188,83 @@ class RegionalDenoiser(_Wrapper):
         blended = torch.where(cover > 0, num / cover.clamp(min=1e-12), mean)
         result[laid_out] = blended[laid_out]
         return result
+
+
+# ----- regions: which prompt draws which box ------------------------------------------------------
+@dataclass(frozen=True)
+class Region:
+    """`prompt` draws inside `box` = (x0, y0, x1, y1), fractions of the image side, origin at
+    the top left."""
+
+    prompt: str
+    box: tuple[float, float, float, float]
+
+    def __post_init__(self) -> None:
+        x0, y0, x1, y1 = self.box
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise UserError(f"a region box is X0 Y0 X1 Y1 with 0 <= X0 < X1 <= 1, got {self.box}")
+        if not self.prompt.strip():
+            raise UserError("a region needs a prompt")
+
+    def weight(self, height: int, width: int) -> torch.Tensor:
+        """(height, width) map, 1 on the grid cells whose centre lies in the box, else 0."""
+        x0, y0, x1, y1 = self.box
+        ys = (torch.arange(height) + 0.5) / height
+        xs = (torch.arange(width) + 0.5) / width
+        rows = (ys >= y0) & (ys <= y1)
+        cols = (xs >= x0) & (xs <= x1)
+        return (rows[:, None] & cols[None, :]).float()
+
+    def to_json(self) -> list:
+        return [self.prompt, *self.box]
+
+    @classmethod
+    def from_json(cls, value: list) -> Region:
+        prompt, *box = value
+        return cls(str(prompt), tuple(float(v) for v in box))  # type: ignore[arg-type]
+
+
+def region_conditioning(
+    encoder, regions: list[list[Region]], grid: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """`RegionalDenoiser`'s cond tensors for per-image region lists (padded to the longest
+    list with zero weights): `region_context` (B, K, T, D), `region_context_mask` (B, K, T),
+    `region_weight` (B, K, H, W) on the denoiser's `grid`."""
+    k_max = max(len(r) for r in regions)
+    texts = sorted({r.prompt for rs in regions for r in rs})
+    states, masks = encoder.encode(texts)
+    index = {t: i for i, t in enumerate(texts)}
+    b = len(regions)
+    context = states.new_zeros(b, k_max, *states.shape[1:])
+    mask = None if masks is None else masks.new_zeros(b, k_max, *masks.shape[1:])
+    weight = torch.zeros(b, k_max, *grid)
+    for i, rs in enumerate(regions):
+        for k, r in enumerate(rs):
+            context[i, k] = states[index[r.prompt]]
+            if mask is not None:
+                mask[i, k] = masks[index[r.prompt]]
+            weight[i, k] = r.weight(*grid)
+    out = {"region_context": context, "region_weight": weight}
+    if mask is not None:
+        out["region_context_mask"] = mask
+    return out
+
+
+# ----- inpainting's known region ----------------------------------------------------------------
+class KnownRegionDenoiser(DenoiserWrapper):
+    """D'(x, sigma) = D(x with its known region set to known + sigma * eps), with the x0
+    estimate there replaced by the known values (the "replacement" method of Song et al. 2021 /
+    Lugmayr et al. 2022).
+
+    known, eps: (B, C, h, w) in the denoiser's space; keep: (B, 1, h, w) bool, True = known.
+    """
+
+    def __init__(self, denoiser: nn.Module, known: torch.Tensor, keep: torch.Tensor,
+                 eps: torch.Tensor):  # fmt: skip
+        super().__init__(denoiser)
+        self.known, self.keep, self.eps = known, keep, eps
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)  # (B,1,1,1)
+        x = torch.where(self.keep, self.known + s * self.eps, x)
+        return torch.where(self.keep, self.known, self.inner(x, sigma, **cond))

@@ -72,11 +72,6 @@ def prior_noise(
     return noise.to(torch.float32) * scale
 
 
-def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """The probability-flow ODE derivative dx/dsigma = (x - D(x)) / sigma (Karras eq. 3)."""
-    return (x - denoised) / sigma
-
-
 def ancestral_split(sigma_from, sigma_to, eta: float = 1.0):
     """(sigma_down, sigma_up): a deterministic step to sigma_down, then fresh noise of std
     sigma_up, so the marginal at sigma_to is right. eta=1 is DDPM's posterior variance, eta=0

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from latentforge.io.model_folder import default_model_dir, load_vae
-from latentforge.training.shapes import render_shapes, shapes_record
+from latentforge.shapes.scenes import render_shapes, shapes_record
 
 CROP, N, ZOOM = 24, 8, 4
 

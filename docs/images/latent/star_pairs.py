@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from latentforge.io.model_folder import default_model_dir, load_vae
-from latentforge.metrics.shapes_eval import analyse
-from latentforge.training.shapes import BACKGROUND_COLOURS, COLOURS, SIZES, render_shapes
+from latentforge.shapes.evaluate import analyse
+from latentforge.shapes.scenes import BACKGROUND_COLOURS, COLOURS, SIZES, render_shapes
 
 N, RES = 8, 64
 

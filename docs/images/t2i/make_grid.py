@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 
 from latentforge.io.images import to_pil
 from latentforge.io.model_folder import load_diffusion_model
-from latentforge.metrics.shapes_eval import analyse, matches
 from latentforge.pipelines.generate import generate
-from latentforge.training.shapes import parse_prompt
+from latentforge.shapes.evaluate import analyse, matches
+from latentforge.shapes.scenes import parse_prompt
 
 PROMPTS = [
     "a large yellow star in the center on a blue background",

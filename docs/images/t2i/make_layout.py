@@ -15,10 +15,10 @@ from PIL import Image, ImageDraw
 
 from latentforge.io.images import to_pil
 from latentforge.io.model_folder import load_diffusion_model
-from latentforge.metrics.shapes_eval import analyse, matches
 from latentforge.pipelines.generate import generate
-from latentforge.pipelines.layout import shapes_layout
-from latentforge.training.shapes import parse_prompt
+from latentforge.shapes.evaluate import analyse, matches
+from latentforge.shapes.layout import shapes_layout
+from latentforge.shapes.scenes import parse_prompt
 
 PROMPTS = [
     "a small red circle in the top above a large blue square in the bottom on a white background",

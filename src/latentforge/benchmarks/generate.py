@@ -14,37 +14,39 @@ whether oneDNN found them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+import click
 import torch
 
 from ..io.model_folder import load_diffusion_model
 from ..pipelines.generate import generate
+from . import CONTEXT, one_line, script_main
 
 ONE = "a large yellow star in the center on a blue background"
 TWO = "a small red circle above a blue square on a white background"
 
 
-def run(args: argparse.Namespace) -> dict:
-    model = load_diffusion_model(args.model)
+def run(*, model_dir: str | None, batch: int, steps: int, repeats: int, skip_bf16: bool) -> dict:
+    """The benchmark's record (the module docstring), values rounded to 4 decimals."""
+    model = load_diffusion_model(model_dir)
     if model.text_encoder is None:
         raise SystemExit("bench generate needs a text model (the embedded one by default)")
-    kw = {"steps": args.steps}
+    kw = {"steps": steps}
     settings = {
-        "batch_one_object": dict(prompts=[ONE], num=args.batch),
-        "batch_two_objects_regions": dict(prompts=[TWO], num=args.batch),
-        "batch_two_objects_no_layout": dict(prompts=[TWO], num=args.batch, layout="none"),
+        "batch_one_object": dict(prompts=[ONE], num=batch),
+        "batch_two_objects_regions": dict(prompts=[TWO], num=batch),
+        "batch_two_objects_no_layout": dict(prompts=[TWO], num=batch, layout="none"),
     }
     out: dict = {
         "model": model.sha256 or "embedded",
-        "steps": args.steps,
-        "batch": args.batch,
+        "steps": steps,
+        "batch": batch,
         "threads": torch.get_num_threads(),
         "cpu_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     }
-    precisions = [False] if args.skip_bf16 else [False, True]
+    precisions = [False] if skip_bf16 else [False, True]
     images = {}
     for bf16 in precisions:
         name = "bf16" if bf16 else "fp32"
@@ -57,11 +59,11 @@ def run(args: argparse.Namespace) -> dict:
 
         once(prompts=[ONE], num=1)  # warm-up
         once(**settings["batch_one_object"])
-        out[f"{name}_one_image_s"] = min(once(prompts=[ONE]) for _ in range(args.repeats))
+        out[f"{name}_one_image_s"] = min(once(prompts=[ONE]) for _ in range(repeats))
         for key, cond in settings.items():
-            seconds = sum(once(**cond) for _ in range(args.repeats)) / args.repeats
+            seconds = sum(once(**cond) for _ in range(repeats)) / repeats
             out[f"{name}_{key}_images_per_s"] = cond["num"] / seconds
-    if not args.skip_bf16:
+    if not skip_bf16:
         diff = (images[True] - images[False]).abs()  # the last setting's images, [-1, 1]
         out["bf16_mean_abs_diff"], out["bf16_max_abs_diff"] = float(diff.mean()), float(diff.max())
         out["bf16_speedup_one_image"] = out["fp32_one_image_s"] / out["bf16_one_image_s"]
@@ -72,19 +74,24 @@ def run(args: argparse.Namespace) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="latentforge bench generate", description=__doc__)
-    p.add_argument("--model", default=None, help="text model folder (default: the embedded one)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--skip-bf16", action="store_true")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    result = run(args)
-    if args.json:
+@click.command("generate", help=__doc__, short_help=one_line(__doc__), context_settings=CONTEXT)
+@click.option("--model", "model_dir", default=None, metavar="DIR",
+              help="text model folder (default: the embedded one)")  # fmt: skip
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--repeats", type=int, default=2, show_default=True)
+@click.option("--skip-bf16", is_flag=True, help="fp32 only")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def command(as_json: bool, **kw) -> int:
+    result = run(**kw)
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
         for k, v in result.items():
             print(f"{k:>44}: {v}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/generate.py ARGS`: the same as `latentforge bench generate ARGS`."""
+    return script_main(command, argv)

@@ -10,14 +10,15 @@ reconstruction PSNR and SSIM on held-out images.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+import click
 import torch
 
 from .. import sampling
+from ..data import held_out_images, load_dataset
 from ..denoisers import make_denoiser
 from ..io.model_folder import (
     DataInfo,
@@ -34,7 +35,7 @@ from ..models.presets import unet_preset
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL, vae_preset
 from ..pipelines.generate import generate
-from ..training.data import held_out_images, load_dataset
+from . import CONTEXT, one_line, script_main
 
 PARAM = {"type": "vp", "prediction": "eps", "beta_schedule": "cosine"}
 
@@ -75,32 +76,31 @@ def _model(folder, preset, shape, vae=None, scaling=1.0) -> LoadedModel:
     return LoadedModel(meta, denoiser=den.eval(), vae=vae)
 
 
-def run(args) -> dict:
+def run(*, data: str, preset: str, batch_size: int, nfe: int, repeats: int, vae_dir: str | None,
+        pixel_model: str | None, latent_model: str | None, quality_n: int) -> dict:  # fmt: skip
+    """The benchmark's record (the module docstring); quality only given both model folders."""
     torch.manual_seed(0)
-    ds = load_dataset(args.data)
-    images = torch.stack([ds[i]["image"] for i in range(args.batch_size)])
-    vae_dir = args.vae
-    if not vae_dir and args.latent_model:  # a latent model folder carries its VAE
-        latent = read_model_meta(args.latent_model).latent
-        vae_dir = str(Path(args.latent_model) / (latent.vae if latent else "vae"))
+    ds = load_dataset(data)
+    images = torch.stack([ds[i]["image"] for i in range(batch_size)])
+    if not vae_dir and latent_model:  # a latent model folder carries its VAE
+        latent = read_model_meta(latent_model).latent
+        vae_dir = str(Path(latent_model) / (latent.vae if latent else "vae"))
     vae_eval = None
     if vae_dir:
         vae, vae_meta = load_vae(vae_dir)
         scaling = vae_meta.scaling_factor or 1.0
-        vae_eval = evaluate_vae(vae, vae_meta, n=args.quality_n, data=args.data)
+        vae_eval = evaluate_vae(vae, vae_meta, n=quality_n, data=data)
     else:
         vae, scaling = AutoencoderKL(vae_preset("f4-tiny")).eval(), 1.0
     f, lc = vae.downsample_factor, vae.latent_channels
     res = ds.resolution
 
-    pixel = _model(args.pixel_model, args.preset, (3, res))
-    latent = _model(args.latent_model, args.preset, (lc, res // f), vae, scaling)
+    pixel = _model(pixel_model, preset, (3, res))
+    latent = _model(latent_model, preset, (lc, res // f), vae, scaling)
 
     # training throughput (fresh trainable copies so timings do not depend on loaded weights)
-    p_den = make_denoiser(UNet(unet_preset(args.preset)).train(), PARAM)
-    l_den = make_denoiser(
-        UNet(unet_preset(args.preset, in_channels=lc, out_channels=lc)).train(), PARAM
-    )
+    p_den = make_denoiser(UNet(unet_preset(preset)).train(), PARAM)
+    l_den = make_denoiser(UNet(unet_preset(preset, in_channels=lc, out_channels=lc)).train(), PARAM)
     p_opt = torch.optim.AdamW(p_den.parameters(), lr=1e-4)
     l_opt = torch.optim.AdamW(l_den.parameters(), lr=1e-4)
     with torch.no_grad():
@@ -110,21 +110,21 @@ def run(args) -> dict:
         with torch.no_grad():
             return vae.encode(images).sample(torch.Generator().manual_seed(0)) * scaling
 
-    train_pixel = _train_rate(p_den, p_opt, lambda: images, args.batch_size, args.repeats)
-    train_latent = _train_rate(l_den, l_opt, encode_per_step, args.batch_size, args.repeats)
-    train_cached = _train_rate(l_den, l_opt, lambda: cached, args.batch_size, args.repeats)
+    train_pixel = _train_rate(p_den, p_opt, lambda: images, batch_size, repeats)
+    train_latent = _train_rate(l_den, l_opt, encode_per_step, batch_size, repeats)
+    train_cached = _train_rate(l_den, l_opt, lambda: cached, batch_size, repeats)
 
     def sampler(model):
-        return lambda: generate(model, num=args.batch_size, steps=args.nfe, sampler="ddim")
+        return lambda: generate(model, num=batch_size, steps=nfe, sampler="ddim")
 
-    sample_pixel = args.batch_size / _timed(sampler(pixel), 1)
-    sample_latent = args.batch_size / _timed(sampler(latent), 1)
+    sample_pixel = batch_size / _timed(sampler(pixel), 1)
+    sample_latent = batch_size / _timed(sampler(latent), 1)
 
     result = {
-        "data": args.data,
-        "preset": args.preset,
-        "batch_size": args.batch_size,
-        "nfe": args.nfe,
+        "data": data,
+        "preset": preset,
+        "batch_size": batch_size,
+        "nfe": nfe,
         "threads": torch.get_num_threads(),
         "pixel_shape": [3, res, res],
         "latent_shape": [lc, res // f, res // f],
@@ -144,38 +144,46 @@ def run(args) -> dict:
         "vae_psnr_db": vae_eval and vae_eval["psnr_db"],
         "vae_ssim": vae_eval and vae_eval["ssim"],
     }
-    if args.pixel_model and args.latent_model:
+    if pixel_model and latent_model:
         # held-out real images (stream 1; training draws from stream 0), DDIM at --nfe for both
-        real = held_out_images(args.data, args.quality_n, 1)
+        real = held_out_images(data, quality_n, 1)
         for name, model in (("pixel", pixel), ("latent", latent)):
             fake = torch.cat([
-                generate(model, num=min(64, args.quality_n - s), seed=s, steps=args.nfe,
-                         sampler="ddim")
-                for s in range(0, args.quality_n, 64)
+                generate(model, num=min(64, quality_n - s), seed=s, steps=nfe, sampler="ddim")
+                for s in range(0, quality_n, 64)
             ])  # fmt: skip
             result[f"quality_{name}"] = round(fd(fake, real), 4)
         result["quality_ratio"] = round(result["quality_latent"] / result["quality_pixel"], 3)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="latentforge bench latent-vs-pixel", description=__doc__)
-    p.add_argument("--data", default="shapes:64")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--nfe", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3, help="timed training steps")
-    p.add_argument("--vae", help="trained VAE folder (default: the --latent-model's)")
-    p.add_argument("--pixel-model", help="trained pixel model folder (quality)")
-    p.add_argument("--latent-model", help="trained latent model folder (quality)")
-    p.add_argument("--quality-n", type=int, default=512)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+@click.command(
+    "latent-vs-pixel", help=__doc__, short_help=one_line(__doc__), context_settings=CONTEXT
+)
+@click.option("--data", default="shapes:64", show_default=True)
+@click.option("--preset", default="tiny", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--nfe", type=int, default=20, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="timed training steps")
+@click.option("--vae", "vae_dir", default=None, metavar="DIR",
+              help="trained VAE folder (default: the --latent-model's)")  # fmt: skip
+@click.option("--pixel-model", default=None, metavar="DIR",
+              help="trained pixel model folder (quality)")  # fmt: skip
+@click.option("--latent-model", default=None, metavar="DIR",
+              help="trained latent model folder (quality)")  # fmt: skip
+@click.option("--quality-n", type=int, default=512, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def command(as_json: bool, **kw) -> int:
     sampling.get_sampler("ddim")
-    result = run(args)
-    if args.json:
+    result = run(**kw)
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
         for k, v in result.items():
             print(f"{k:>22}: {v}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/latent_vs_pixel.py ARGS`: the same as `latentforge bench latent-vs-pixel`."""
+    return script_main(command, argv)

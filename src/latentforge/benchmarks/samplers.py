@@ -23,7 +23,6 @@ each is run with linspace, trailing and (where offered) Karras sigmas.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -32,9 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import click
 import torch
 
 from .. import analytic, sampling, schedules
+from . import CONTEXT, one_line, script_main
 
 DEFAULT_SEED = 0
 FIT_SEEDS = (1000, 1001, 1002, 1003, 1004, 1005)  # the optimized schedule is fitted on these
@@ -523,40 +524,42 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="latentforge bench samplers",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="mixture seed")
-    parser.add_argument("--nfe", default=",".join(map(str, NFES)), help="e.g. 5,10,20,50")
-    parser.add_argument("--json", action="store_true", help="print the records as JSON")
-    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers runs")
-    parser.add_argument("--draws", type=int, help="noise draws per mixture (default 16384)")
-    parser.add_argument("--no-unseen", action="store_true", help="skip the unseen-seed check")
-    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
-    parser.add_argument("--plot", metavar="PNG", help="also plot error vs NFE (matplotlib)")
-    parser.add_argument("--fit", action="store_true", help="refit OPTIMIZED_KNOTS and print them")
-    args = parser.parse_args(argv)
-    if args.fit:
+def _nfes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """--nfe "5,10" -> (5, 10); every count at least 2."""
+    try:
+        nfes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {value!r}") from None
+    if any(n < 2 for n in nfes):
+        raise click.BadParameter("every count must be >= 2")
+    return nfes
+
+
+@click.command("samplers", help=__doc__, short_help=one_line(__doc__), context_settings=CONTEXT)
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="mixture seed")
+@click.option("--nfe", "nfes", default=",".join(map(str, NFES)), show_default=True, metavar="LIST",
+              callback=_nfes, help="e.g. 5,10,20,50")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print the records as JSON")
+@click.option("--no-diffusers", is_flag=True, help="skip the diffusers runs")
+@click.option("--draws", type=click.IntRange(min=1), default=None,
+              help="noise draws per mixture (default 16384)")  # fmt: skip
+@click.option("--no-unseen", is_flag=True, help="skip the unseen-seed check")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="timing repeats (median)")  # fmt: skip
+@click.option("--plot", "plot_path", metavar="PNG", default=None,
+              help="also plot error vs NFE (matplotlib)")  # fmt: skip
+@click.option("--fit", is_flag=True, help="refit OPTIMIZED_KNOTS and print them")
+def command(seed: int, nfes: tuple[int, ...], as_json: bool, no_diffusers: bool,
+            draws: int | None, no_unseen: bool, repeats: int, plot_path: str | None,
+            fit: bool) -> int:  # fmt: skip
+    if fit:
         print(f"OPTIMIZED_KNOTS = {fit_optimized(log=lambda m: print(m, file=sys.stderr))}")
         return 0
-    try:
-        nfes = tuple(int(v) for v in args.nfe.split(","))
-    except ValueError:
-        parser.error(f"--nfe must be comma-separated integers, got {args.nfe!r}")
-    if any(n < 2 for n in nfes):
-        parser.error("every --nfe must be >= 2")
-    if args.draws is not None:
-        if args.draws < 1:
-            parser.error("--draws must be >= 1")
+    if draws is not None:
         for dim in DIMS:
-            DIMS[dim] = args.draws
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    REPEATS["n"] = args.repeats
-    use_diffusers = not args.no_diffusers
+            DIMS[dim] = draws
+    REPEATS["n"] = repeats
+    use_diffusers = not no_diffusers
     if use_diffusers:
         try:
             import diffusers  # noqa: F401
@@ -567,18 +570,23 @@ def main(argv: list[str] | None = None) -> int:
     def log(*a):
         print(*a, file=sys.stderr)
 
-    rows = run_benchmark(args.seed, nfes, use_diffusers, log=log)
-    summary = summarize(rows, args.seed, () if args.no_unseen else UNSEEN_SEEDS, log=log)
+    rows = run_benchmark(seed, nfes, use_diffusers, log=log)
+    summary = summarize(rows, seed, () if no_unseen else UNSEEN_SEEDS, log=log)
     summary["overhead_yardstick"] = {
         "tiny_unet_forward_us": round(unet_forward_us(), 1),
         "shape": list(OVERHEAD_SHAPE),
     }
-    if args.plot:
-        plot(rows, args.plot)
-    if args.json:
+    if plot_path:
+        plot(rows, plot_path)
+    if as_json:
         print(json.dumps(rows, indent=1))
         log(json.dumps(summary, indent=1))
     else:
         print(format_table(rows, nfes))
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/samplers.py ARGS`: the same as `latentforge bench samplers ARGS`."""
+    return script_main(command, argv)

@@ -10,7 +10,6 @@ naive path (load the whole file, build a randomly initialised module, copy) for 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -20,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import torch
 
 from ..io.checkpoint import MODEL_WEIGHTS
@@ -27,6 +27,7 @@ from ..io.lazy import as_lazy, build_module
 from ..io.model_folder import DataInfo, ModelMeta, save_model_folder
 from ..models.presets import unet_preset
 from ..models.unet import UNet, count_parameters
+from . import CONTEXT, one_line, script_main
 
 # SD 1.x's noise schedule (the saved folder needs one; the benchmark times loading only)
 SD_PARAMETERIZATION = {"type": "vp", "prediction": "eps", "beta_schedule": "scaled_linear"}
@@ -104,18 +105,19 @@ def load_rss(folder: Path, mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(*, repeats: int, quick: bool, skip_bf16: bool, skip_load: bool, tmp: str | None) -> dict:
+    """The benchmark's record (the module docstring); `tmp` holds the temporary checkpoint."""
     torch.manual_seed(0)
-    repeats = 1 if args.quick else args.repeats
+    repeats = 1 if quick else repeats
     result: dict = {"threads": torch.get_num_threads(), "repeats": repeats}
     unet = _random_unet(0)
     result["parameters"] = count_parameters(unet)
 
-    if not args.skip_load:
-        if args.tmp:
-            Path(args.tmp).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-            folder = Path(tmp) / "sd15"
+    if not skip_load:
+        if tmp:
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tmp) as tmp_dir:
+            folder = Path(tmp_dir) / "sd15"
             meta = ModelMeta(
                 kind="diffusion",
                 unet=unet.config.to_dict(),
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
             save_model_folder(folder, meta, unet.state_dict())
             size = (folder / MODEL_WEIGHTS).stat().st_size
             result["load_file_bytes"] = size
-            for mode in ("lazy", "naive") if args.quick else ("lazy", "lazy-bf16", "naive"):
+            for mode in ("lazy", "naive") if quick else ("lazy", "lazy-bf16", "naive"):
                 r = load_rss(folder, mode)
                 key = {"lazy": "", "lazy-bf16": "_bf16", "naive": "_naive"}[mode]
                 result[f"load_peak_rss_ratio{key}"] = round(r["peak"] / size, 3)
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     result["fp32_ratio"] = round(lf / df, 3)
     ref = outs["diffusers_fp32"]
     result["fp32_max_abs_diff"] = float((outs["latentforge_fp32"] - ref).abs().max())
-    if not args.skip_bf16:
+    if not skip_bf16:
         state = as_lazy(unet.state_dict())
         unet16 = build_module(lambda: UNet(unet.config), state, "U-Net", dtype=torch.bfloat16)
         unet16.eval()
@@ -186,24 +188,31 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="latentforge bench unet", description=__doc__)
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards after the warm-up")
-    p.add_argument("--quick", action="store_true", help="one timed forward; fewer load runs")
-    p.add_argument("--skip-bf16", action="store_true")
-    p.add_argument("--skip-load", action="store_true", help="skip the peak-RSS load check")
-    p.add_argument("--tmp", default=None, help="folder for the temporary 3.4 GB checkpoint")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+@click.command("unet", help=__doc__, short_help=one_line(__doc__), context_settings=CONTEXT)
+@click.option("--repeats", type=int, default=3, show_default=True,
+              help="timed forwards after the warm-up")  # fmt: skip
+@click.option("--quick", is_flag=True, help="one timed forward; fewer load runs")
+@click.option("--skip-bf16", is_flag=True, help="fp32 only")
+@click.option("--skip-load", is_flag=True, help="skip the peak-RSS load check")
+@click.option(
+    "--tmp", default=None, metavar="DIR", help="folder for the temporary 3.4 GB checkpoint"
+)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def command(as_json: bool, **kw) -> int:
     try:
         import diffusers  # noqa: F401
     except ImportError:
         print("bench unet needs diffusers: pip install diffusers", file=sys.stderr)
         return 2
-    result = run(args)
-    if args.json:
+    result = run(**kw)
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
         for k, v in result.items():
             print(f"{k:>40}: {v}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/unet.py ARGS`: the same as `latentforge bench unet ARGS`."""
+    return script_main(command, argv)

@@ -1,25 +1,22 @@
-"""Click commands that live outside cli.py (one module per area); cli.py adds them to the group."""
+"""The `latentforge` commands, one module per area; `latentforge.cli` assembles them into the
+root group and is the entry point. Nothing here imports `latentforge.cli`.
+
+    train.py     train diffusion | vae
+    generate.py  generate, sample
+    edit.py      img2img, inpaint, interpolate
+    upscale.py   upscale
+    eval.py      eval prompts | digits | superres | vae | inversion | inpaint
+    bench.py     bench samplers | latent-vs-pixel | unet | generate (defined in benchmarks/)
+    sd.py        import, export
+    serve.py     serve
+    options.py   the options several commands share;  common.py  the helpers they share
+
+Library imports happen inside the command functions, so `latentforge --help` stays quick.
+"""
 
 from __future__ import annotations
 
-import click
+# the shared options' former home (tests and scripts import them from here)
+from .options import guidance_interval_option, layout_option
 
-
-def guidance_interval_option(f):
-    """--guidance-interval LO HI, shared by the commands that sample with guidance."""
-    return click.option(
-        "--guidance-interval", nargs=2, type=float, default=None, metavar="LO HI",
-        help="guide only at noise levels LO < sigma <= HI, one network call elsewhere "
-        "(model default; '0 inf': every step)",
-    )(f)  # fmt: skip
-
-
-def layout_option(f):
-    """--layout NAME, shared by the commands that generate from prompts (the names of
-    pipelines.layout.LAYOUTS, not imported here: the CLI starts without torch)."""
-    return click.option(
-        "--layout", type=click.Choice(["shapes", "none"]), default=None,
-        help="regional prompting: 'shapes' reads one region per object from the prompt and "
-        "denoises each box under its own one-object prompt (model default; see "
-        "docs/text-to-image.md)",
-    )(f)  # fmt: skip
+__all__ = ["guidance_interval_option", "layout_option"]

@@ -9,29 +9,37 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from . import guidance_interval_option, layout_option
+from .common import parse_label, save_images
+from .options import (
+    guidance_interval_option,
+    guidance_option,
+    inpaint_options,
+    layout_option,
+    model_option,
+    negative_option,
+    num_option,
+    out_option,
+    sampler_option,
+    seed_option,
+    spacing_option,
+    stack,
+    steps_option,
+)
 
+SPACING_HELP = "noise-level spacing (karras, trailing...)"
 
-def _common_options(f):
-    """--model, sampling and output options shared by the editing commands."""
-    from ..sampling import SAMPLERS
-
-    for opt in reversed([
-        click.option("--model", "model_dir", default=None, type=click.Path(),
-                     help="model folder (default: the embedded model)"),
-        click.option("--sampler", default=None, help=f"one of {', '.join(sorted(SAMPLERS))}"),
-        click.option("--steps", type=click.IntRange(min=1), default=None,
-                     help="steps of the full schedule (model default)"),
-        click.option("--spacing", default=None, help="noise-level spacing (karras, trailing...)"),
-        click.option("--guidance", type=float, default=None, help="classifier-free guidance"),
-        click.option("--negative", default="", help="negative prompt (text models)"),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--num", type=click.IntRange(min=1), default=1, show_default=True),
-        click.option("--out", default="out.png", show_default=True,
-                     type=click.Path(dir_okay=False)),
-    ]):  # fmt: skip
-        f = opt(f)
-    return f
+# --model, sampling and output options shared by img2img and inpaint
+_edit_options = stack(
+    model_option(),
+    sampler_option(),
+    steps_option(help="steps of the full schedule (model default)"),
+    spacing_option(help=SPACING_HELP),
+    guidance_option(help="classifier-free guidance"),
+    negative_option,
+    seed_option(),
+    num_option,
+    out_option(),
+)
 
 
 def _load(path: str, shape: tuple[int, int, int], mode: str = "bicubic") -> torch.Tensor:
@@ -51,19 +59,9 @@ def _load_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
     return (mask > 0.5).float()
 
 
-def _save(images: torch.Tensor, out: str, **meta) -> None:
-    """One image as itself (so edits chain), several as a grid; parameters in the PNG text."""
-    from ..io.images import save_grid, save_png
-
-    if len(images) == 1:
-        save_png(images[0], out, meta)
-    else:
-        save_grid(images, out, **meta)
-
-
 def _model_and_cond(model_dir, prompt: str):
     from ..io.model_folder import load_diffusion_model
-    from ..pipelines.generate import describe_conditioning
+    from ..pipelines.common import describe_conditioning
 
     model = load_diffusion_model(model_dir)
     cond, what = describe_conditioning(model, prompt or "")
@@ -77,7 +75,7 @@ def _model_and_cond(model_dir, prompt: str):
               help="0 keeps the image, 1 ignores it (text-to-image)")  # fmt: skip
 @guidance_interval_option
 @layout_option
-@_common_options
+@_edit_options
 def img2img(image, prompt, strength, model_dir, negative, out, **opts) -> None:
     """Redraw IMAGE towards PROMPT (SDEdit); a rough sketch works as IMAGE."""
     from ..pipelines.img2img import img2img as run
@@ -85,18 +83,8 @@ def img2img(image, prompt, strength, model_dir, negative, out, **opts) -> None:
     model, cond, what = _model_and_cond(model_dir, prompt)
     images = run(model, _load(image, model.output_shape), strength=strength,
                  negative=negative or None, **cond, **opts)  # fmt: skip
-    _save(images, out, prompt=prompt, strength=strength, **_meta(opts))
+    save_images(images, out, prompt=prompt, strength=strength, **_meta(opts))
     click.echo(f"wrote {len(images)} image(s) ({what}, strength {strength}) to {out}")
-
-
-def inpaint_options(f):
-    """The RePaint and seam options shared by `inpaint` and `eval inpaint`."""
-    f = click.option("--feather", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="soften the seam over this many pixels inside the mask")(f)  # fmt: skip
-    f = click.option("--jump", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="RePaint: steps per stretch before jumping back up")(f)  # fmt: skip
-    return click.option("--resample", type=click.IntRange(min=1), default=1, show_default=True,
-                        help="RePaint: run each stretch of steps N times")(f)  # fmt: skip
 
 
 @click.command()
@@ -108,7 +96,7 @@ def inpaint_options(f):
               help="below 1: start the masked region from the noised image")  # fmt: skip
 @guidance_interval_option
 @layout_option
-@_common_options
+@_edit_options
 def inpaint(image, mask, prompt, model_dir, negative, out, **opts) -> None:
     """Regenerate the white part of MASK in IMAGE (training-free; kept pixels stay exact)."""
     from ..pipelines.inpaint import inpaint as run
@@ -117,7 +105,7 @@ def inpaint(image, mask, prompt, model_dir, negative, out, **opts) -> None:
     picture = _load(image, model.output_shape)
     masks = _load_mask(mask, model.output_shape[1:])
     images = run(model, picture, masks, negative=negative or None, **cond, **opts)
-    _save(images, out, prompt=prompt, **_meta(opts))
+    save_images(images, out, prompt=prompt, **_meta(opts))
     click.echo(f"wrote {len(images)} image(s) ({what}) to {out}")
 
 
@@ -127,11 +115,10 @@ def _meta(opts: dict) -> dict:
 
 def _label_or_prompt(model, label: str | None, prompt: str | None) -> tuple[int | None, str]:
     """(class label, prompt) for one end of an interpolation."""
-    from ..cli import _parse_label
-    from ..pipelines.generate import labels_from_prompt
+    from ..pipelines.common import labels_from_prompt
 
     if label is not None:
-        return _parse_label(label, model.class_names, model.num_classes), ""
+        return parse_label(label, model.class_names, model.num_classes), ""
     if prompt and model.num_classes:
         return labels_from_prompt(prompt, model.class_names), ""
     return None, prompt or ""
@@ -146,19 +133,13 @@ def _label_or_prompt(model, label: str | None, prompt: str | None) -> tuple[int 
 @click.option("--prompt-a", default=None, help="prompt for A (class models: names the class)")
 @click.option("--prompt-b", default=None, help="prompt for B")
 @click.option("--frames", type=click.IntRange(min=2), default=8, show_default=True)
-@click.option("--model", "model_dir", default=None, type=click.Path(), help="model folder")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps")
-@click.option("--spacing", default=None, help="noise-level spacing (karras, trailing...)")
-@click.option(
-    "--guidance",
-    type=float,
-    default=None,
-    help="classifier-free guidance (default 1 for images, model default for seeds)",
-)
+@model_option(help="model folder")
+@steps_option(help="DDIM steps")
+@spacing_option(help=SPACING_HELP)
+@guidance_option(help="classifier-free guidance (default 1 for images, model default for seeds)")
 @guidance_interval_option
 @click.option("--ms-per-frame", type=click.IntRange(min=10), default=120, show_default=True)
-@click.option("--out", default="walk.gif", show_default=True, type=click.Path(dir_okay=False),
-              help=".gif: an animation; otherwise a PNG strip")  # fmt: skip
+@out_option(default="walk.gif", help=".gif: an animation; otherwise a PNG strip")
 def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, model_dir, steps,
                 spacing, guidance, guidance_interval, ms_per_frame, out) -> None:  # fmt: skip
     """Morph image A into image B (DDIM inversion + slerp), or walk between two --seeds."""

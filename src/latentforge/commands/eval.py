@@ -1,4 +1,5 @@
-"""`latentforge eval prompts|digits`: score a model with the project's evaluators."""
+"""`latentforge eval prompts|digits|superres|vae|inversion|inpaint`: score a model with the
+project's evaluators."""
 
 from __future__ import annotations
 
@@ -7,25 +8,38 @@ import math
 
 import click
 
-from . import guidance_interval_option, layout_option
-from .edit import inpaint_options
+from .options import (
+    batch_option,
+    bf16_option,
+    guidance_interval_option,
+    guidance_option,
+    inpaint_options,
+    json_option,
+    layout_option,
+    model_option,
+    quiet_option,
+    sampler_option,
+    seed_option,
+    spacing_option,
+    stack,
+    steps_option,
+)
 
+SAMPLER_HELP = "sampler name (model default)"
 
-def _common_options(f):
-    f = click.option("--quiet", is_flag=True, help="no progress bar")(f)
-    f = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(f)
-    f = click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="images per sampling batch")(f)  # fmt: skip
-    f = click.option("--seed", type=int, default=0, show_default=True,
-                     help="seed of the first image; the j-th image generated uses SEED + j, so "
-                          "runs whose seeds differ by the image count or more draw disjoint "
-                          "noise")(f)  # fmt: skip
-    f = click.option("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale (model default)")(f)  # fmt: skip
-    f = click.option("--sampler", default=None, help="sampler name (model default)")(f)
-    f = click.option("--model", "model_dir", default=None, type=click.Path(),
-                     help="model folder (default: the embedded model)")(f)  # fmt: skip
-    return f
+# the options of the evaluators that sample from a diffusion model
+_common_options = stack(
+    model_option(),
+    sampler_option(help=SAMPLER_HELP),
+    guidance_option(help="classifier-free guidance scale (model default)"),
+    seed_option(
+        help="seed of the first image; the j-th image generated uses SEED + j, so runs whose "
+        "seeds differ by the image count or more draw disjoint noise"
+    ),
+    batch_option(help="images per sampling batch"),
+    json_option,
+    quiet_option,
+)
 
 
 def _number(x: float) -> str:
@@ -67,18 +81,17 @@ def eval_group() -> None:
     help="prompt file (one a line) or a packaged set: shapes-seen, shapes-heldout",
 )
 @click.option("--per-prompt", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@steps_option(help=None, default=20)
 @guidance_interval_option
 @layout_option
-@click.option("--bf16/--no-bf16", default=False, show_default=True,
-              help="sample under bf16 autocast, as generate --bf16")  # fmt: skip
+@bf16_option(help="sample under bf16 autocast, as generate --bf16")
 @_common_options
 def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16, model_dir,
                 sampler, guidance, seed, batch, as_json, quiet) -> None:  # fmt: skip
     """Generate for every prompt and check colour, shape, size, position, relation and
     background of what was drawn (shapes models)."""
     from ..io.model_folder import load_diffusion_model
-    from ..metrics.shapes_eval import evaluate_prompts, load_prompts
+    from ..shapes.evaluate import evaluate_prompts, load_prompts
 
     prompts = load_prompts(prompt_file)
     model = load_diffusion_model(model_dir)
@@ -110,7 +123,7 @@ def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16,
 
 @eval_group.command("digits")
 @click.option("--per-class", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@steps_option(help=None, default=50)
 @_common_options
 def digits_cmd(per_class, steps, model_dir, sampler, guidance, seed, batch, as_json,
                quiet) -> None:  # fmt: skip
@@ -141,16 +154,15 @@ def digits_cmd(per_class, steps, model_dir, sampler, guidance, seed, batch, as_j
 @click.option("--data", default=None, help="data spec (default: the model's training data)")
 @click.option("--data-seed", type=int, default=1, show_default=True,
               help="stream of held-out images (models train on stream 0)")  # fmt: skip
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="steps (model default)")
+@steps_option(help="steps (model default)")
 @click.option("--noise-level", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="noise added to the low-res input")  # fmt: skip
-@click.option("--sampler", default=None, help="sampler name (model default)")
-@click.option("--model", "model_dir", default=None, type=click.Path(),
-              help="upscaler folder (default: the embedded upscaler)")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--quiet", is_flag=True, help="no progress bar")
+@sampler_option(help=SAMPLER_HELP)
+@model_option(help="upscaler folder (default: the embedded upscaler)")
+@seed_option()
+@batch_option()
+@json_option
+@quiet_option
 def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, seed, batch,
                  as_json, quiet) -> None:  # fmt: skip
     """Upscale held-out images downsampled by the model's scale; PSNR and SSIM against the
@@ -183,16 +195,15 @@ def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, see
 
 
 @eval_group.command("vae")
-@click.option("--model", "model_dir", required=True, type=click.Path(),
-              help="VAE folder, or a latent diffusion model folder (its vae/)")  # fmt: skip
+@model_option(help="VAE folder, or a latent diffusion model folder (its vae/)", required=True)
 @click.option("--n", "n", type=click.IntRange(min=1), default=256, show_default=True,
               help="held-out images")  # fmt: skip
 @click.option("--data", default=None, help="data spec (default: the VAE's training data)")
 @click.option("--data-seed", type=int, default=1, show_default=True,
               help="stream of held-out images (the trainer uses stream 0)")  # fmt: skip
-@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--quiet", is_flag=True, help="no progress bar")
+@batch_option()
+@json_option
+@quiet_option
 def vae_cmd(model_dir, n, data, data_seed, batch, as_json, quiet) -> None:
     """Encode and decode held-out images; PSNR and SSIM of the reconstructions."""
     from pathlib import Path
@@ -228,16 +239,15 @@ def vae_cmd(model_dir, n, data, data_seed, batch, as_json, quiet) -> None:
 
 @eval_group.command("inversion")
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@steps_option(help=None, default=50)
 @click.option("--data", default=None, help="data spec (default: the model's training data)")
 @click.option("--data-seed", type=int, default=1, show_default=True,
               help="shapes stream of the images (models train on stream 0)")  # fmt: skip
-@click.option("--spacing", default=None, help="step spacing (model default)")
-@click.option("--model", "model_dir", default=None, type=click.Path(),
-              help="model folder (default: the embedded model)")  # fmt: skip
-@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--quiet", is_flag=True, help="no progress bar")
+@spacing_option(help="step spacing (model default)")
+@model_option()
+@batch_option()
+@json_option
+@quiet_option
 def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json, quiet) -> None:
     """DDIM-invert dataset images to noise and decode them back; PSNR / SSIM of the round
     trip."""
@@ -273,7 +283,7 @@ def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json,
 @click.option("--data", default=None, help="shapes data spec (default: the model's training data)")
 @click.option("--data-seed", type=int, default=1, show_default=True,
               help="stream of held-out scenes (models train on stream 0)")  # fmt: skip
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="steps (model default)")
+@steps_option(help="steps (model default)")
 @inpaint_options
 @guidance_interval_option
 @layout_option
@@ -290,7 +300,7 @@ def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidan
     """Mask one object in held-out shapes scenes, inpaint the hole from a prompt and check
     that the prompted object is there (the issue 6 benchmark)."""
     from ..io.model_folder import load_diffusion_model
-    from ..metrics.inpaint_eval import evaluate_inpaint
+    from ..shapes.inpaint_eval import evaluate_inpaint
 
     model = load_diffusion_model(model_dir)
     result = evaluate_inpaint(

@@ -1,25 +1,21 @@
-"""`latentforge serve`: the HTTP API and web UI (FastAPI + uvicorn, the `serve` extra).
-
-Also runnable as `python -m latentforge.commands.serve ...` (same options, same one-line errors).
-"""
+"""`latentforge serve`: the HTTP API and web UI (FastAPI + uvicorn, the `serve` extra)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import socket
-import sys
 
 import click
 
 from ..errors import UserError
+from .options import model_option
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
-@click.option("--model", "model_dir", default=None, type=click.Path(),
-              help="a model folder (default: the embedded model)")  # fmt: skip
+@model_option(help="a model folder (default: the embedded model)")
 @click.option("--models-dir", default=None, type=click.Path(),
               help="a folder of model folders, chosen per request by name")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(min=1), default=8, show_default=True,
@@ -87,10 +83,3 @@ def _check_port(host: str, port: int) -> None:
             s.bind(addr)
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-
-
-if __name__ == "__main__":
-    from ..cli import cli, main
-
-    cli.add_command(serve)  # the lead wires it in cli.py; this makes `-m` work before that
-    sys.exit(main(["serve", *sys.argv[1:]]))

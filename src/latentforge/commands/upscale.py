@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from .common import save_images
+from .options import model_option, out_option, sampler_option, seed_option, steps_option
+
 
 def _scale(ctx, param, value):
     return None if value is None else int(value)
@@ -11,13 +14,7 @@ def _scale(ctx, param, value):
 
 @click.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--model",
-    "model_dir",
-    default=None,
-    type=click.Path(),
-    help="super-resolution model folder (default: the embedded upscaler)",
-)
+@model_option(help="super-resolution model folder (default: the embedded upscaler)")
 @click.option(
     "--scale",
     type=click.Choice(["2", "4"]),
@@ -32,30 +29,28 @@ def _scale(ctx, param, value):
     show_default=True,
     help="noise added to the low-res input (trained on 0-0.3; more invents more)",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="steps (model default)")
-@click.option("--sampler", default=None, help="sampler name (model default)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@steps_option(help="steps (model default)")
+@sampler_option(help="sampler name (model default)")
+@seed_option()
 @click.option(
     "--tile",
     type=click.IntRange(min=2),
     default=None,
     help="tile size in output pixels (default: the model's resolution)",
 )
-@click.option("--out", default="upscaled.png", show_default=True,
-              type=click.Path(dir_okay=False))  # fmt: skip
+@out_option(default="upscaled.png")
 def upscale(image, model_dir, scale, noise_level, steps, sampler, seed, tile, out) -> None:
     """Upscale IMAGE with a super-resolution model (tiled when larger than the model)."""
     from ..io.images import load_image
     from ..io.model_folder import load_diffusion_model
     from ..pipelines.superres import require_default_upscaler
     from ..pipelines.superres import upscale as run
-    from .edit import _save
 
     model = load_diffusion_model(model_dir or require_default_upscaler())
     picture = load_image(image, model.output_shape[0])
     params = {"scale": scale, "noise_level": noise_level, "steps": steps, "sampler": sampler,
               "seed": seed, "tile": tile}  # fmt: skip
     result = run(model, picture, **params)
-    _save(result, out, **{k: v for k, v in params.items() if v is not None})
+    save_images(result, out, **{k: v for k, v in params.items() if v is not None})
     (_, h, w), (H, W) = picture.shape, result.shape[-2:]
     click.echo(f"wrote {h}x{w} -> {H}x{W} (x{model.meta.scale}) to {out}")

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import DIGITS_RESOLUTION
 from ..errors import UserError
 from ..io.model_folder import LoadedModel
-from ..pipelines.generate import sampling_defaults
-from ..training.data import DIGITS_RESOLUTION
-from .shapes_eval import generate_batched
+from ..pipelines.settings import SampleSettings
+from .batching import generate_batched
 
 _SIDE = 8  # scikit-learn's digits are 8x8, values 0..16
 _TEST_FRACTION = 0.25
@@ -98,12 +98,10 @@ def evaluate_digits(
     model: LoadedModel,
     *,
     per_class: int = 50,
-    steps: int | None = 50,
-    sampler: str | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
+    settings: SampleSettings | None = None,
     batch: int = 250,
     progress: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Sample ``per_class`` images of every digit and classify them.
 
@@ -111,18 +109,19 @@ def evaluate_digits(
     (fraction classified as the digit asked for), ``per_class`` (digit -> accuracy),
     ``confusion`` (asked digit -> list of 10 counts of the predicted digits), ``images_per_s``
     (sampling only), ``n``, ``classifier_accuracy`` (the classifier's own held-out accuracy)
-    and ``settings``.
+    and ``settings``. settings / keyword overrides: as for ``generate`` (steps: 50 unless
+    given).
     """
     if per_class < 1:
         raise UserError(f"per_class must be >= 1, got {per_class}")
     digits = _digit_of_class(model)
-    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
     classifier = digits_classifier()
     labels = [c for c in range(len(digits)) for _ in range(per_class)]
+    s = SampleSettings.build(settings or SampleSettings(steps=50), **overrides)
+    s = s.replace(num=len(labels)).resolve(model)
     images, seconds = generate_batched(
-        model, num=len(labels), labels=labels, seed=seed, batch=batch, progress=progress,
-        desc="eval digits", sampler=sampler, steps=steps, guidance=guidance,
-    )  # fmt: skip
+        model, s, labels=labels, batch=batch, progress=progress, desc="eval digits"
+    )
     asked = np.array([digits[c] for c in labels])
     predicted = classifier.predict(images)
     confusion = np.zeros((10, 10), dtype=np.int64)
@@ -136,6 +135,10 @@ def evaluate_digits(
         "n": n,
         "classifier_accuracy": classifier.heldout_accuracy,
         "settings": dict(
-            per_class=per_class, seed=seed, sampler=sampler, steps=steps, guidance=guidance
+            per_class=per_class,
+            seed=s.seed,
+            sampler=s.sampler,
+            steps=s.steps,
+            guidance=s.guidance,
         ),
     }

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..io.model_folder import LoadedModel
+from ..pipelines.common import require_task
 from ..pipelines.interpolate import decode_noise, invert
-from ..pipelines.superres import require_task
 from .batching import run_batched
 from .quality import psnr_per_image, ssim
 
@@ -31,7 +31,7 @@ def evaluate_inversion(
 ) -> dict:
     """Mean PSNR / SSIM of the round trip over the first n images of the data spec (default:
     the model's own) on stream `data_seed` (shapes; digits and folders have one fixed set)."""
-    from ..training.data import load_dataset
+    from ..data import load_dataset
 
     require_task(model, "generate")
     spec = data or model.meta.data.spec

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from ..data import held_out_images
 from ..io.model_folder import LoadedModel
 from ..models.conditioned import downsample, lowres_condition
-from ..pipelines.generate import sampling_defaults
-from ..pipelines.superres import require_task, upscale
-from ..training.data import held_out_images
+from ..pipelines.common import require_task
+from ..pipelines.settings import SampleSettings
+from ..pipelines.superres import upscale
 from .batching import run_batched
 from .quality import psnr_per_image, ssim
 
@@ -53,7 +54,7 @@ def evaluate_superres(
     base = bicubic(low, scale)
     p_model, p_base = psnr_per_image(out, images), psnr_per_image(base, images)
     s_model, s_base = ssim(out, images), ssim(base, images)
-    sampler, steps, _ = sampling_defaults(model, sampler, steps, None)
+    resolved = SampleSettings(sampler=sampler, steps=steps).resolve(model)
     return {
         "n": n,
         "scale": scale,
@@ -67,8 +68,8 @@ def evaluate_superres(
         "ssim_bicubic": round(s_base.mean().item(), 4),
         "images_per_s": round(n / seconds, 3),
         "settings": {
-            "sampler": sampler,
-            "steps": steps,
+            "sampler": resolved.sampler,
+            "steps": resolved.steps,
             "noise_level": noise_level,
             "seed": seed,
         },

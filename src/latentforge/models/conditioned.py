@@ -4,7 +4,7 @@
 The conditioning image travels through the denoiser's **cond untouched: the denoiser scales x
 by c_in, and it must not scale the conditioning image. The functions below fix what the extra
 channels hold; training (`training/tasks.py`) and sampling (`pipelines/superres.py`,
-`pipelines/inpaint_model.py`) both build them here, so the two cannot drift apart.
+`pipelines/inpaint.py`) both build them here, so the two cannot drift apart.
 """
 
 from __future__ import annotations

@@ -271,7 +271,7 @@ _RELATIONS = sorted(
     key=len, reverse=True,
 )  # fmt: skip
 _OPENERS = {"on"}
-_IMAGE_NOUNS = {"image", "picture", "frame", "canvas", "scene", "photo"}  # "top left of the image"
+IMAGE_NOUNS = {"image", "picture", "frame", "canvas", "scene", "photo"}  # "top left of the image"
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*|[,;:.!?]")
 
 
@@ -294,7 +294,7 @@ def phrase_spans(text: str) -> list[tuple[int, int]]:
                 if tuple(w for w, _, _ in words[i : i + len(r)]) == r
                 and not (
                     r[0] in ("left", "right")
-                    and any(w in _IMAGE_NOUNS for w, _, _ in words[i + len(r) : i + len(r) + 2])
+                    and any(w in IMAGE_NOUNS for w, _, _ in words[i + len(r) : i + len(r) + 2])
                 )
             ),
             None,

@@ -8,47 +8,27 @@ Every registered sampler then works unchanged. RePaint's resampling (Lugmayr et 
 Alg. 1) harmonises the seam: after `jump` steps, noise x back up to the earlier level with fresh
 noise and redo those steps, `resample` times in all. The result is pasted back in pixel space,
 so kept pixels equal the input exactly, even for latent models whose VAE is lossy.
+
+A dedicated inpainting model (`task: inpaint`, SD-inpainting, Rombach et al. 2022) sees the
+mask and the masked image (its VAE latent for latent models) concatenated to x instead, so no
+known-region replacement is needed: `inpaint` decides which of the two ways the known region
+is handled, and everything else (strength, resampling, the paste-back) is shared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import sampling
 from ..errors import UserError
+from ..guidance import KnownRegionDenoiser
 from ..io.model_folder import LoadedModel
-from .generate import conditioning, plan_regions, sampling_defaults
-from .img2img import batch_images, schedule_tail, start_point
-from .layout import Region
-
-
-class KnownRegionDenoiser(nn.Module):
-    """D'(x, sigma) = D(x with its known region set to known + sigma * eps), with the x0
-    estimate there replaced by the known values.
-
-    known, eps: (B, C, h, w) in the denoiser's space; keep: (B, 1, h, w) bool, True = known.
-    """
-
-    def __init__(self, denoiser: nn.Module, known: torch.Tensor, keep: torch.Tensor,
-                 eps: torch.Tensor):  # fmt: skip
-        super().__init__()
-        self.inner = denoiser
-        self.known, self.keep, self.eps = known, keep, eps
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)  # (B,1,1,1)
-        x = torch.where(self.keep, self.known + s * self.eps, x)
-        return torch.where(self.keep, self.known, self.inner(x, sigma, **cond))
+from ..models.conditioned import inpaint_condition, masked_image
+from .common import batch_images, condition, schedule_tail, start_point, with_image_cond
+from .settings import SampleSettings
 
 
 def prepare_masks(masks: torch.Tensor, n: int, size: tuple[int, int]) -> torch.Tensor:
@@ -142,25 +122,16 @@ def inpaint(
     model: LoadedModel,
     images: torch.Tensor,
     masks: torch.Tensor,
+    settings: SampleSettings | None = None,
     *,
     labels: list[int | None] | None = None,
     prompts: list[str] | None = None,
-    negative: str | list[str] | None = None,
-    num: int = 1,
-    seed: int = 0,
-    sampler: str | None = None,
-    steps: int | None = None,
-    spacing: str | None = None,
-    guidance: float | None = None,
-    guidance_interval: Sequence[float | None] | None = None,
-    layout: str | None = None,
-    regions: Sequence[Region] | None = None,
     strength: float = 1.0,
     resample: int = 1,
     jump: int = 1,
     feather: int = 0,
     callback: sampling.Callback = None,
-    **knobs,
+    **overrides: Any,
 ) -> torch.Tensor:
     """Regenerate the masked region (mask 1 = regenerate, 0 = keep) of images (B, C, H, W) in
     [-1, 1]; returns (max(B, num), C, H, W), image i seeded with `seed + i`.
@@ -168,43 +139,35 @@ def inpaint(
     Kept pixels equal the input exactly. `feather` > 0 softens the seam over that many pixels
     inside the mask. `strength` < 1 starts the masked region from the noised input (SDEdit)
     instead of pure noise. `resample` / `jump`: RePaint resampling (see `repaint`).
-    `layout` / `regions`: regional prompting, as for `generate` (the model's layout by
-    default), so a prompt naming the kept object and the new one draws each in its box.
+    settings / keyword overrides: as for `generate`; regional prompting (the model's layout
+    by default) lets a prompt naming the kept object and the new one draw each in its box.
+    A `task: inpaint` model gets the mask and the masked image as inputs; any other model is
+    inpainted training-free through `KnownRegionDenoiser`.
     """
-    if model.task == "inpaint":  # a dedicated inpainting model: inpaint_model.py
-        from .inpaint_model import inpaint_with_model
-
-        return inpaint_with_model(
-            model, images, masks, labels=labels, prompts=prompts, negative=negative, num=num,
-            seed=seed, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-            guidance_interval=guidance_interval, layout=layout, regions=regions,
-            strength=strength, resample=resample, jump=jump, feather=feather, callback=callback,
-            **knobs,
-        )  # fmt: skip
-    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
+    s = SampleSettings.build(settings, **overrides).resolve(model)
     resample = _positive_int(resample, "resample")
     jump = _positive_int(jump, "jump")
     feather = _positive_int(feather, "feather", 0)
-    images = batch_images(images, num, model.output_shape)
+    images = batch_images(images, s.num, model.output_shape)
     n = images.shape[0]
     masks = prepare_masks(masks.to(images.device), n, images.shape[-2:])
-    sigmas = schedule_tail(model, steps, strength, spacing)
+    sigmas = schedule_tail(model, s.steps, strength, s.spacing)
     if len(sigmas) == 1 or not masks.any():
         return images.clone()
-    gen = sampling.BatchGenerator(range(seed, seed + n))
+    gen = sampling.BatchGenerator(range(s.seed, s.seed + n))
     z = model.encode(images)
-    # a latent cell is regenerated if any pixel it covers is (max-pool the mask down)
-    keep = F.adaptive_max_pool2d(masks, z.shape[-2:]) == 0  # (n, 1, h, w)
-    x, eps = start_point(model, z, sigmas, len(sigmas) == steps + 1, gen)
-    denoiser, cond = conditioning(
-        model, n, labels=labels, prompts=prompts, negative=negative, guidance=guidance,
-        guidance_interval=guidance_interval,
-        regions=plan_regions(model, prompts, n, layout, regions),
-    )  # fmt: skip
-    denoiser = KnownRegionDenoiser(denoiser, z, keep, eps)
+    x, eps = start_point(model, z, sigmas, len(sigmas) == s.steps + 1, gen)
+    denoiser, cond = condition(model, n, s, labels=labels, prompts=prompts)
+    if model.task == "inpaint":  # the model sees the mask and the masked image
+        concat = inpaint_condition(masks, model.encode(masked_image(images, masks)))
+        denoiser, cond = with_image_cond(denoiser, cond, {"concat": concat})
+    else:  # training-free: the known region is imposed through the denoiser
+        # a latent cell is regenerated if any pixel it covers is (max-pool the mask down)
+        keep = F.adaptive_max_pool2d(masks, z.shape[-2:]) == 0  # (n, 1, h, w)
+        denoiser = KnownRegionDenoiser(denoiser, z, keep, eps)
     out = repaint(
-        sampler, denoiser, x, sigmas, resample=resample, jump=jump, cond=cond, generator=gen,
-        callback=callback, **knobs,
+        s.sampler, denoiser, x, sigmas, resample=resample, jump=jump, cond=cond, generator=gen,
+        callback=callback, **s.knobs,
     )  # fmt: skip
     generated = model.decode(out).clamp(-1, 1)
     return paste_back(generated, images, feather_mask(masks, feather))

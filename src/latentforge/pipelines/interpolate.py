@@ -17,15 +17,17 @@ linear blend classifier-free guidance uses). Frames at t = 0 and t = 1 use one c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import sampling
 from ..errors import UserError
+from ..guidance import DenoiserWrapper
 from ..io.model_folder import LoadedModel
-from .generate import conditioning, make_sigmas, sampling_defaults
-from .img2img import batch_images
+from .common import batch_images, conditioning, make_sigmas
+from .settings import SampleSettings
 
 ODE_SAMPLER = "ddim"  # eta defaults to 0: deterministic, and invertible step for step
 
@@ -47,19 +49,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Te
     return (wa * a64 + wb * b64).reshape(torch.broadcast_shapes(a.shape, b.shape)).to(a.dtype)
 
 
-class MixedCondDenoiser(nn.Module):
+class MixedCondDenoiser(DenoiserWrapper):
     """(1 - w_i) D(x_i | cond_a) + w_i D(x_i | cond_b) per image i, in one batched forward."""
 
     def __init__(self, denoiser: nn.Module, cond_a: dict, cond_b: dict, weights: torch.Tensor):
-        super().__init__()
-        self.inner = denoiser
+        super().__init__(denoiser)
         self.cond_a, self.cond_b, self.weights = cond_a, cond_b, weights
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
@@ -100,28 +95,40 @@ def _check_frames(frames: int) -> None:
         raise UserError(f"frames must be an integer >= 2, got {frames!r}")
 
 
+def _ode_settings(
+    model: LoadedModel, settings: SampleSettings | None, overrides: dict, sampler: str | None
+) -> SampleSettings:
+    """Resolved settings for the deterministic paths: guidance 1 unless asked (inversion is
+    exact only without it), and `sampler` (the ODE sampler) unless one is given."""
+    s = SampleSettings.build(settings, **overrides)
+    if s.guidance is None:
+        s = s.replace(guidance=1.0)
+    if sampler is not None and s.sampler is None:
+        s = s.replace(sampler=sampler)
+    return s.resolve(model)
+
+
 @torch.no_grad()
 def invert(
     model: LoadedModel,
     images: torch.Tensor,
+    settings: SampleSettings | None = None,
     *,
-    steps: int | None = None,
     labels: list[int | None] | None = None,
     prompts: list[str] | None = None,
-    spacing: str | None = None,
-    guidance: float = 1.0,
-    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion: images (B, C, H, W) in [-1, 1] -> x at the schedule's top
     level (what DDIM with the same steps / spacing / conditioning decodes back to the images).
-    Guidance other than 1 is allowed but makes the inversion inexact."""
-    _, steps, guidance = sampling_defaults(model, ODE_SAMPLER, steps, guidance)
+    Guidance other than 1 is allowed but makes the inversion inexact. The sampler is always
+    DDIM (the step that inverts step for step)."""
+    s = _ode_settings(model, settings, overrides, ODE_SAMPLER)
     images = batch_images(images, 1, model.output_shape)
-    upward = make_sigmas(model, steps, spacing)[:-1].flip(0)  # sigma_min ... sigma_max
+    upward = make_sigmas(model, s.steps, s.spacing)[:-1].flip(0)  # sigma_min ... sigma_max
     denoiser, cond = conditioning(
-        model, images.shape[0], labels=labels, prompts=prompts, guidance=guidance,
-        guidance_interval=guidance_interval,
+        model, images.shape[0], labels=labels, prompts=prompts, guidance=s.guidance,
+        guidance_interval=s.guidance_interval,
     )  # fmt: skip
     z = model.encode(images)
     return sampling.sample(ODE_SAMPLER, denoiser, z, upward, cond=cond, callback=callback)
@@ -131,24 +138,22 @@ def invert(
 def decode_noise(
     model: LoadedModel,
     x: torch.Tensor,
+    settings: SampleSettings | None = None,
     *,
-    steps: int | None = None,
     labels: list[int | None] | None = None,
     prompts: list[str] | None = None,
-    spacing: str | None = None,
-    guidance: float = 1.0,
-    guidance_interval: Sequence[float | None] | None = None,
-    sampler: str = ODE_SAMPLER,
     callback: sampling.Callback = None,
+    **overrides: Any,
 ) -> torch.Tensor:
-    """The inverse of `invert`: DDIM from x at the top level down to images in [-1, 1]."""
-    _, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
-    sigmas = make_sigmas(model, steps, spacing)
+    """The inverse of `invert`: DDIM (or the settings' sampler) from x at the top level down
+    to images in [-1, 1]."""
+    s = _ode_settings(model, settings, overrides, ODE_SAMPLER)
+    sigmas = make_sigmas(model, s.steps, s.spacing)
     denoiser, cond = conditioning(
-        model, x.shape[0], labels=labels, prompts=prompts, guidance=guidance,
-        guidance_interval=guidance_interval,
+        model, x.shape[0], labels=labels, prompts=prompts, guidance=s.guidance,
+        guidance_interval=s.guidance_interval,
     )  # fmt: skip
-    out = sampling.sample(sampler, denoiser, x, sigmas, cond=cond, callback=callback)
+    out = sampling.sample(s.sampler, denoiser, x, sigmas, cond=cond, callback=callback)
     return model.decode(out).clamp(-1, 1)
 
 
@@ -158,19 +163,17 @@ def _walk_frames(
     x_b: torch.Tensor,
     frames: int,
     sigmas: torch.Tensor,
-    sampler: str,
-    guidance: float,
+    s: SampleSettings,
     labels: list,
     prompts: list,
     callback: sampling.Callback,
-    interval: Sequence[float | None] | None,
 ) -> torch.Tensor:
     """Slerp x_a -> x_b (each (1, ...)) over `frames` steps and sample every frame with the
-    deterministic `sampler`, conditioning blended a -> b; returns (frames, C, H, W)."""
+    deterministic sampler of `s`, conditioning blended a -> b; returns (frames, C, H, W)."""
     t = torch.linspace(0, 1, frames, dtype=torch.float64)
     x = slerp(x_a.expand(frames, *x_a.shape[1:]), x_b.expand(frames, *x_b.shape[1:]), t)
-    denoiser, cond = _mixed_conditioning(model, t, guidance, labels, prompts, interval)
-    out = sampling.sample(sampler, denoiser, x, sigmas, cond=cond, callback=callback)
+    denoiser, cond = _mixed_conditioning(model, t, s.guidance, labels, prompts, s.guidance_interval)
+    out = sampling.sample(s.sampler, denoiser, x, sigmas, cond=cond, callback=callback)
     return model.decode(out).clamp(-1, 1)
 
 
@@ -179,32 +182,28 @@ def interpolate(
     model: LoadedModel,
     image_a: torch.Tensor,
     image_b: torch.Tensor,
+    settings: SampleSettings | None = None,
     *,
     frames: int = 8,
     labels_a: int | None = None,
     labels_b: int | None = None,
     prompts_a: str | None = None,
     prompts_b: str | None = None,
-    steps: int | None = None,
-    spacing: str | None = None,
-    guidance: float = 1.0,
-    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """Frames (frames, C, H, W) in [-1, 1] morphing image_a into image_b: DDIM-invert both
     (each with its own label / prompt), slerp the two noises, DDIM-decode every frame with the
     conditioning blended as described in the module docstring. The end frames reconstruct the
-    two images (up to the ODE solver's error)."""
+    two images (up to the ODE solver's error). Settings: steps, spacing, guidance (1 unless
+    given) and its interval; the sampler is DDIM."""
     _check_frames(frames)
-    _, steps, guidance = sampling_defaults(model, ODE_SAMPLER, steps, guidance)
-    kw = {"steps": steps, "spacing": spacing, "guidance": guidance,
-          "guidance_interval": guidance_interval}  # fmt: skip
-    x_a = invert(model, image_a, labels=[labels_a], prompts=[prompts_a or ""], **kw)
-    x_b = invert(model, image_b, labels=[labels_b], prompts=[prompts_b or ""], **kw)
+    s = _ode_settings(model, settings, overrides, ODE_SAMPLER).replace(sampler=ODE_SAMPLER)
+    x_a = invert(model, image_a, s, labels=[labels_a], prompts=[prompts_a or ""])
+    x_b = invert(model, image_b, s, labels=[labels_b], prompts=[prompts_b or ""])
     return _walk_frames(
-        model, x_a[:1], x_b[:1], frames, make_sigmas(model, steps, spacing), ODE_SAMPLER,
-        guidance, [labels_a, labels_b], [prompts_a or "", prompts_b or ""], callback,
-        guidance_interval,
+        model, x_a[:1], x_b[:1], frames, make_sigmas(model, s.steps, s.spacing), s,
+        [labels_a, labels_b], [prompts_a or "", prompts_b or ""], callback,
     )  # fmt: skip
 
 
@@ -213,33 +212,34 @@ def walk(
     model: LoadedModel,
     seed_a: int,
     seed_b: int,
+    settings: SampleSettings | None = None,
     *,
     frames: int = 8,
     labels_a: int | None = None,
     labels_b: int | None = None,
     prompts_a: str | None = None,
     prompts_b: str | None = None,
-    sampler: str = ODE_SAMPLER,
-    steps: int | None = None,
-    spacing: str | None = None,
-    guidance: float | None = None,
-    guidance_interval: Sequence[float | None] | None = None,
     callback: sampling.Callback = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """A latent walk (frames, C, H, W): the prior noises of `generate` for seed_a and seed_b,
-    slerped, each frame sampled with a deterministic sampler, labels / prompts blended a -> b.
-    The end frames are what `generate(seed=seed_a | seed_b, sampler=sampler)` draws."""
+    slerped, each frame sampled with a deterministic sampler (DDIM unless the settings name
+    another), labels / prompts blended a -> b. The end frames are what
+    `generate(seed=seed_a | seed_b, sampler=sampler)` draws."""
     _check_frames(frames)
-    if sampler in sampling.STOCHASTIC:
-        raise UserError(f"walk needs a deterministic sampler, not {sampler!r}")
-    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
-    sigmas = make_sigmas(model, steps, spacing)
+    s = SampleSettings.build(settings, **overrides)
+    if s.sampler is None:
+        s = s.replace(sampler=ODE_SAMPLER)
+    if s.sampler in sampling.STOCHASTIC:
+        raise UserError(f"walk needs a deterministic sampler, not {s.sampler!r}")
+    s = s.resolve(model)
+    sigmas = make_sigmas(model, s.steps, s.spacing)
     shape = (1, *model.image_shape)
     x_a, x_b = (
-        sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), sampling.BatchGenerator([s]))
-        for s in (seed_a, seed_b)
+        sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), sampling.BatchGenerator([i]))
+        for i in (seed_a, seed_b)
     )
     return _walk_frames(
-        model, x_a, x_b, frames, sigmas, sampler, guidance, [labels_a, labels_b],
-        [prompts_a or "", prompts_b or ""], callback, guidance_interval,
+        model, x_a, x_b, frames, sigmas, s, [labels_a, labels_b],
+        [prompts_a or "", prompts_b or ""], callback,
     )  # fmt: skip

@@ -14,21 +14,19 @@ overlapping tiles see the same pixels there.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from .. import sampling
 from ..errors import UserError
-from ..guidance import CFGDenoiser
 from ..io.checkpoint import MODEL_JSON
 from ..io.model_folder import LoadedModel
 from ..models.conditioned import augment, lowres_condition
-from .generate import _per_image, conditioning, make_sigmas, sampling_defaults
-from .img2img import batch_images
+from .common import batch_images, conditioning, make_sigmas, require_task, with_image_cond
+from .settings import SampleSettings, per_image
 
 UPSCALER = "upscaler"
 DEFAULT_NOISE_LEVEL = 0.1
@@ -47,20 +45,6 @@ def require_default_upscaler() -> Path:
         raise UserError(f"the embedded upscaler is missing from {folder}; pass --model DIR, "
                         f"or train one: {TRAIN_HINT}")  # fmt: skip
     return folder
-
-
-def require_task(model: LoadedModel, task: str) -> None:
-    got = model.task
-    if got != task:
-        raise UserError(f"{model.path} is a {got!r} model; this needs a --task {task} model")
-
-
-def with_image_cond(denoiser: nn.Module, cond: dict, extra: dict) -> tuple[nn.Module, dict]:
-    """Add the conditioning image's entries to cond, and to both halves of classifier-free
-    guidance: guidance contrasts the class / text only, never the image."""
-    if isinstance(denoiser, CFGDenoiser):
-        denoiser.uncond = {**denoiser.uncond, **extra}
-    return denoiser, {**cond, **extra}
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -101,31 +85,24 @@ def tile_seed(seed: int, k: int) -> int:
 
 def _repeat(values, n: int, k: int, what: str):
     """Per-image values (one for all, or n) -> one per tile, image-major."""
-    if values is None or isinstance(values, str):
+    if values is None:
         return values
-    return [v for v in _per_image(list(values), n, what) for _ in range(k)]
+    return [v for v in per_image(list(values), n, what) for _ in range(k)]
 
 
 @torch.no_grad()
 def upscale(
     model: LoadedModel,
     images: torch.Tensor,
+    settings: SampleSettings | None = None,
     *,
     scale: int | None = None,
     noise_level: float = DEFAULT_NOISE_LEVEL,
     labels: list[int | None] | None = None,
     prompts: list[str] | None = None,
-    negative: str | list[str] | None = None,
-    num: int = 1,
-    seed: int = 0,
-    sampler: str | None = None,
-    steps: int | None = None,
-    spacing: str | None = None,
-    guidance: float | None = None,
-    guidance_interval: Sequence[float | None] | None = None,
     tile: int | None = None,
     callback: sampling.Callback = None,
-    **knobs,
+    **overrides: Any,
 ) -> torch.Tensor:
     """images (B, C, h, w) in [-1, 1] -> (max(B, num), C, h * s, w * s), s the model's scale;
     image i (a sample per seed when one image is given with num > 1) uses seed `seed + i`.
@@ -133,7 +110,8 @@ def upscale(
     `scale`, when given, must be the model's. `noise_level`: the augmentation std added to the
     low-res image (trained on [0, 0.3]; more hides more of its noise and artefacts, and invents
     more). `tile`: tile size in output pixels (default: the model's resolution); outputs no
-    larger than a tile are made in one pass at their own size.
+    larger than a tile are made in one pass at their own size. settings / keyword overrides:
+    as for `generate` (no regional prompting: tiles are not the image).
     """
     require_task(model, "superres")
     s = model.meta.scale
@@ -141,13 +119,14 @@ def upscale(
         raise UserError(f"{model.path} upscales x{s}, not x{scale}")
     if not 0.0 <= noise_level <= 1.0:
         raise UserError(f"noise_level must be in [0, 1], got {noise_level}")
-    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
+    st = SampleSettings.build(settings, **overrides).resolve(model)
+    seed = st.seed
     channels, resolution = model.output_shape[:2]
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4:
         raise UserError(f"images must be (B, C, h, w), got {tuple(images.shape)}")
-    images = batch_images(images, num, (channels, *images.shape[-2:]))
+    images = batch_images(images, st.num, (channels, *images.shape[-2:]))
     n, (h, w) = images.shape[0], images.shape[-2:]
     f = resolution // model.image_shape[1]  # the VAE's downsampling factor (1 for pixels)
     H, W = h * s, w * s
@@ -172,20 +151,19 @@ def upscale(
     if K > 1:  # one independent sample per tile
         gen = sampling.BatchGenerator([tile_seed(seed + i, k) for i in range(n) for k in range(K)])
 
-    sigmas = make_sigmas(model, steps, spacing)
+    sigmas = make_sigmas(model, st.steps, st.spacing)
     x = sampling.prior_noise(
         model.denoiser, (n * K, model.image_shape[0], th, tw), float(sigmas[0]), gen
     )
     denoiser, cond = conditioning(
         model, n * K, labels=_repeat(labels, n, K, "labels"),
-        prompts=_repeat(prompts, n, K, "prompts"),
-        negative=_repeat(negative, n, K, "negative prompts"), guidance=guidance,
-        guidance_interval=guidance_interval,
+        prompts=_repeat(prompts, n, K, "prompts"), negative=st.negative or None,
+        guidance=st.guidance, guidance_interval=st.guidance_interval,
     )  # fmt: skip
     extra = {"concat": concat, "noise_level": level.repeat_interleave(K)}
     denoiser, cond = with_image_cond(denoiser, cond, extra)
     out = sampling.sample(
-        sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **knobs
+        st.sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **st.knobs
     )
     pixels = model.decode(out).clamp(-1, 1)  # (n * K, C, th * f, tw * f)
     if K == 1:

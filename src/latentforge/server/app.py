@@ -2,7 +2,7 @@
 
 Status codes: 202 accepted (poll /v1/jobs/{id} or stream /v1/jobs/{id}/events), 400 bad image
 or model name, 401 missing API key, 404 unknown job / model, 413 body too large, 422 a field
-(named in `detail[].loc`), 429 queue full (with Retry-After), 501 pipeline not installed yet.
+(named in `detail[].loc`), 429 queue full (with Retry-After).
 Failures while a job runs make a failed job, never a 500.
 """
 
@@ -187,8 +187,6 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             job = queue.submit(task)
         except QueueFull as e:
             return _error(429, str(e), {"Retry-After": str(e.retry_after)})
-        except tasks.PipelineMissing as e:
-            return _error(501, str(e))
         except tasks.FieldError as e:
             return _error(422, field_detail(e.field, str(e)))
         except ModelNotFound as e:
@@ -208,7 +206,6 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         422: {"description": "a field is invalid (named in detail[].loc)"},
         429: {"description": "queue full; see Retry-After"},
     }
-    edit = {**responses, 501: {"description": "pipeline not installed yet"}}
 
     @app.post(
         "/v1/txt2img",
@@ -224,7 +221,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.post(
         "/v1/img2img",
         status_code=202,
-        responses=edit,
+        responses=responses,
         tags=["edit"],
         dependencies=[auth],
         response_model=schemas.JobAccepted,
@@ -235,7 +232,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.post(
         "/v1/inpaint",
         status_code=202,
-        responses=edit,
+        responses=responses,
         tags=["edit"],
         dependencies=[auth],
         response_model=schemas.JobAccepted,
@@ -246,7 +243,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.post(
         "/v1/upscale",
         status_code=202,
-        responses=edit,
+        responses=responses,
         tags=["edit"],
         dependencies=[auth],
         response_model=schemas.JobAccepted,
@@ -257,7 +254,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.post(
         "/v1/interpolate",
         status_code=202,
-        responses=edit,
+        responses=responses,
         tags=["edit"],
         dependencies=[auth],
         response_model=schemas.JobAccepted,

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from ..pipelines.layout import LAYOUTS
+from ..pipelines.layout import layout_names
 from ..sampling import SAMPLERS
 from ..schedules import SPACINGS
 
@@ -89,7 +89,7 @@ class Txt2ImgRequest(SamplingParams, PromptParams):
     num: int = Field(1, ge=1, le=MAX_NUM, description="batch size")
     width: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
     height: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
-    layout: Literal[LAYOUTS] | None = Field(
+    layout: Literal[tuple(layout_names())] | None = Field(
         None,
         description="regional prompting (text models): 'shapes' draws each object of a "
         "two-object prompt in its own box under its own prompt; default: the model's",

@@ -1,8 +1,8 @@
 """API requests -> jobs: check them against the model, decode input images, wrap the pipelines.
 
 Everything a request can get wrong is found here, before the job is queued: the model name
-(400/404), a field (422 naming it), an image (400). The editing pipelines are imported when a
-request needs them, so a missing module is a 501 until it lands. The `runner` then loads the
+(400/404), a field (422 naming it: the request's settings are resolved and validated by
+`SampleSettings.resolve` against the model's defaults), an image (400). The `runner` then loads the
 model once, samples with a callback that reports progress and live previews, and encodes the
 results as PNGs whose text chunks hold their parameters (`latentforge generate --from-png`
 reads them back).
@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import importlib
 import io
 import json
 import math
@@ -28,8 +27,14 @@ from PIL import Image, PngImagePlugin
 from .. import sampling
 from ..errors import UserError
 from ..io.images import from_pil, make_grid, to_pil
-from ..io.model_folder import LoadedModel
-from ..pipelines.generate import describe_conditioning, labels_from_prompt
+from ..io.model_folder import LoadedModel, ModelFolder
+from ..pipelines import generate as p_generate
+from ..pipelines import img2img as p_img2img
+from ..pipelines import inpaint as p_inpaint
+from ..pipelines import interpolate as p_interpolate
+from ..pipelines import superres as p_superres
+from ..pipelines.common import describe_conditioning, labels_from_prompt
+from ..pipelines.settings import SampleSettings, SettingsError
 from . import schemas
 from .config import ServerConfig
 from .jobs import Job, JobCancelled, Task
@@ -49,10 +54,6 @@ class FieldError(UserError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
-
-
-class PipelineMissing(Exception):
-    """The pipeline module for an endpoint is not installed yet (HTTP 501)."""
 
 
 # ----- images in and out -----------------------------------------------------------------------
@@ -109,27 +110,6 @@ def png_base64(image: torch.Tensor, metadata: dict | None = None, compress_level
 
 
 # ----- request -> task ---------------------------------------------------------------------------
-def _pipeline(modules: tuple[str, ...], attr: str, what: str) -> Callable:
-    """`attr` from the first of latentforge.pipelines.<modules> that exists (else a 501)."""
-    names = [f"latentforge.pipelines.{m}" for m in modules]
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            broken = e  # the module exists but something it imports does not
-        except Exception as e:  # a broken module: 501 with the reason, not a 500
-            broken = e
-        else:
-            fn = getattr(module, attr, None)
-            if fn is None:
-                raise PipelineMissing(f"{what} is not available yet: {name} has no {attr}()")
-            return fn
-        raise PipelineMissing(f"{what} is not available: {name} failed to import ({broken})")
-    raise PipelineMissing(f"{what} is not available yet: {' / '.join(names)} is not installed")
-
-
 GENERATE = ("generate",)  # model.json "task": what each endpoint can run
 TASK_WORDS = {
     "generate": "text/class-to-image",
@@ -160,7 +140,8 @@ def _pick_model(store: ModelStore, name: str | None, tasks: tuple[str, ...]):
 
 
 class _Prepared:
-    """The parts every request shares, checked: model, sampler, steps, guidance, seed."""
+    """What every request shares, checked before the job is queued: the model (a view of its
+    folder) and the sampling settings, resolved against its defaults and this server's limits."""
 
     def __init__(
         self,
@@ -169,109 +150,73 @@ class _Prepared:
         config: ServerConfig,
         guidance: float | None = None,
         tasks: tuple[str, ...] = GENERATE,
+        **fields,
     ):
-        from ..guidance import interval_to_json
-        from ..pipelines.generate import resolve_guidance_interval, sampling_defaults
-
         self.name, self.view = _pick_model(store, req.model, tasks)
-        if req.sampler is not None and req.sampler not in sampling.SAMPLERS:
-            names = sorted(sampling.SAMPLERS)
-            raise FieldError("sampler", f"unknown sampler {req.sampler!r}; choose one of {names}")
-        guidance = req.guidance if req.guidance is not None else guidance
-        self.sampler, self.steps, self.guidance = sampling_defaults(
-            self.view, req.sampler, req.steps, guidance
-        )
-        try:
-            interval = resolve_guidance_interval(self.view, req.guidance_interval)
-        except UserError as e:
-            raise FieldError("guidance_interval", str(e)) from None
-        self.guidance_interval = interval_to_json(interval)
-        if self.steps > config.max_steps:
-            if req.steps is not None:
-                raise FieldError("steps", f"steps must be <= {config.max_steps} on this server")
-            self.steps = config.max_steps  # the model's default, capped to the server's limit
         num = getattr(req, "num", 1)
         if num > config.max_num:
             raise FieldError("num", f"num must be <= {config.max_num} on this server")
-        # (inspect.signature is a noticeable part of a request: only when knobs are given)
-        accepted = sampling.sampler_knobs(self.sampler) if req.knobs else {}
-        unknown = sorted(set(req.knobs) - set(accepted))
-        if unknown:
-            raise FieldError(
-                "knobs",
-                f"sampler {self.sampler!r} has no option(s) {unknown}; "
-                f"it accepts {sorted(accepted)}",
-            )
-        self.knobs = dict(req.knobs)
-        self.seed = random.randrange(2**31) if req.seed is None else req.seed
-        self.spacing = req.spacing or self.view.defaults.spacing or ""
+        steps = req.steps
+        if steps is not None and steps > config.max_steps:
+            raise FieldError("steps", f"steps must be <= {config.max_steps} on this server")
+        if steps is None and self.view.defaults.steps > config.max_steps:
+            steps = config.max_steps  # the model's default, capped to the server's limit
+        settings = SampleSettings.build(
+            sampler=req.sampler, steps=steps, spacing=req.spacing,
+            guidance=req.guidance if req.guidance is not None else guidance,
+            guidance_interval=req.guidance_interval, knobs=req.knobs, num=num,
+            seed=random.randrange(2**31) if req.seed is None else req.seed,
+            negative=getattr(req, "negative_prompt", ""), **fields,
+        )  # fmt: skip
+        try:
+            self.settings = settings.resolve(self.view)
+        except SettingsError as e:
+            raise FieldError(e.field, str(e)) from None
+        s = self.settings
         self.params = {
-            "model": self.name,
-            "sampler": self.sampler,
-            "steps": self.steps,
-            "spacing": self.spacing,
-            "guidance": self.guidance,
-            "guidance_interval": self.guidance_interval,
-            "seed": self.seed,
-            **({"knobs": self.knobs} if self.knobs else {}),
-        }
+            "model": self.name, "sampler": s.sampler, "steps": s.steps,
+            "spacing": s.spacing or "", "guidance": s.guidance,
+            "guidance_interval": list(s.guidance_interval), "seed": s.seed,
+            **({"knobs": dict(s.knobs)} if s.knobs else {}),
+        }  # fmt: skip
 
-    def sampling_kwargs(self) -> dict:
-        return {
-            "seed": self.seed,
-            "sampler": self.sampler,
-            "steps": self.steps,
-            "spacing": self.spacing or None,
-            "guidance": self.guidance,
-            "guidance_interval": self.guidance_interval,
-            **self.knobs,
-        }
+    @property
+    def seeds(self) -> list[int]:
+        return [self.settings.seed + i for i in range(self.settings.num)]
 
 
-def _conditioning(model: LoadedModel, prompt: str, negative: str) -> dict:
-    cond, _ = describe_conditioning(model, prompt)
-    return {**cond, "negative": negative or None}
+def _conditioning(model: ModelFolder, prompt: str) -> dict:
+    """generate's labels / prompts for a request's prompt (the negative is in the settings)."""
+    return describe_conditioning(model, prompt)[0]
 
 
 def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
-    p = _Prepared(req, store, config)
+    p = _Prepared(req, store, config, layout=req.layout, bf16=req.bf16)
     _, height, width = p.view.output_shape
     for field, value, want in (("width", req.width, width), ("height", req.height, height)):
         if value is not None and value != want:
             raise FieldError(field, f"{field} must be {want} (the model's resolution)")
-    from ..pipelines.generate import generate, resolve_layout
-
-    # stored resolved, so `generate --from-png` reproduces the image whatever the default
-    layout = resolve_layout(p.view, req.layout) if p.view.conditioning == "text" else "none"
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt, req.negative_prompt)
-        return generate(model, **cond, num=req.num, callback=callback, layout=layout,
-                        bf16=req.bf16, **p.sampling_kwargs())  # fmt: skip
+        cond = _conditioning(model, req.prompt)
+        return p_generate.generate(model, p.settings, **cond, callback=callback)
 
+    # stored resolved, so `generate --from-png` reproduces the image whatever the default
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num,
-              "layout": layout, "precision": "bf16" if req.bf16 else "fp32",
+              "layout": p.settings.layout, "precision": p.settings.precision,
               **p.params}  # fmt: skip
-    seeds = [p.seed + i for i in range(req.num)]
-    return Task("txt2img", p.name, params, p.steps, run, seeds, preview=req.preview)
+    return Task("txt2img", p.name, params, p.settings.steps, run, p.seeds, preview=req.preview)
 
 
 def img2img(req: schemas.Img2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
-    fn = _pipeline(("img2img",), "img2img", "img2img")
     p = _Prepared(req, store, config)
     shape = p.view.output_shape
     image = image_tensor(req.image, "image", shape, shape[0])
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt, req.negative_prompt)
-        return fn(
-            model,
-            image,
-            strength=req.strength,
-            num=req.num,
-            callback=callback,
-            **cond,
-            **p.sampling_kwargs(),
+        cond = _conditioning(model, req.prompt)
+        return p_img2img.img2img(
+            model, image, p.settings, strength=req.strength, callback=callback, **cond
         )
 
     params = {
@@ -281,13 +226,11 @@ def img2img(req: schemas.Img2ImgRequest, store: ModelStore, config: ServerConfig
         "strength": req.strength,
         **p.params,
     }
-    total = max(1, round(req.strength * p.steps))
-    seeds = [p.seed + i for i in range(req.num)]
-    return Task("img2img", p.name, params, total, run, seeds, preview=req.preview)
+    total = max(1, round(req.strength * p.settings.steps))
+    return Task("img2img", p.name, params, total, run, p.seeds, preview=req.preview)
 
 
 def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig) -> Task:
-    fn = _pipeline(("inpaint",), "inpaint", "inpainting")
     p = _Prepared(req, store, config, tasks=("generate", "inpaint"))
     shape = p.view.output_shape
     image = image_tensor(req.image, "image", shape, shape[0])
@@ -300,17 +243,9 @@ def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig
     }
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt, req.negative_prompt)
-        return fn(
-            model,
-            image,
-            mask,
-            num=req.num,
-            callback=callback,
-            **extra,
-            **cond,
-            **p.sampling_kwargs(),
-        )
+        cond = _conditioning(model, req.prompt)
+        return p_inpaint.inpaint(model, image, mask, p.settings, callback=callback, **extra,
+                                 **cond)  # fmt: skip
 
     params = {
         "prompt": req.prompt,
@@ -319,13 +254,11 @@ def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig
         **extra,
         **p.params,
     }
-    total = max(1, round(req.strength * p.steps))
-    seeds = [p.seed + i for i in range(req.num)]
-    return Task("inpaint", p.name, params, total, run, seeds, preview=req.preview)
+    total = max(1, round(req.strength * p.settings.steps))
+    return Task("inpaint", p.name, params, total, run, p.seeds, preview=req.preview)
 
 
 def upscale(req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig) -> Task:
-    fn = _pipeline(("superres", "upscale"), "upscale", "upscaling")
     p = _Prepared(req, store, config, tasks=("superres",))
     scale = p.view.meta.scale
     if req.scale is not None and req.scale != scale:
@@ -336,24 +269,27 @@ def upscale(req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig
         raise FieldError("image", f"images to upscale must be at most {side} pixels on a side")
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt, req.negative_prompt)
-        return fn(model, image, scale=scale, noise_level=req.noise_level, callback=callback,
-                  **cond, **p.sampling_kwargs())  # fmt: skip
+        cond = _conditioning(model, req.prompt)
+        return p_superres.upscale(
+            model, image, p.settings, scale=scale, noise_level=req.noise_level,
+            callback=callback, **cond,
+        )  # fmt: skip
 
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "scale": scale,
               "noise_level": req.noise_level, **p.params}  # fmt: skip
-    return Task("upscale", p.name, params, p.steps, run, [p.seed], preview=req.preview)
+    return Task("upscale", p.name, params, p.settings.steps, run, p.seeds[:1], preview=req.preview)
 
 
 def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: ServerConfig) -> Task:
     with_images = req.image_a is not None
-    fn = _pipeline(("interpolate",), "interpolate" if with_images else "walk", "interpolation")
     # between images: deterministic DDIM inversion, guidance 1 unless asked (as the CLI does)
     p = _Prepared(req, store, config, guidance=1.0 if with_images else None)
     if with_images and req.sampler not in (None, "ddim"):
         raise FieldError("sampler", "interpolation between images uses the ddim sampler")
-    if not with_images and p.sampler in sampling.STOCHASTIC:
-        raise FieldError("sampler", f"a walk needs a deterministic sampler, not {p.sampler!r}")
+    if not with_images and p.settings.sampler in sampling.STOCHASTIC:
+        raise FieldError(
+            "sampler", f"a walk needs a deterministic sampler, not {p.settings.sampler!r}"
+        )
     shape = p.view.output_shape
     images = []
     if with_images:
@@ -365,18 +301,10 @@ def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: Serv
             label = labels_from_prompt(prompt, model.class_names) if model.num_classes else None
             ends[f"labels_{side}"] = label
             ends[f"prompts_{side}"] = "" if model.num_classes else prompt
-        kw = {
-            "frames": req.frames,
-            "steps": p.steps,
-            "spacing": p.spacing or None,
-            "guidance": p.guidance,
-            "guidance_interval": p.guidance_interval,
-            "callback": callback,
-            **ends,
-        }
+        kw = {"frames": req.frames, "callback": callback, **ends}
         if with_images:
-            return fn(model, *images, **kw)
-        return fn(model, req.seed_a, req.seed_b, sampler=p.sampler, **kw)
+            return p_interpolate.interpolate(model, *images, p.settings, **kw)
+        return p_interpolate.walk(model, req.seed_a, req.seed_b, p.settings, **kw)
 
     params = {"prompt_a": req.prompt_a, "prompt_b": req.prompt_b, "frames": req.frames, **p.params}
     if not with_images:
@@ -384,7 +312,7 @@ def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: Serv
         del params["seed"]
     else:
         params["sampler"] = "ddim"
-    return Task("interpolate", p.name, params, p.steps, run, preview=req.preview)
+    return Task("interpolate", p.name, params, p.settings.steps, run, preview=req.preview)
 
 
 BUILDERS = {

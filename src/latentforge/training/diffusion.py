@@ -1,24 +1,90 @@
-"""Training a diffusion U-Net: pixel or latent space, unconditional, class or text conditioned."""
+"""Training a diffusion U-Net: pixel or latent space, unconditional, class or text conditioned.
+
+`TrainConfig` (the settings of `train diffusion`) lives here beside `DiffusionTrainer`, which
+reads it; the task trainers (`training/tasks.py`) subclass this one, and `tasks.train_diffusion`,
+the entry point, picks among them.
+"""
 
 from __future__ import annotations
 
 import copy
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..denoisers import make_denoiser
 from ..errors import UserError
-from ..io.model_folder import ModelMeta
-from .data import ShapesDataset, object_rules, object_weights, region_captions
-from .loop import Trainer
+from ..io.model_folder import DataInfo, LatentInfo, ModelMeta, SamplingDefaults
+from .loop import Trainer, render_dataset, to_device
+
+
+@dataclass
+class TrainConfig:
+    """The settings of one diffusion training run (`train diffusion`'s options). Checkpoints and
+    model.json record all of them; `DiffusionTrainer.resume_keys` (and the task trainers') name
+    those a resumed run must keep."""
+
+    data: str
+    out: str
+    preset: str = "tiny"
+    cond: str = "none"
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    lr_schedule: str = "constant"  # after warm-up: constant, or cosine decay to 0 at max_steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    bf16: bool = False
+    seed: int = 0
+    sample_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    prediction: str = "eps"
+    beta_schedule: str = "cosine"
+    min_snr_gamma: float | None = 5.0
+    vae: str | None = None  # a VAE model folder: train in its latent space
+    cache_latents: bool = False  # encode the dataset once (posterior moments) instead of per step
+    cache_text: bool = False  # text models: encode every training caption once, not per step
+    cache_dir: str | None = None  # keep the --cache-latents / --cache-text tables on disk here
+    text_encoder: str = "minilm"
+    text_phrases: int = 0  # phrase slots after the text encoder's tokens (models/text.py)
+    text_phrase_only: bool = False  # the phrase slots and the prompt's mean state, no tokens
+    quiet: bool = False
+    task: str = "generate"  # generate | superres | inpaint (training/tasks.py)
+    scale: int = 4  # superres: the upscaling factor, 2 or 4
+    crop: int = 0  # superres: train on random crops of this size (0: whole images)
+    init_from: str | None = None  # a diffusion model folder whose weights to start from
+    oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (ImageDataset hooks)
+    object_weight: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" loss weights on objects
+    region_captions: float = 0.0  # shapes text models: share of two-object images captioned as
+    # one of their objects alone, the other object's box left out of the loss (data.py)
 
 
 class DiffusionTrainer(Trainer):
+    """A U-Net trained by its denoiser's loss (`denoisers.py`), in pixel space or a VAE's latent
+    space, unconditional or class / text conditioned; `--task generate`. Task trainers add the
+    network inputs of their task through `task_cond`."""
+
+    cfg: TrainConfig
     resume_keys = (
         "data", "preset", "cond", "prediction", "beta_schedule", "vae", "text_phrases",
         "text_phrase_only",
     )  # fmt: skip
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        # The loss must run the network through self.ddp (the DDP wrapper under torchrun, whose
+        # forward readies the gradient all-reduce; self.model in one process), so the denoiser
+        # is built around it once it exists: make_denoiser takes any nn.Module. Its schedule
+        # tables are build_denoiser's for self.meta (the same make_denoiser call); `.to` moves
+        # them, the network being there already.
+        self.denoiser = make_denoiser(self.ddp, self.meta.parameterization).to(self.device)
 
     def setup(self) -> None:
         from ..io.model_folder import build_denoiser, load_vae
@@ -50,8 +116,9 @@ class DiffusionTrainer(Trainer):
         if self.text_encoder is not None:
             self.text_encoder.to(self.device)
         self.meta = self.build_meta()
-        self.denoiser = build_denoiser(self.meta).to(self.device)  # the schedule buffers
-        self.model = self.denoiser.model
+        # the network a model folder of this meta holds (a ConcatUNet for the tasks); the
+        # denoiser around it comes in __init__, once the DDP wrapper exists
+        self.model = build_denoiser(self.meta).model
         if cfg.init_from:
             provenance = init_from_folder(self.model, self.meta, cfg.init_from)
             self.meta = self.meta.replace(init_from=provenance)
@@ -59,15 +126,15 @@ class DiffusionTrainer(Trainer):
         if cfg.object_weight:
             if cfg.crop:
                 raise UserError("--object-weight weighs whole images; it does not take --crop")
-            self._object_rules = object_rules(ds, cfg.object_weight, "--object-weight")
+            self._object_rules = ds.object_rules(cfg.object_weight, "--object-weight")
         if cfg.region_captions:
             if not 0 < cfg.region_captions <= 1:
                 raise UserError(
                     f"--region-captions is a share in (0, 1], got {cfg.region_captions}"
                 )
-            if cfg.cond != "text" or not isinstance(ds, ShapesDataset):
-                raise UserError("--region-captions needs --cond text on shapes data, whose "
-                                "images list their objects")  # fmt: skip
+            if cfg.cond != "text" or not ds.lists_objects:
+                raise UserError("--region-captions needs --cond text on data whose images "
+                                "list their objects (shapes)")  # fmt: skip
             if cfg.crop:
                 raise UserError("--region-captions needs whole images; it does not take --crop")
 
@@ -82,12 +149,11 @@ class DiffusionTrainer(Trainer):
             if resolution % f:
                 raise UserError(f"image size {resolution} is not a multiple of the VAE's f={f}")
             channels, resolution = self.vae.latent_channels, resolution // f
-            latent = {
-                "vae": "vae",
-                "scaling_factor": self.scaling_factor,
-                "image_resolution": ds.resolution,
-                "image_channels": ds.channels,
-            }
+            latent = LatentInfo(
+                scaling_factor=self.scaling_factor,
+                image_resolution=ds.resolution,
+                image_channels=ds.channels,
+            )
         unet = unet_preset(
             cfg.preset,
             in_channels=channels,
@@ -95,13 +161,12 @@ class DiffusionTrainer(Trainer):
             num_classes=ds.num_classes if cfg.cond == "class" else 0,
             cross_attention_dim=self.text_encoder.dim if self.text_encoder else None,
         )
-        meta = {
-            "format": "latentforge",
-            "version": 1,
-            "kind": "diffusion",
-            "cond": cfg.cond,
-            "unet": unet.to_dict(),
-            "parameterization": {
+        text = self.text_encoder is not None
+        return ModelMeta(
+            kind="diffusion",
+            cond=cfg.cond,
+            unet=unet.to_dict(),
+            parameterization={
                 "type": "vp",
                 "prediction": cfg.prediction,
                 "beta_schedule": cfg.beta_schedule,
@@ -110,23 +175,24 @@ class DiffusionTrainer(Trainer):
                 # pixel models live in [-1, 1]; latents have no such bound
                 "clip_denoised": None if latent else 1.0,
             },
-            "data": {
-                "spec": cfg.data,
-                "resolution": resolution,
-                "channels": channels,
-                "num_classes": ds.num_classes if cfg.cond == "class" else 0,
-                "class_names": list(ds.class_names) if cfg.cond == "class" else [],
-            },
-            "sampling": {"sampler": "ddim", "steps": 50, "spacing": "trailing", "guidance": 1.0},
-        }
-        if latent:
-            meta["latent"] = latent
-        if self.text_encoder is not None:
-            meta["text_encoder"] = self.text_encoder.spec
-            meta["sampling"]["guidance"] = 3.0
-            if isinstance(ds, ShapesDataset):  # the planner reads the shapes grammar
-                meta["sampling"]["layout"] = "shapes"
-        return ModelMeta.from_json(meta)
+            data=DataInfo(
+                spec=cfg.data,
+                resolution=resolution,
+                channels=channels,
+                num_classes=ds.num_classes if cfg.cond == "class" else 0,
+                class_names=tuple(ds.class_names) if cfg.cond == "class" else (),
+            ),
+            sampling=SamplingDefaults(
+                sampler="ddim",
+                steps=50,
+                spacing="trailing",
+                guidance=3.0 if text else 1.0,
+                # e.g. shapes data: the planner reads the shapes grammar
+                layout=ds.default_layout if text else None,
+            ),
+            latent=latent,
+            text_encoder=self.text_encoder.spec if text else None,
+        )
 
     def _maybe_cache_dataset(self) -> dict | None:
         path = self._cache_file()  # digests the VAE weights: once
@@ -136,8 +202,6 @@ class DiffusionTrainer(Trainer):
         cache = super()._maybe_cache_dataset()
         if self.vae is not None and self.cfg.cache_latents:
             if cache is None:
-                from .loop import render_dataset, to_device
-
                 if len(self.dataset) > 200_000:
                     raise UserError("--cache-latents needs a dataset of at most 200,000 images")
                 cache = to_device(render_dataset(self.dataset), self.device)
@@ -272,8 +336,15 @@ class DiffusionTrainer(Trainer):
                 posterior = self.vae.encode(batch["image"])
             return posterior.sample(g) * self.scaling_factor
 
+    def task_cond(self, batch: dict, g: torch.Generator) -> dict:
+        """The network inputs a task adds for this batch, passed to the loss with the class /
+        text conditioning: none here; the task trainers' concatenated image (and
+        super-resolution's noise level), `tasks.py`. It draws from `g` before anything else in
+        `compute_loss` does, so a task's draws never shift the latents' or the dropout's."""
+        return {}
+
     def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
-        cond = {}
+        cond = dict(self.task_cond(batch, g))
         x0 = self.latents(batch, g)
         drop = torch.rand((x0.shape[0],), generator=g, device=g.device) < self.cfg.label_dropout
         if self.meta.num_classes:
@@ -284,18 +355,13 @@ class DiffusionTrainer(Trainer):
             cond["context"], cond["context_mask"] = self.text_context(batch, drop)
         weight = None
         if self._object_rules:  # heavier loss on the pixels of the named objects
-            weight = object_weights(self.dataset, self._object_rules, batch["index"], x0.shape[-1])
+            weight = self.dataset.object_weights(self._object_rules, batch["index"], x0.shape[-1])
         if self.cfg.region_captions:  # some two-object images captioned as one of their objects
             region_weight = self._region_captions(batch, drop, cond, x0.shape[-1], g)
             weight = region_weight if weight is None else weight * region_weight
         if weight is not None:
             cond["pixel_weight"] = weight.to(x0.device)
-        # DDP's gradient hooks live on the wrapper: run the loss through it.
-        self.denoiser.model = self.ddp
-        try:
-            return self.denoiser.loss(x0, g, **cond).mean()
-        finally:
-            self.denoiser.model = self.model
+        return self.denoiser.loss(x0, g, **cond).mean()  # through self.ddp (__init__)
 
     def _region_captions(
         self, batch: dict, drop: torch.Tensor, cond: dict, side: int, g: torch.Generator
@@ -307,7 +373,7 @@ class DiffusionTrainer(Trainer):
         picked = (torch.rand(n, generator=g, device=g.device) < self.cfg.region_captions) & ~drop
         which = torch.randint(0, 2, (n,), generator=g, device=g.device)
         which = torch.where(picked, which, torch.full_like(which, -1))
-        captions, weight = region_captions(self.dataset, batch["index"], which.cpu(), side)
+        captions, weight = self.dataset.region_captions(batch["index"], which.cpu(), side)
         rows = [i for i, c in enumerate(captions) if c is not None]
         if rows:
             hidden, mask = self.text_encoder.encode([captions[i] for i in rows])

@@ -1,4 +1,9 @@
-"""The diffusion training loop: one process or torchrun/DDP, exact resume, atomic checkpoints.
+"""The generic training loop: one process or torchrun/DDP, exact resume, atomic checkpoints.
+
+`Trainer` knows nothing of what it trains: `training/diffusion.py` (U-Nets, with `TrainConfig`),
+`training/tasks.py` (super-resolution, inpainting; `train_diffusion`) and
+`training/vae_train.py` (the VAE) subclass it, and this module imports none of them, so the
+training modules import one another in one direction only (tests/test_training.py checks).
 
 Randomness is derived from (seed, step, micro-batch, rank) at every step rather than carried
 in generator state, so `--resume` continues bit-exactly and each rank draws its own shard.
@@ -20,8 +25,8 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,10 +34,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
+from ..data import load_dataset
 from ..errors import UserError
 from ..io.checkpoint import load_tensors, replace_dir_atomic, save_tensors_atomic, write_json_atomic
 from ..io.model_folder import save_model_folder
-from .data import load_dataset, sample_weights
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = 130
@@ -44,46 +49,30 @@ RENDER_PARALLEL_MIN = 8192  # smaller datasets are rendered in-process
 _DRAW_STREAM = 1 << 40  # --oversample draws: step generators apart from the noise ones
 
 
-@dataclass
-class TrainConfig:
+class LoopConfig(Protocol):
+    """The settings `Trainer` itself reads; a trainer's config (a dataclass: checkpoints store
+    `dataclasses.asdict` of it, and `resume` reads its fields' defaults) has at least these.
+    `diffusion.TrainConfig` and `vae_train.VAETrainConfig` are two."""
+
     data: str
     out: str
-    preset: str = "tiny"
-    cond: str = "none"
-    max_steps: int = 1000
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    lr_schedule: str = "constant"  # after warm-up: constant, or cosine decay to 0 at max_steps
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    bf16: bool = False
-    seed: int = 0
-    sample_every: int = 500
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    prediction: str = "eps"
-    beta_schedule: str = "cosine"
-    min_snr_gamma: float | None = 5.0
-    vae: str | None = None  # a VAE model folder: train in its latent space
-    cache_latents: bool = False  # encode the dataset once (posterior moments) instead of per step
-    cache_text: bool = False  # text models: encode every training caption once, not per step
-    cache_dir: str | None = None  # keep the --cache-latents / --cache-text tables on disk here
-    text_encoder: str = "minilm"
-    text_phrases: int = 0  # phrase slots after the text encoder's tokens (models/text.py)
-    text_phrase_only: bool = False  # the phrase slots and the prompt's mean state, no tokens
-    quiet: bool = False
-    task: str = "generate"  # generate | superres | inpaint (training/tasks.py)
-    scale: int = 4  # superres: the upscaling factor, 2 or 4
-    crop: int = 0  # superres: train on random crops of this size (0: whole images)
-    init_from: str | None = None  # a diffusion model folder whose weights to start from
-    oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (data.sample_weights)
-    object_weight: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" loss weights on objects
-    region_captions: float = 0.0  # shapes text models: share of two-object images captioned as
-    # one of their objects alone, the other object's box left out of the loss (data.py)
+    preset: str  # in the default resume_keys
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int
+    lr_schedule: str
+    weight_decay: float
+    grad_clip: float
+    ema_decay: float
+    bf16: bool
+    seed: int
+    sample_every: int
+    ckpt_every: int
+    keep_checkpoints: int
+    oversample: tuple[str, ...]
+    quiet: bool
 
 
 def step_generator(
@@ -130,11 +119,15 @@ class Trainer:
     Subclasses define `setup` (build `self.meta` and `self.model`, the module trained),
     `compute_loss` and `sample_images`. `training/diffusion.py` trains U-Nets (pixel or
     latent space; class or text conditioning); `training/vae_train.py` the VAE.
+
+    `compute_loss` runs the network through `self.ddp`: `self.model` itself in one process, its
+    DistributedDataParallel wrapper under torchrun, since only a forward through the wrapper
+    readies the reducer that all-reduces the gradients during backward.
     """
 
     resume_keys: tuple[str, ...] = ("data", "preset")
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: LoopConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = training_device()
@@ -156,7 +149,7 @@ class Trainer:
         self.step = 0
         self._stop = False
         self._cache = self._maybe_cache_dataset()
-        self._weights = sample_weights(self.dataset, cfg.oversample) if cfg.oversample else None
+        self._weights = self.dataset.sample_weights(cfg.oversample) if cfg.oversample else None
         if self._weights is not None and self.rank == 0 and not cfg.quiet:
             matched = self._weights != 1  # the images the rules reweight
             share = matched.double().mean().item()
@@ -481,16 +474,13 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
-def run_training(trainer_cls, cfg, resume: bool = False) -> int:
+def run_training(trainer_cls: type[Trainer], cfg: LoopConfig, resume: bool = False) -> int:
+    """Build `trainer_cls(cfg)` and fit it; the process group (torchrun) is torn down however
+    training ends. The callers (`tasks.train_diffusion`, `vae_train.train_vae`) pick the class,
+    so this loop needs no knowledge of what it trains."""
     trainer = trainer_cls(cfg)
     try:
         return trainer.fit(resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def train_diffusion(cfg: TrainConfig, resume: bool = False) -> int:
-    from .tasks import trainer_for
-
-    return run_training(trainer_for(cfg.task), cfg, resume)

@@ -7,17 +7,21 @@ in [0, 0.3] that it is told (Ho et al. 2022, "Cascaded Diffusion Models", sec. 4
 `inpaint` (SD-inpainting, Rombach et al. 2022): the network also sees a random mask and the
 image with the masked part blanked (its VAE latent for latent models).
 
-Both concatenate their conditioning to x (`models/conditioned.py`); class / text conditioning
-and everything else work as in `DiffusionTrainer`.
+Both concatenate their conditioning to x (`models/conditioned.py`), handed to the loss by
+`task_cond` (`DiffusionTrainer.compute_loss`); class / text conditioning and everything else
+work as in `DiffusionTrainer`.
+
+`train_diffusion`, the entry point of `train diffusion`, lives here: this module knows every
+diffusion trainer class, and the generic loop (`loop.py`) needs none of them.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
+from ..data import random_crops
 from ..errors import UserError
 from ..io.model_folder import ModelMeta
 from ..models.conditioned import (
@@ -28,9 +32,8 @@ from ..models.conditioned import (
     masked_image,
 )
 from ..pipelines.superres import DEFAULT_NOISE_LEVEL
-from .data import random_crops
-from .diffusion import DiffusionTrainer
-from .loop import Trainer
+from .diffusion import DiffusionTrainer, TrainConfig
+from .loop import run_training
 
 TASKS = ("generate", "superres", "inpaint")
 SCALES = (2, 4)
@@ -39,7 +42,13 @@ MASK_KINDS = ("rect", "strokes", "full", "none")
 MASK_PROBS = (0.4, 0.4, 0.1, 0.1)
 
 
-def trainer_for(task: str) -> type[Trainer]:
+def train_diffusion(cfg: TrainConfig, resume: bool = False) -> int:
+    """Train the diffusion model `cfg` describes with the trainer of its `--task`; 0, or 130
+    after saving when SIGTERM / SIGINT arrived (`Trainer.fit`)."""
+    return run_training(trainer_for(cfg.task), cfg, resume)
+
+
+def trainer_for(task: str) -> type[DiffusionTrainer]:
     """The trainer class for `--task`."""
     trainers = {
         "generate": DiffusionTrainer,
@@ -96,17 +105,6 @@ class _ConcatTrainer(DiffusionTrainer):
         if self.vae is None:
             return images
         return self.vae.encode(images).mode() * self.scaling_factor
-
-    def compute_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
-        extra = self.task_cond(batch, g)
-        # DiffusionTrainer.compute_loss builds the class / text cond and calls denoiser.loss;
-        # the task's inputs ride along, bound to that one call (an instance attribute shadows
-        # the method while it runs).
-        self.denoiser.loss = functools.partial(type(self.denoiser).loss, self.denoiser, **extra)
-        try:
-            return super().compute_loss(batch, g)
-        finally:
-            del self.denoiser.loss
 
     def loaded_ema(self):
         """The EMA weights as a LoadedModel, for the sample grids written while training."""
@@ -210,11 +208,11 @@ class InpaintTrainer(_ConcatTrainer):
 
     def sample_images(self, n: int = 8, steps: int = 20) -> torch.Tensor:
         """Rows: the masked input, the inpainted sample, the original."""
-        from ..pipelines.inpaint_model import inpaint_with_model
+        from ..pipelines.inpaint import inpaint
 
         images, kw = self.sample_cond(n)
         masks, _ = random_masks(n, images.shape[-2:], torch.Generator().manual_seed(0))
-        out = inpaint_with_model(self.loaded_ema(), images, masks, steps=steps, **kw)
+        out = inpaint(self.loaded_ema(), images, masks, steps=steps, **kw)
         return torch.cat([masked_image(images, masks), out, images])
 
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import held_out_images, random_crops
 from ..errors import UserError
 from ..io.model_folder import DataInfo, ModelMeta, load_model_folder, save_model_folder
 from ..metrics.quality import psnr_db, ssim
 from ..models.vae import fit_latent_rgb_map
-from .data import ShapesDataset, held_out_images, random_crops
 from .loop import Trainer, run_training
 
 
@@ -46,11 +46,12 @@ class VAETrainConfig:
     crop: int = 0  # train on random crops of this size (0: whole images); eval on whole images
     init_from: str | None = None  # start from this VAE folder's weights (its config, not preset)
     decoder_only: bool = False  # train the decoder alone: the latent space stays the source's
-    oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (data.sample_weights)
+    oversample: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" rules (ImageDataset hooks)
     quiet: bool = False
 
 
 class VAETrainer(Trainer):
+    cfg: VAETrainConfig
     resume_keys = ("data", "preset", "loss", "edge_weight", "crop", "init_from", "decoder_only")
 
     def setup(self) -> None:
@@ -149,7 +150,7 @@ class VAETrainer(Trainer):
         data stream (seed + 1); for fixed datasets (digits, folders), the last indices."""
         if self._eval_images is None:
             ds, n = self.dataset, min(self.cfg.eval_images, len(self.dataset))
-            if isinstance(ds, ShapesDataset):
+            if ds.procedural:
                 self._eval_images = held_out_images(self.cfg.data, n, self.cfg.seed + 1)
             else:
                 self._eval_images = torch.stack([ds[len(ds) - 1 - i]["image"] for i in range(n)])

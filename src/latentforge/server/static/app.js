@@ -262,7 +262,7 @@ async function submit(kind, form) {
   }
   const r = await api(`/v1/${kind}`, { method: "POST", body: JSON.stringify(body) });
   if (r.status !== 202) {
-    showMessage(describeError(r.status, r.data, r.headers), r.status === 501 ? "info" : "error");
+    showMessage(describeError(r.status, r.data, r.headers), "error");
     return;
   }
   const title = body.prompt || body.prompt_a || kind;

@@ -7,7 +7,7 @@ Specs (``parse_spec`` / ``load_dataset``):
 
 - ``digits[:RES]`` -- scikit-learn's bundled 8x8 handwritten digits (1,797 images), upsampled
   bilinearly to RES (default 16); one channel, labels 0-9, captions "a handwritten seven".
-- ``shapes[:RES][:N][:holdout]`` -- the procedural captioned shapes (``training/shapes.py``),
+- ``shapes[:RES][:N][:holdout]`` -- the procedural captioned shapes (the shapes wing, ``shapes/``),
   RES in 16..512 (default 64), N images (default 100,000); ``holdout`` redraws every scene that
   contains a ``HELD_OUT`` (colour, shape) pair, as used to train the default text-to-image
   model. Without it nothing is excluded. Image i is a pure function of (i, seed).
@@ -20,12 +20,12 @@ Specs (``parse_spec`` / ``load_dataset``):
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,28 +35,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from ..errors import UserError
-from ..io.images import from_pil
-from .shapes import (
-    BACKGROUND_COLOURS,
-    COLOURS,
-    SHAPES,
-    SIZES,
-    canonical_caption,
-    is_held_out,
-    render_shapes,
-    sample_caption,
-    shapes_record,
-)
-from .shapes import DEFAULT_RESOLUTION as SHAPES_RESOLUTION
+from .errors import UserError
+from .io.images import from_pil
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 DIGITS_RESOLUTION = 16
 FOLDER_RESOLUTION = 64
-SHAPES_LENGTH = 100_000
-_RESOLUTION_RANGE = {"digits": (8, 512), "shapes": (16, 512), "folder": (8, 4096)}
-_UNKNOWN = "unknown data spec {!r}; use shapes[:RES], digits[:RES] or folder:PATH"
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -88,6 +73,41 @@ class ImageDataset(torch.utils.data.Dataset):
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {self.spec!r} ({n} images)")
         return i % n
+
+    # ----- hooks a dataset's wing may fill in (the shapes wing does) ---------------------------
+    #: the layout planner (pipelines/layout.py) a text model trained on this data uses
+    default_layout: str | None = None
+    #: whether the seed selects a stream of new images (held-out images come from seed + 1)
+    procedural: bool = False
+    #: whether each image's record lists its objects (the object rules' hooks below work)
+    lists_objects: bool = False
+
+    def object_rules(self, rules: tuple[str, ...] | list[str], option: str) -> Any:
+        """`--oversample` / `--object-weight` rules, parsed for this data: only data whose
+        images list their objects can take them."""
+        raise UserError(f"{option} needs data whose images list their objects (shapes); "
+                        f"{self.spec!r} does not")  # fmt: skip
+
+    def sample_weights(self, rules: tuple[str, ...] | list[str]) -> torch.Tensor:
+        """Per-image draw weights (float64, one per index) for `--oversample` rules."""
+        self.object_rules(rules, "--oversample")
+        raise NotImplementedError
+
+    def object_weights(self, rules: Any, indices: torch.Tensor, side: int) -> torch.Tensor:
+        """Per-cell loss weights (B, 1, side, side) for parsed `--object-weight` rules."""
+        raise NotImplementedError
+
+    def region_captions(
+        self, indices: torch.Tensor, which: torch.Tensor, side: int
+    ) -> tuple[list[str | None], torch.Tensor]:
+        """One-object captions and loss weights for `--region-captions`."""
+        raise UserError(f"--region-captions needs data whose images list their objects "
+                        f"(shapes); {self.spec!r} does not")  # fmt: skip
+
+    def read_back(self, images: torch.Tensor) -> dict | None:
+        """How well images[i], a copy of item i through a lossy round trip (a VAE), still shows
+        what item i holds, by the data's own reader; None for data without one."""
+        return None
 
     def __repr__(self) -> str:
         return (
@@ -138,53 +158,6 @@ class DigitsDataset(ImageDataset):
             "image": self._images[i].clone(),
             "label": label,
             "caption": f"a handwritten {DIGIT_WORDS[label]}",
-        }
-
-
-# ---------------------------------------------------------------- shapes
-
-
-class ShapesDataset(ImageDataset):
-    """Procedural captioned shapes; image i is a pure function of (i, seed).
-
-    ``exclude(record) -> bool`` re-draws (deterministically) every scene it rejects, e.g.
-    ``exclude=is_held_out`` keeps the HELD_OUT (colour, shape) pairs out of training.
-    ``record(i)`` gives the attribute record behind image i (see ``shapes_record``).
-    """
-
-    def __init__(
-        self,
-        resolution: int = SHAPES_RESOLUTION,
-        length: int = SHAPES_LENGTH,
-        *,
-        seed: int = 0,
-        exclude: Callable[[dict], bool] | None = None,
-        spec: str | None = None,
-    ) -> None:
-        super().__init__(spec=spec or f"shapes:{resolution}", resolution=resolution, channels=3)
-        if length < 1:
-            raise UserError(f"shapes dataset length must be >= 1, got {length}")
-        self.length = length
-        self.seed = seed
-        self.exclude = exclude
-
-    def __len__(self) -> int:
-        return self.length
-
-    def record(self, i: int) -> dict:
-        return shapes_record(self._index(i), self.seed, self.resolution, exclude=self.exclude)
-
-    def caption(self, i: int) -> str:
-        i = self._index(i)
-        return sample_caption(self.record(i), i, self.seed)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = self._index(i)
-        record = self.record(i)
-        return {
-            "image": from_pil(render_shapes(record, self.resolution)),
-            "label": -1,
-            "caption": sample_caption(record, i, self.seed),
         }
 
 
@@ -343,50 +316,74 @@ class FolderDataset(ImageDataset):
 # ---------------------------------------------------------------- specs
 
 
-def _resolution(kind: str, text: str, spec: str) -> int:
-    lo, hi = _RESOLUTION_RANGE[kind]
+@dataclass(frozen=True)
+class DataKind:
+    """One kind of data spec, `NAME[:OPTIONS]`: how to read its options and build its dataset.
+
+    parse(rest, spec) -> (options with at least "resolution", whether the spec stated the
+    resolution); build(options, seed, spec) -> the dataset. A dataset's wing registers its kind
+    with `register_data_kind` (the shapes wing does), as a user's own data can.
+    """
+
+    name: str
+    usage: str  # e.g. "digits[:RES]", named in errors
+    resolution_range: tuple[int, int]
+    parse: Callable[[str, str], tuple[dict[str, Any], bool]]
+    build: Callable[[dict[str, Any], int, str], ImageDataset]
+
+
+DATA_KINDS: dict[str, DataKind] = {}
+
+
+def register_data_kind(kind: DataKind) -> None:
+    DATA_KINDS[kind.name] = kind
+
+
+def spec_resolution(kind: str, text: str, spec: str) -> int:
+    """A resolution written in a spec, checked against the kind's range."""
+    lo, hi = DATA_KINDS[kind].resolution_range
     if not text.isdigit() or not lo <= int(text) <= hi:
         raise UserError(f"bad data spec {spec!r}: resolution must be an integer in {lo}..{hi}")
     return int(text)
 
 
+def _parse_digits(rest: str, spec: str) -> tuple[dict[str, Any], bool]:
+    if rest:
+        return {"resolution": spec_resolution("digits", rest, spec)}, True
+    return {"resolution": DIGITS_RESOLUTION}, False
+
+
+def _parse_folder(rest: str, spec: str) -> tuple[dict[str, Any], bool]:
+    if not rest:
+        raise UserError(f"bad data spec {spec!r}: give a path, folder:PATH")
+    m = re.fullmatch(r"(.+):(\d+)", rest)
+    if m and not Path(rest).expanduser().exists():
+        return {"path": m[1], "resolution": spec_resolution("folder", m[2], spec)}, True
+    return {"path": rest, "resolution": FOLDER_RESOLUTION}, False
+
+
+register_data_kind(DataKind(
+    "digits", "digits[:RES]", (8, 512), _parse_digits,
+    lambda opts, seed, spec: DigitsDataset(opts["resolution"], spec=spec),
+))  # fmt: skip
+register_data_kind(DataKind(
+    "folder", "folder:PATH", (8, 4096), _parse_folder,
+    lambda opts, seed, spec: FolderDataset(opts["path"], opts["resolution"], spec=spec),
+))  # fmt: skip
+
+
 def _parse(spec: str) -> tuple[str, dict[str, Any], bool]:
     """(kind, options, whether the spec stated the resolution)."""
+    *first, last = [k.usage for k in DATA_KINDS.values()]
+    usages = f"{', '.join(first)} or {last}" if first else last
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(_UNKNOWN.format(spec))
-    kind, _, rest = spec.strip().partition(":")
-    kind = kind.lower()
-    if kind == "digits":
-        if rest:
-            return kind, {"resolution": _resolution(kind, rest, spec)}, True
-        return kind, {"resolution": DIGITS_RESOLUTION}, False
-    if kind == "shapes":
-        opts: dict[str, Any] = {"resolution": SHAPES_RESOLUTION}
-        ints = 0
-        for part in rest.split(":") if rest else []:
-            if part.lower() == "holdout":
-                opts["holdout"] = True
-            elif part.isdigit() and ints == 0:
-                opts["resolution"] = _resolution(kind, part, spec)
-                ints = 1
-            elif part.isdigit() and ints == 1 and int(part) > 0:
-                opts["length"] = int(part)
-                ints = 2
-            else:
-                raise UserError(
-                    f"bad data spec {spec!r}: expected shapes[:RES][:N][:holdout] "
-                    f"(RES in 16..512, N > 0)"
-                )
-        return kind, opts, ints > 0
-    if kind == "folder":
-        path = rest
-        if not path:
-            raise UserError(f"bad data spec {spec!r}: give a path, folder:PATH")
-        m = re.fullmatch(r"(.+):(\d+)", path)
-        if m and not Path(path).expanduser().exists():
-            return kind, {"path": m[1], "resolution": _resolution(kind, m[2], spec)}, True
-        return kind, {"path": path, "resolution": FOLDER_RESOLUTION}, False
-    raise UserError(_UNKNOWN.format(spec))
+        raise UserError(f"unknown data spec {spec!r}; use {usages}")
+    name, _, rest = spec.strip().partition(":")
+    kind = DATA_KINDS.get(name.lower())
+    if kind is None:
+        raise UserError(f"unknown data spec {spec!r}; use {usages}")
+    opts, stated = kind.parse(rest, spec)
+    return kind.name, opts, stated
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -402,8 +399,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def load_dataset(spec: str, *, seed: int = 0, resolution: int | None = None) -> ImageDataset:
     """Build the dataset for ``spec`` (see the module docstring for the spec grammar).
 
-    ``seed`` selects the shapes stream (digits and folders are fixed). ``resolution``
-    overrides the default resolution; it is an error if the spec states a different one.
+    ``seed`` selects the stream of procedural data (digits and folders are fixed).
+    ``resolution`` overrides the default resolution; it is an error if the spec states a
+    different one.
     """
     kind, opts, stated = _parse(spec)
     if resolution is not None:
@@ -412,161 +410,8 @@ def load_dataset(spec: str, *, seed: int = 0, resolution: int | None = None) -> 
                 f"data spec {spec!r} says resolution {opts['resolution']} "
                 f"but {resolution} was requested"
             )
-        opts["resolution"] = _resolution(kind, str(resolution), spec)
-    res = opts["resolution"]
-    if kind == "digits":
-        return DigitsDataset(res, spec=spec)
-    if kind == "shapes":
-        exclude = is_held_out if opts.get("holdout") else None
-        length = opts.get("length", SHAPES_LENGTH)
-        return ShapesDataset(res, length, seed=seed, exclude=exclude, spec=spec)
-    return FolderDataset(opts["path"], res, spec=spec)
-
-
-# ---------------------------------------------------------------- oversampling
-
-_ATTRIBUTES = {**dict.fromkeys(SIZES, "size"), **dict.fromkeys(COLOURS, "colour"),
-               **dict.fromkeys(SHAPES, "shape")}  # fmt: skip
-
-
-def parse_oversample(
-    rules: tuple[str, ...] | list[str], option: str = "--oversample"
-) -> list[tuple[dict[str, str], float]]:
-    """``["small star on gray=3"]`` -> ``[({"size": "small", "shape": "star", "background":
-    "gray"}, 3.0)]``.
-
-    A rule is ``WORDS [on COLOUR]=FACTOR``: WORDS name one object by its size, colour and/or
-    shape (any of them, at most one of each), ``on COLOUR`` the image's background (a palette
-    colour or gray); FACTOR > 0 scales how often an image holding such an object is drawn
-    (``--oversample``) or how much its pixels weigh in the loss (``--object-weight``). Raises
-    UserError, naming ``option``, on anything else.
-    """
-    parsed = []
-    for rule in rules:
-        words, sep, factor = str(rule).rpartition("=")
-        attrs: dict[str, str] = {}
-        head, on, background = f" {words.lower()}".partition(" on ")
-        if on:
-            background = re.sub(r"^an? |\s+background$", "", background.strip())
-            if background in BACKGROUND_COLOURS:
-                attrs["background"] = background
-            else:
-                head = ""  # a bad background: the rule is rejected below
-        for word in head.split():
-            kind = _ATTRIBUTES.get(word)
-            if kind is None or kind in attrs:
-                attrs = {}
-                break
-            attrs[kind] = word
-        try:
-            value = float(factor)
-        except ValueError:
-            value = float("nan")
-        if not sep or not attrs or not value > 0 or value == float("inf"):
-            raise UserError(
-                f"bad {option} {rule!r}: expected 'WORDS [on COLOUR]=FACTOR', WORDS one "
-                f"object's size, colour and/or shape ({', '.join([*SIZES, *COLOURS, *SHAPES])}), "
-                f"COLOUR the background (a colour or gray), FACTOR > 0"
-            )
-        parsed.append((attrs, value))
-    return parsed
-
-
-ObjectRules = list[tuple[dict[str, str], float]]  # parse_oversample's result
-
-
-def object_rules(
-    dataset: ImageDataset, rules: tuple[str, ...] | list[str], option: str
-) -> ObjectRules:
-    """``option``'s rules parsed (``parse_oversample``), after checking that ``dataset`` is
-    shapes data, the only kind whose attribute records say what each image holds."""
-    parsed = parse_oversample(rules, option)
-    if not isinstance(dataset, ShapesDataset):
-        raise UserError(f"{option} needs shapes data, whose images list their objects; "
-                        f"{dataset.spec!r} does not")  # fmt: skip
-    return parsed
-
-
-def _is(record: dict, obj: dict, attrs: dict[str, str]) -> bool:
-    """Whether an object of a record has every attribute a rule names (the background is the
-    record's)."""
-    return all((record if k == "background" else obj)[k] == v for k, v in attrs.items())
-
-
-def sample_weights(dataset: ImageDataset, rules: tuple[str, ...] | list[str]) -> torch.Tensor:
-    """Per-image draw weights (float64, one per dataset index) for ``--oversample`` rules: the
-    product of the factors of the rules an object of the image matches (1 when none does).
-    Only for ``shapes`` data (``object_rules``)."""
-    parsed = object_rules(dataset, rules, "--oversample")
-    weights = torch.ones(len(dataset), dtype=torch.float64)
-    matched = [0] * len(parsed)
-    for i in range(len(dataset)):
-        record = dataset.record(i)
-        for k, (attrs, factor) in enumerate(parsed):
-            if any(_is(record, o, attrs) for o in record["objects"]):
-                weights[i] *= factor
-                matched[k] += 1
-    for rule, count in zip(rules, matched, strict=True):
-        if not count:
-            warnings.warn(f"--oversample {rule!r} matches no image of {dataset.spec!r} "
-                          "(a :holdout spec leaves out the held-out colour/shape pairs)",
-                          stacklevel=2)  # fmt: skip
-    return weights
-
-
-def object_weights(
-    dataset: ImageDataset, rules: ObjectRules, indices: torch.Tensor, side: int
-) -> torch.Tensor:
-    """Per-pixel loss weights (B, 1, side, side) for ``--object-weight`` rules (parsed once by
-    ``object_rules``) on a side x side grid over images ``indices`` of shapes data: a cell
-    weighs the product of the factors of the rules whose object covers it (the object's
-    bounding box grown by one cell), 1 elsewhere. Cells are those of the latent grid when
-    ``side`` is the latent side."""
-    out = torch.ones(len(indices), 1, side, side)
-    for b, i in enumerate(indices.tolist()):
-        record = dataset.record(int(i))
-        for o in record["objects"]:
-            factor = math.prod(f for attrs, f in rules if _is(record, o, attrs))
-            if factor != 1:
-                out[b, 0][_cells(o, record["resolution"], side)] *= factor
-    return out
-
-
-def _cells(obj: dict, resolution: int, side: int) -> torch.Tensor:
-    """(side, side) bool: the cells of a side x side grid over the image whose centres lie in
-    the object's bounding box (half-side = radius) grown by one cell."""
-    centres = (torch.arange(side) + 0.5) / side  # fractions of the image side
-    reach = obj["radius"] / resolution + 1 / side
-    rows = (centres - obj["cy"] / resolution).abs() <= reach
-    cols = (centres - obj["cx"] / resolution).abs() <= reach
-    return rows[:, None] & cols[None, :]
-
-
-def region_captions(
-    dataset: ImageDataset, indices: torch.Tensor, which: torch.Tensor, side: int
-) -> tuple[list[str | None], torch.Tensor]:
-    """Region captions for images ``indices`` of shapes data (``--region-captions``): where
-    ``which`` is 0 or 1 and the image holds two objects, the caption of that object alone, as
-    regional prompting writes a box's prompt (``pipelines/layout.py``: the canonical one-object
-    caption with the image's background), and a (B, 1, side, side) loss weight that is 0 on the
-    other object's box grown by one cell (1 elsewhere); None and all-ones for the other images.
-
-    At inference every box is denoised under such a prompt while the image also holds the other
-    objects. Training on it teaches the U-Net that a one-object caption names what is in its box
-    and says nothing about the rest, instead of asking for an image with that object alone.
-    """
-    captions: list[str | None] = []
-    weight = torch.ones(len(indices), 1, side, side)
-    for b, (i, k) in enumerate(zip(indices.tolist(), which.tolist(), strict=True)):
-        record = dataset.record(int(i))
-        objects = record["objects"]
-        if k not in (0, 1) or len(objects) != 2:
-            captions.append(None)
-            continue
-        kept, other = objects[k], objects[1 - k]
-        captions.append(canonical_caption({"objects": [kept], "background": record["background"]}))
-        weight[b, 0][_cells(other, record["resolution"], side)] = 0
-    return captions, weight
+        opts["resolution"] = spec_resolution(kind, str(resolution), spec)
+    return DATA_KINDS[kind].build(opts, seed, spec)
 
 
 def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:

@@ -26,7 +26,6 @@ never touch and corners that stay background):
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -38,16 +37,10 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import UserError
-from ..guidance import interval_to_json
 from ..io.model_folder import LoadedModel
-from ..pipelines.generate import (
-    generate,
-    labels_from_prompt,
-    resolve_guidance_interval,
-    resolve_layout,
-    sampling_defaults,
-)
-from ..training.shapes import (
+from ..metrics.batching import generate_batched, prompt_conditioning
+from ..pipelines.settings import SampleSettings
+from .scenes import (
     BACKGROUND_COLOURS,
     PALETTE,
     POSITIONS,
@@ -60,7 +53,6 @@ from ..training.shapes import (
     render_shapes,
     shapes_record,
 )
-from .batching import run_batched
 
 OBJECT_ATTRIBUTES = ("colour", "shape", "size", "position")
 ATTRIBUTES = ("background", *OBJECT_ATTRIBUTES, "relation", "count")
@@ -370,45 +362,6 @@ def load_prompts(source: str | Path) -> list[str]:
 # ---------------------------------------------------------------- evaluation
 
 
-def generate_batched(
-    model: LoadedModel,
-    *,
-    num: int,
-    prompts: Sequence[str] | None = None,
-    labels: Sequence[int | None] | None = None,
-    seed: int = 0,
-    batch: int = 64,
-    progress: bool = False,
-    desc: str = "sampling",
-    **kwargs: Any,
-) -> tuple[torch.Tensor, float]:
-    """``num`` images in batches; image i uses seed ``seed + i`` whatever the batch size.
-
-    ``prompts`` / ``labels``: one per image (text / class models). Returns the images
-    (num, C, H, W) in [-1, 1] and the seconds spent sampling.
-    """
-
-    def run(start: int, stop: int) -> torch.Tensor:
-        cond: dict[str, Any] = {}
-        if prompts is not None:
-            cond["prompts"] = list(prompts[start:stop])
-        if labels is not None:
-            cond["labels"] = list(labels[start:stop])
-        return generate(model, num=stop - start, seed=seed + start, **cond, **kwargs)
-
-    return run_batched(run, num, batch, progress=progress, desc=desc)
-
-
-def _conditioning(model: LoadedModel, prompts: list[str]) -> dict[str, list]:
-    """generate's per-image conditioning for prompts: text models take them as they are, class
-    models the class each names (``labels_from_prompt``), unconditional models nothing."""
-    if model.conditioning == "text":
-        return {"prompts": prompts}
-    if model.conditioning == "class":
-        return {"labels": [labels_from_prompt(p, model.class_names) for p in prompts]}
-    return {}
-
-
 def _mean(values: list[bool]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
@@ -416,22 +369,18 @@ def _mean(values: list[bool]) -> float:
 def evaluate_prompts(
     model: LoadedModel,
     prompts: Sequence[str],
+    settings: SampleSettings | None = None,
     *,
     per_prompt: int = 4,
-    seed: int = 0,
-    sampler: str | None = None,
-    steps: int | None = 20,
-    guidance: float | None = None,
-    guidance_interval: Sequence[float | None] | None = None,
-    layout: str | None = None,
     batch: int = 64,
     progress: bool = False,
-    bf16: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Generate ``per_prompt`` images for every prompt and score them with ``analyse``.
 
-    ``layout``: the regions planner of text models (``generate``'s; the model's default when
-    None, recorded in ``settings``). ``bf16``: sample under bf16 autocast (``generate``'s).
+    settings / keyword overrides: as for ``generate`` (seed, sampler, steps: 20 unless given,
+    guidance, guidance_interval, layout, bf16); unset ones are the model's defaults, and the
+    resolved values are recorded in ``settings``.
 
     Image k of prompt i uses seed ``seed + i * per_prompt + k``. Returns ``prompt_accuracy``
     (fraction of images with every stated attribute right), ``attribute_accuracy`` (per
@@ -450,16 +399,13 @@ def evaluate_prompts(
     for p, want in zip(prompts, parsed, strict=True):
         if not states_anything(want):
             raise UserError(f"prompt {p!r} states no colour, shape, size, position or background")
-    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
-    interval = resolve_guidance_interval(model, guidance_interval) or (0.0, math.inf)
     per_image = [p for p in prompts for _ in range(per_prompt)]
-    cond = _conditioning(model, per_image)
-    layout = resolve_layout(model, layout) if "prompts" in cond else "none"
+    s = SampleSettings.build(settings or SampleSettings(steps=20), **overrides)
+    s = s.replace(num=len(per_image)).resolve(model)
+    cond = prompt_conditioning(model, per_image)
     images, seconds = generate_batched(
-        model, num=len(per_image), **cond, seed=seed, batch=batch,
-        progress=progress, desc="eval prompts", sampler=sampler, steps=steps, guidance=guidance,
-        guidance_interval=interval, layout=layout, bf16=bf16,
-    )  # fmt: skip
+        model, s, **cond, batch=batch, progress=progress, desc="eval prompts"
+    )
 
     rows, correct, by_attr = [], [], {a: [] for a in ATTRIBUTES}
     by_split: dict[str, list[bool]] = {}
@@ -493,13 +439,13 @@ def evaluate_prompts(
         "n_prompts": len(prompts),
         "settings": dict(
             per_prompt=per_prompt,
-            seed=seed,
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            guidance_interval=interval_to_json(interval),
-            layout=layout,
-            bf16=bf16,
+            seed=s.seed,
+            sampler=s.sampler,
+            steps=s.steps,
+            guidance=s.guidance,
+            guidance_interval=list(s.guidance_interval),
+            layout=s.layout,
+            bf16=s.bf16,
         ),
         "per_prompt": rows,
     }

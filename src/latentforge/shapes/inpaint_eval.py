@@ -26,7 +26,6 @@ stream 0, so no scene was a training image), for the first n scenes that qualify
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +33,13 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..guidance import interval_to_json
 from ..io.images import from_pil
 from ..io.model_folder import LoadedModel
-from ..pipelines.generate import resolve_guidance_interval, resolve_layout, sampling_defaults
+from ..metrics.batching import prompt_conditioning, run_batched
 from ..pipelines.inpaint import inpaint
-from ..training.shapes import COLOURS, HELD_OUT, SHAPES, canonical_caption, render_shapes
-from .batching import run_batched
-from .shapes_eval import ATTRIBUTES, _conditioning, analyse, matches
+from ..pipelines.settings import SampleSettings
+from .evaluate import ATTRIBUTES, analyse, matches
+from .scenes import COLOURS, HELD_OUT, SHAPES, canonical_caption, render_shapes
 
 MODES = ("replace", "restore")
 MAX_OVERLAP = 0.2  # the most of the other object's pixels a hole may cover
@@ -102,7 +100,7 @@ def replacement(obj: dict, background: str, key: str, *, avoid_held_out: bool) -
 
 
 def _require_shapes(spec: str) -> dict:
-    from ..training.data import parse_spec
+    from ..data import parse_spec
 
     kind, opts = parse_spec(spec)
     if kind != "shapes":
@@ -123,7 +121,7 @@ def inpaint_tasks(
 ) -> tuple[list[InpaintTask], int]:
     """The first n qualifying scenes of stream `data_seed` of a shapes spec, as tasks, and how
     many scenes were skipped (both objects too close to mask one alone)."""
-    from ..training.data import load_dataset
+    from ..data import load_dataset
 
     if mode not in MODES:
         raise UserError(f"unknown inpaint eval mode {mode!r}; choose one of {list(MODES)}")
@@ -201,23 +199,21 @@ def evaluate_inpaint(
     mode: str = "replace",
     data: str | None = None,
     data_seed: int = 1,
-    seed: int = 0,
-    sampler: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    guidance_interval: Sequence[float | None] | None = None,
-    layout: str | None = None,
+    settings: SampleSettings | None = None,
     resample: int = 1,
     jump: int = 1,
     feather: int = 0,
     dilate: int | None = None,
     batch: int = 64,
     progress: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Inpaint a masked object in n held-out shapes scenes and score the holes (see the module
     docstring). Returns `hole_accuracy`, `prompt_accuracy`, `attribute_accuracy`,
     `unmasked_max_abs_diff`, `images_per_s` (inpainting only), `ground_truth` (the same
-    scores on the targets' renders), `skipped`, `settings` and `per_scene`."""
+    scores on the targets' renders), `skipped`, `settings` and `per_scene`. settings / keyword
+    overrides: as for `inpaint` (seed, sampler, steps, guidance, guidance_interval, layout);
+    scene i is inpainted with seed `seed + i`."""
     task = model.task
     if task not in ("generate", "inpaint"):
         raise UserError(f"{model.path} is a {task!r} model; eval inpaint needs a generating "
@@ -233,16 +229,13 @@ def evaluate_inpaint(
                                    mode=mode, dilate=dilate)  # fmt: skip
     images = torch.stack([t.image for t in tasks])  # (n, 3, H, W)
     masks = torch.stack([t.mask for t in tasks])[:, None].float()  # (n, 1, H, W)
-    cond = _conditioning(model, [t.prompt for t in tasks])
-    sampler, steps, guidance = sampling_defaults(model, sampler, steps, guidance)
-    interval = interval_to_json(resolve_guidance_interval(model, guidance_interval))
-    layout = resolve_layout(model, layout) if "prompts" in cond else "none"
+    cond = prompt_conditioning(model, [t.prompt for t in tasks])
+    st = SampleSettings.build(settings, **overrides).resolve(model)
 
     def run(start: int, stop: int) -> torch.Tensor:
         part = {k: v[start:stop] for k, v in cond.items()}
         return inpaint(
-            model, images[start:stop], masks[start:stop], seed=seed + start, sampler=sampler,
-            steps=steps, guidance=guidance, guidance_interval=interval, layout=layout,
+            model, images[start:stop], masks[start:stop], st.replace(seed=st.seed + start),
             resample=resample, jump=jump, feather=feather, **part,
         )  # fmt: skip
 
@@ -270,16 +263,16 @@ def evaluate_inpaint(
         "mask_fraction": round(masks.mean().item(), 4),
         "images_per_s": round(n / max(seconds, 1e-9), 3),
         "settings": dict(
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            guidance_interval=interval,
-            layout=layout,
+            sampler=st.sampler,
+            steps=st.steps,
+            guidance=st.guidance,
+            guidance_interval=list(st.guidance_interval),
+            layout=st.layout,
             resample=resample,
             jump=jump,
             feather=feather,
             dilate=dilate,
-            seed=seed,
+            seed=st.seed,
         ),
         "per_scene": [
             dict(

@@ -7,8 +7,8 @@ gives the same scene at every resolution. Captions come from templates with syno
 canonical template (``canonical_caption``) is the most common and ``parse_prompt`` inverts it
 (and the synonym templates), which is what the evaluators use to score generated images.
 
-The dataset class itself (``ShapesDataset``) lives in ``latentforge.training.data`` next to
-the other loaders; it is re-exported here lazily.
+The dataset class (``ShapesDataset``) and the training rules that read these records are in
+``shapes/dataset.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from ..models.text import IMAGE_NOUNS
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -124,7 +126,6 @@ _VERTICAL = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}
 _HORIZONTAL = {"left": 0, "right": 2}
 _CENTRE = {"center", "centre", "middle", "central"}
 _BACKGROUND_NOUNS = {"background", "backdrop", "backround"}
-_IMAGE_NOUNS = {"image", "picture", "frame", "canvas", "scene", "photo"}
 # Relation phrases as token tuples, longest first so "to the left of" wins over "left of".
 _RELATION_PHRASES: list[tuple[tuple[str, ...], str]] = sorted(
     [
@@ -408,7 +409,7 @@ def _match_relation(tokens: list[str], i: int) -> tuple[str, int] | None:
         n = len(phrase)
         if tuple(tokens[i : i + n]) == phrase:
             rest = [t for t in tokens[i + n : i + n + 2] if t not in ("the", "a", "an")]
-            if relation in ("left of", "right of") and rest[:1] and rest[0] in _IMAGE_NOUNS:
+            if relation in ("left of", "right of") and rest[:1] and rest[0] in IMAGE_NOUNS:
                 return None  # "in the top left of the image" is a position
             return relation, n
     return None
@@ -501,12 +502,3 @@ def parse_prompt(text: str) -> dict[str, Any]:
         "background": background,
         "relation": relation if len(objects) >= 2 else None,
     }
-
-
-def __getattr__(name: str) -> Any:
-    # ShapesDataset subclasses data.ImageDataset; importing it lazily avoids an import cycle.
-    if name == "ShapesDataset":
-        from .data import ShapesDataset
-
-        return ShapesDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,84 @@
+"""`latentforge generate` (prompt -> PNG, or reproduce a PNG) and `latentforge sample` (a grid)."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import UserError
+from .common import parse_label
+from .options import (
+    guidance_interval_option,
+    guidance_option,
+    layout_option,
+    model_option,
+    negative_option,
+    out_option,
+    sampling_options,
+)
+
+
+@click.command()
+@model_option(help="model folder", required=True)
+@click.option("--label", default=None, help="class index or name (class models)")
+@guidance_option()
+@guidance_interval_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
+@sampling_options
+def sample(model_dir, label, guidance, guidance_interval, out, sampler, steps, spacing, options,
+           seed, num, bf16) -> None:  # fmt: skip
+    """Sample a grid of images from a model folder."""
+    from ..io.images import save_grid
+    from ..io.model_folder import load_diffusion_model
+    from ..pipelines.generate import generate
+    from ..pipelines.settings import SampleSettings
+
+    model = load_diffusion_model(model_dir)
+    labels = None
+    if label is not None:
+        labels = [parse_label(label, model.class_names, model.num_classes)]
+    settings = SampleSettings.build(
+        sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+        guidance_interval=guidance_interval, seed=seed, num=num, bf16=bf16, knobs=options,
+    )  # fmt: skip
+    images = generate(model, settings, labels=labels)
+    save_grid(images, out, seed=seed, sampler=sampler or "", steps=steps or "")
+    click.echo(f"wrote {num} image(s) to {out}")
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@model_option(help="model folder")
+@negative_option
+@guidance_option()
+@guidance_interval_option
+@layout_option
+@click.option("--region", "regions", multiple=True, type=(str, float, float, float, float),
+              metavar="PROMPT X0 Y0 X1 Y1",
+              help="draw PROMPT inside the box (fractions of the side, origin top left); "
+              "repeat for more regions; replaces --layout")  # fmt: skip
+@out_option()
+@click.option("--preview", type=click.Path(dir_okay=False), default=None,
+              help="GIF of the x0-estimate at every step")  # fmt: skip
+@click.option("--from-png", type=click.Path(dir_okay=False), default=None,
+              help="reproduce a PNG made by generate from its embedded parameters")  # fmt: skip
+@sampling_options
+def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, regions, out,
+             preview, from_png, **opts) -> None:  # fmt: skip
+    """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
+    from ..guidance import Region
+    from ..pipelines.generate import generate_to_png, settings_from_png
+    from ..pipelines.settings import SampleSettings
+
+    if from_png:  # everything but --model, --out and --preview comes from the PNG
+        prompt, settings, png_model = settings_from_png(from_png)
+        model_dir = model_dir or png_model
+    elif prompt is None:
+        raise UserError("give a PROMPT (or --from-png FILE)")
+    else:
+        settings = SampleSettings.build(
+            negative=negative, guidance=guidance, guidance_interval=guidance_interval,
+            layout=layout, regions=[Region(r[0], tuple(r[1:])) for r in regions],
+            knobs=opts.pop("options"), **opts,
+        )  # fmt: skip
+    info = generate_to_png(model_dir, out, prompt=prompt, preview=preview, settings=settings)
+    click.echo(f"wrote {info['num']} image(s) ({info['conditioning']}) to {out}")

@@ -1,0 +1,189 @@
+"""The options several commands share, defined once so that their names, types and defaults
+cannot drift apart between generate, sample, img2img, inpaint, interpolate, upscale and eval.
+
+Options that read the same everywhere are plain decorators (`@num_option`); those whose help
+text differs by command (what the default model is, what the steps count) are factories taking
+that text (`@model_option(help=...)`), so each command keeps its own wording. `stack` applies
+several in help order. Choices that need the library (sampler names, spacings, layouts) are
+read when a command is defined, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[F], F]
+
+EMBEDDED_MODEL = "model folder (default: the embedded model)"
+
+
+def stack(*decorators: Decorator) -> Decorator:
+    """One decorator applying `decorators` as if written one above the other (so --help lists
+    their options in this order)."""
+
+    def apply(f: F) -> F:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+# ----- options with one wording everywhere -------------------------------------------------------
+def guidance_interval_option(f: F) -> F:
+    """--guidance-interval LO HI, shared by the commands that sample with guidance."""
+    return click.option(
+        "--guidance-interval", nargs=2, type=float, default=None, metavar="LO HI",
+        help="guide only at noise levels LO < sigma <= HI, one network call elsewhere "
+        "(model default; '0 inf': every step)",
+    )(f)  # fmt: skip
+
+
+def layout_option(f: F) -> F:
+    """--layout NAME, shared by the commands that generate from prompts: the registered layout
+    planners (pipelines/layout.py; the shapes wing adds "shapes")."""
+    from ..pipelines.layout import layout_names
+
+    return click.option(
+        "--layout", type=click.Choice(layout_names()), default=None,
+        help="regional prompting: 'shapes' reads one region per object from the prompt and "
+        "denoises each box under its own one-object prompt (model default; see "
+        "docs/text-to-image.md)",
+    )(f)  # fmt: skip
+
+
+def negative_option(f: F) -> F:
+    """--negative PROMPT (generate and the editing commands)."""
+    return click.option("--negative", default="", help="negative prompt (text models)")(f)
+
+
+def num_option(f: F) -> F:
+    """--num N: images per call."""
+    return click.option("--num", type=click.IntRange(min=1), default=1, show_default=True)(f)
+
+
+def _parse_options(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict | None:
+    """--opt KEY=VALUE pairs -> {key: value}, values read as JSON where they parse (numbers,
+    true/false), as strings otherwise (variant=bh1)."""
+    import json
+
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out or None
+
+
+def sampler_knobs_option(f: F) -> F:
+    """--opt KEY=VALUE (repeatable) -> `options`, a dict of sampler knobs or None."""
+    return click.option(
+        "--opt", "options", multiple=True, metavar="KEY=VALUE", callback=_parse_options,
+        help="sampler knob, repeatable (e.g. --opt eta=0.5 --opt order=3; see docs/samplers.md)",
+    )(f)  # fmt: skip
+
+
+def inpaint_options(f: F) -> F:
+    """The RePaint and seam options shared by `inpaint` and `eval inpaint`."""
+    f = click.option("--feather", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="soften the seam over this many pixels inside the mask")(f)  # fmt: skip
+    f = click.option("--jump", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="RePaint: steps per stretch before jumping back up")(f)  # fmt: skip
+    return click.option("--resample", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="RePaint: run each stretch of steps N times")(f)  # fmt: skip
+
+
+def json_option(f: F) -> F:
+    """--json -> `as_json`: the evaluators' machine-readable output."""
+    return click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(f)
+
+
+def quiet_option(f: F) -> F:
+    """--quiet: no progress bar (training, evaluation)."""
+    return click.option("--quiet", is_flag=True, help="no progress bar")(f)
+
+
+# ----- options whose help text is the command's own ----------------------------------------------
+def model_option(help: str = EMBEDDED_MODEL, *, required: bool = False) -> Decorator:
+    """--model PATH -> `model_dir`; `help` says what kind of folder and what the default is."""
+    return click.option(
+        "--model", "model_dir", required=required, default=None, type=click.Path(), help=help
+    )
+
+
+def sampler_option(help: str | None = None) -> Decorator:
+    """--sampler NAME; help lists the samplers unless given."""
+    if help is None:
+        from ..sampling import SAMPLERS
+
+        help = f"one of {', '.join(sorted(SAMPLERS))}"
+    return click.option("--sampler", default=None, help=help)
+
+
+def steps_option(
+    help: str | None = "denoising steps (model default)", default: int | None = None
+) -> Decorator:
+    """--steps N; a fixed default (the evaluators') is shown in --help."""
+    return click.option(
+        "--steps", type=click.IntRange(min=1), default=default, show_default=default is not None,
+        help=help,
+    )  # fmt: skip
+
+
+def spacing_option(help: str | None = None) -> Decorator:
+    """--spacing NAME; help lists the spacings unless given."""
+    if help is None:
+        from ..schedules import SPACINGS
+
+        help = f"noise-level spacing: one of {', '.join(SPACINGS)}"
+    return click.option("--spacing", default=None, help=help)
+
+
+def guidance_option(help: str = "classifier-free guidance scale") -> Decorator:
+    """--guidance SCALE (None: the model's default)."""
+    return click.option("--guidance", type=float, default=None, help=help)
+
+
+def seed_option(help: str | None = None) -> Decorator:
+    """--seed N, 0 by default."""
+    return click.option("--seed", type=int, default=0, show_default=True, help=help)
+
+
+def bf16_option(
+    help: str = "bf16 autocast for the denoiser and decoder: about 1.5x faster on CPUs with "
+    "AVX512-BF16 or AMX, slow on others",
+) -> Decorator:
+    """--bf16/--no-bf16 for sampling (off by default)."""
+    return click.option("--bf16/--no-bf16", default=False, show_default=True, help=help)
+
+
+def out_option(default: str = "out.png", help: str | None = None) -> Decorator:
+    """--out FILE, a default file name shown in --help."""
+    return click.option(
+        "--out", default=default, show_default=True, type=click.Path(dir_okay=False), help=help
+    )
+
+
+def batch_option(help: str | None = None) -> Decorator:
+    """--batch N: images per batch in the evaluators, 64 by default."""
+    return click.option(
+        "--batch", type=click.IntRange(min=1), default=64, show_default=True, help=help
+    )
+
+
+def sampling_options(f: F) -> F:
+    """The sampling options of `generate` and `sample` (in their --help order)."""
+    return stack(
+        bf16_option(), num_option, seed_option(), sampler_knobs_option, spacing_option(),
+        steps_option(), sampler_option(),
+    )(f)  # fmt: skip

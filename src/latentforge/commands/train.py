@@ -1,0 +1,148 @@
+"""`latentforge train diffusion | vae`: options -> a training config -> the trainer."""
+
+from __future__ import annotations
+
+import click
+
+from .options import quiet_option, seed_option
+
+oversample_option = click.option(
+    "--oversample", metavar="WORDS=FACTOR", multiple=True,
+    help="shapes data: draw images holding such an object FACTOR times as often, e.g. "
+         "'small star=3' (size, colour and/or shape words, optionally 'on COLOUR' for the "
+         "background: 'blue star on gray=4'; repeatable; draws with replacement)",
+)  # fmt: skip
+
+
+@click.group()
+def train() -> None:
+    """Train a model from scratch (diffusion U-Net or VAE)."""
+
+
+@train.command("diffusion")
+@click.option("--data", required=True, help="shapes[:RES], digits[:RES] or folder:PATH")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="model folder")
+@click.option(
+    "--cond", type=click.Choice(["none", "class", "text"]), default="none", show_default=True
+)
+@click.option("--preset", default="tiny", show_default=True, help="U-Net preset")
+@click.option("--max-steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True, help="after warm-up: constant, or cosine decay to 0 at "
+                                      "--max-steps (may change on --resume)")  # fmt: skip
+@click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
+@click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
+              help="what the network predicts [default: v with --vae, eps for pixels]")  # fmt: skip
+@click.option(
+    "--beta-schedule",
+    type=click.Choice(["linear", "scaled_linear", "cosine"]),
+    default="cosine",
+    show_default=True,
+)
+@click.option("--bf16/--no-bf16", default=False, help="bf16 autocast for the forward pass")
+@seed_option()
+@click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--vae", type=click.Path(), default=None, help="VAE folder: latent diffusion")
+@click.option("--cache-latents", is_flag=True, help="encode the dataset once (with --vae)")
+@click.option("--cache-text", is_flag=True,
+              help="encode every training caption once (--cond text; float16 table)")  # fmt: skip
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="store the --cache-latents / --cache-text tables here and reuse them (resume, "
+                   "other runs on the same data, VAE and text encoder)")  # fmt: skip
+@click.option("--text-encoder", type=click.Choice(["minilm"]), default="minilm", show_default=True)
+@click.option("--text-phrases", type=click.IntRange(min=0), default=0, show_default=True,
+              help="phrase slots after the text tokens: the mean state of each phrase of the "
+                   "prompt (an object with its colour, size and place), so cross-attention "
+                   "sees each object bound in one key (0: tokens only)")  # fmt: skip
+@click.option("--text-phrase-only", is_flag=True,
+              help="with --text-phrases: condition on the phrase slots and the prompt's mean "
+                   "state alone, without the token states")  # fmt: skip
+@click.option("--task", type=click.Choice(["generate", "superres", "inpaint"]), default="generate",
+              show_default=True, help="superres / inpaint: an image-conditioned model")  # fmt: skip
+@click.option("--scale", type=click.Choice(["2", "4"]), default="4", show_default=True,
+              callback=lambda ctx, param, v: int(v),
+              help="--task superres: upscaling factor")  # fmt: skip
+@click.option("--crop", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--task superres: train on random CROPxCROP crops (0: whole images); "
+                   "the model still upscales whole images, tile by tile")  # fmt: skip
+@click.option("--init-from", type=click.Path(), default=None,
+              help="start from this diffusion model folder's weights (fine-tuning); a wider "
+                   "conv_in (--task inpaint / superres) gets zero kernels for the new "
+                   "channels")  # fmt: skip
+@oversample_option
+@click.option("--object-weight", metavar="WORDS=FACTOR", multiple=True,
+              help="shapes data: weigh the loss on the pixels of such an object (its box, one "
+                   "latent cell wider) FACTOR times, e.g. 'small star=4' (words as --oversample; "
+                   "repeatable)")  # fmt: skip
+@click.option("--region-captions", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              metavar="P",
+              help="shapes data, --cond text: caption this share of the two-object images as "
+                   "one of their objects alone (the prompt regional prompting gives its box) "
+                   "and leave the other object's box out of the loss")  # fmt: skip
+@click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
+@quiet_option
+def train_diffusion_cmd(resume: bool, **kw) -> int:
+    """Train a diffusion U-Net, in pixel space or (with --vae) in a VAE's latent space."""
+    from ..training import TrainConfig, train_diffusion
+
+    if kw["prediction"] is None:
+        # Latents have no fixed range to clip x0 estimates to, and an eps model's x0 estimate at
+        # high noise is its eps error times sigma: v-prediction stays bounded there.
+        kw["prediction"] = "v" if kw["vae"] else "eps"
+    return train_diffusion(TrainConfig(**kw), resume=resume)
+
+
+@train.command("vae")
+@click.option("--data", required=True, help="shapes[:RES], digits[:RES] or folder:PATH")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="model folder")
+@click.option("--preset", default="f4-tiny", show_default=True, help="VAE preset")
+@click.option("--max-steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True, help="after warm-up: constant, or cosine decay to 0 at "
+                                      "--max-steps (may change on --resume)")  # fmt: skip
+@click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-6, show_default=True)
+@click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--edge-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="extra weight of the reconstruction loss on and next to the target's edges "
+                   "(pixels weigh 1 + this there; small shapes are mostly edge)")  # fmt: skip
+@click.option(
+    "--disc-start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="step at which the patch discriminator (hinge loss) starts; 0 = never",
+)
+@click.option("--disc-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--crop", type=click.IntRange(min=0), default=0, show_default=True,
+              help="train on random CROPxCROP crops (a multiple of the downsampling factor; "
+                   "0: whole images); evaluation uses whole images")  # fmt: skip
+@click.option(
+    "--init-from",
+    type=click.Path(),
+    default=None,
+    help="start from this VAE folder's weights (its architecture; --preset is ignored)",
+)
+@click.option("--decoder-only", is_flag=True,
+              help="with --init-from: train the decoder alone; the encoder, the latent space "
+                   "and the scaling factor stay the source's, so diffusion models trained on "
+                   "its latents can use the new decoder")  # fmt: skip
+@click.option("--bf16/--no-bf16", default=False)
+@seed_option()
+@click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
+@oversample_option
+@click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
+@quiet_option
+def train_vae_cmd(resume: bool, **kw) -> int:
+    """Train a KL autoencoder; its scaling factor and PSNR go into model.json."""
+    from ..training.vae_train import VAETrainConfig, train_vae
+
+    return train_vae(VAETrainConfig(**kw), resume=resume)

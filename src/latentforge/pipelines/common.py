@@ -1,0 +1,211 @@
+"""What the pipelines share: conditioning (class / text / regions, under classifier-free
+guidance), the noise schedule, the start of a partial (SDEdit) schedule, input batches.
+
+Every pipeline conditions through `condition` (or `conditioning` for hand-made inputs) and
+builds its schedule with `make_sigmas`, so a model behaves the same in text-to-image, img2img,
+inpainting, super-resolution and interpolation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import sampling, schedules
+from ..errors import UserError
+from ..guidance import CFGDenoiser, Region, RegionalDenoiser, parse_interval, region_conditioning
+from ..io.model_folder import LoadedModel, ModelFolder
+from .layout import plan_layout
+from .settings import SampleSettings, per_image
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def labels_from_prompt(prompt: str, class_names: list[str]) -> int | None:
+    """The class a prompt names (a class name or a digit word / numeral), or None."""
+    words = re.findall(r"[a-z0-9]+", prompt.lower())
+    names = [n.lower() for n in class_names]
+    for w in words:
+        if w in names:
+            return names.index(w)
+        if w in _NUMBER_WORDS and str(_NUMBER_WORDS.index(w)) in names:
+            return names.index(str(_NUMBER_WORDS.index(w)))
+    return None
+
+
+def describe_conditioning(model: ModelFolder, prompt: str) -> tuple[dict, str]:
+    """Keyword arguments for `generate` from a prompt, and a few words saying what they mean."""
+    if model.conditioning == "text":
+        return {"prompts": [prompt]}, f"prompt {prompt!r}"
+    if model.conditioning == "class":
+        label = labels_from_prompt(prompt, model.class_names)
+        if label is None:
+            return {"labels": [None]}, "no class named in the prompt: unconditional"
+        return {"labels": [label]}, f"class {model.class_names[label]!r}"
+    return {}, "unconditional model"
+
+
+def make_sigmas(model: LoadedModel, steps: int, spacing: str | None = None) -> torch.Tensor:
+    den = model.denoiser
+    spacing = spacing or model.defaults.spacing or "karras"
+    return schedules.get_sigmas(
+        spacing,
+        steps,
+        sigma_min=den.sigma_min,
+        sigma_max=den.sigma_max,
+        train_sigmas=getattr(den, "train_sigmas64", None),
+    )
+
+
+def conditioning(
+    model: LoadedModel,
+    num: int,
+    *,
+    labels: list[int | None] | None = None,
+    prompts: list[str] | None = None,
+    negative: str | list[str] | None = None,
+    guidance: float = 1.0,
+    guidance_interval: Sequence[float | None] | None = None,
+    regions: list[list[Region]] | None = None,
+) -> tuple[nn.Module, dict]:
+    """The denoiser to sample (CFG-wrapped when guidance != 1) and its per-image cond dict.
+
+    Every pipeline (text2img, img2img, inpaint, interpolate) conditions through this one place.
+    Text models: the negative prompt replaces the empty prompt of the unconditional branch.
+    guidance_interval: (lo, hi) sigmas outside which guidance is skipped (one network call);
+    None or (0, inf) guides every step. regions (text models): per-image region lists (one
+    list for all images, or one per image; see `plan_regions`); images with regions are
+    denoised box by box under the region prompts (`RegionalDenoiser`), the unconditional
+    branch stays as it is.
+    """
+    interval = parse_interval(guidance_interval)
+    denoiser, cond = model.denoiser, {}
+    if model.text_encoder is not None:
+        prompts = per_image(prompts or [""], num, "prompts")
+        negatives = per_image([negative] if isinstance(negative, str) else negative or [""],
+                               num, "negative prompts")  # fmt: skip
+        context, mask = model.text_encoder.encode(prompts)
+        cond = {"context": context, "context_mask": mask}
+        if regions and any(regions):
+            lists = per_image(list(regions), num, "region lists")
+            cond.update(region_conditioning(model.text_encoder, lists, model.image_shape[1:]))
+            denoiser = RegionalDenoiser(denoiser)
+        if guidance != 1.0:
+            u_context, u_mask = model.text_encoder.encode(negatives)
+            uncond = {"context": u_context, "context_mask": u_mask}
+            # no regions in the unconditional half: zero weights
+            uncond.update(
+                {k: torch.zeros_like(v) for k, v in cond.items() if k.startswith("region_")}
+            )
+            denoiser = CFGDenoiser(denoiser, guidance, uncond, interval=interval)
+        return denoiser, cond
+    if model.num_classes:
+        null = model.num_classes
+        labels = per_image(labels or [None], num, "labels")
+        ids = torch.tensor([null if lab is None else int(lab) for lab in labels])
+        if ((ids < 0) | (ids > null)).any():
+            raise UserError(f"labels must be in 0..{null - 1}")
+        cond = {"class_labels": ids}
+        if guidance != 1.0:
+            uncond = {"class_labels": torch.full_like(ids, null)}
+            denoiser = CFGDenoiser(denoiser, guidance, uncond, interval=interval)
+    return denoiser, cond
+
+
+def plan_regions(
+    model: LoadedModel, prompts: list[str] | None, num: int, settings: SampleSettings
+) -> list[list[Region]] | None:
+    """Per-image regions for a text model (resolved settings): the settings' regions for
+    every image when given, else what its layout planner reads from each prompt; None for
+    models without a text encoder or with layout "none"."""
+    if model.text_encoder is None:
+        return None
+    if settings.regions:
+        return [list(settings.regions)] * num
+    if settings.layout in (None, "none"):
+        return None
+    return [plan_layout(settings.layout, p) for p in per_image(prompts or [""], num, "prompts")]
+
+
+def condition(
+    model: LoadedModel,
+    num: int,
+    settings: SampleSettings,
+    *,
+    labels: list[int | None] | None = None,
+    prompts: list[str] | None = None,
+) -> tuple[nn.Module, dict]:
+    """`conditioning` under resolved settings: their guidance, interval, negative prompt and
+    regions (given, or planned from the prompts)."""
+    return conditioning(
+        model, num, labels=labels, prompts=prompts, negative=settings.negative or None,
+        guidance=settings.guidance, guidance_interval=settings.guidance_interval,
+        regions=plan_regions(model, prompts, num, settings),
+    )  # fmt: skip
+
+
+def schedule_tail(
+    model: LoadedModel, steps: int, strength: float, spacing: str | None = None
+) -> torch.Tensor:
+    """The last round(strength * steps) intervals of the full schedule: sigmas[steps - k:]
+    (k + 1 levels, ending in 0; a single 0 when k == 0)."""
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength must be in [0, 1], got {strength}")
+    k = round(strength * steps)
+    return make_sigmas(model, steps, spacing)[steps - k :]
+
+
+def start_point(
+    model: LoadedModel, z: torch.Tensor, sigmas: torch.Tensor, full: bool, gen: sampling.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x at sigmas[0], the unit noise eps in it): SDEdit's x = z + sigma_start * eps.
+
+    `full` (the whole schedule runs): the prior exactly as `generate` draws it (same draws from
+    the same generator), so strength 1 is text-to-image bit for bit; z is not used.
+    """
+    sigma = float(sigmas[0])
+    if full:
+        x = sampling.prior_noise(model.denoiser, z.shape, sigma, gen).to(z)
+        return x, x / _prior_scale(model, sigma)
+    eps = sampling.randn_like(torch.empty(z.shape), gen).to(z)
+    return z + sigma * eps, eps
+
+
+def _prior_scale(model: LoadedModel, sigma: float) -> float:
+    den = model.denoiser
+    return den.prior_scale(sigma) if hasattr(den, "prior_scale") else sigma
+
+
+def batch_images(images: torch.Tensor, num: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, H, W) or (C, H, W) in the model's output shape -> a batch of max(B, num): one
+    image is repeated for num seeds; B > 1 images need num 1 or num == B."""
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        raise UserError(
+            f"images must be (B, {', '.join(map(str, shape))}) for this model, "
+            f"got {tuple(images.shape)}"
+        )
+    if num < 1:
+        raise UserError(f"num must be >= 1, got {num}")
+    B = images.shape[0]
+    if B > 1 and num not in (1, B):
+        raise UserError(f"got {B} images and num={num}; give one image or num equal to {B}")
+    return images.expand(max(B, num), *shape).float()
+
+
+def require_task(model: LoadedModel, task: str) -> None:
+    got = model.task
+    if got != task:
+        raise UserError(f"{model.path} is a {got!r} model; this needs a --task {task} model")
+
+
+def with_image_cond(denoiser: nn.Module, cond: dict, extra: dict) -> tuple[nn.Module, dict]:
+    """Add the conditioning image's entries to cond, and to both halves of classifier-free
+    guidance: guidance contrasts the class / text only, never the image."""
+    if isinstance(denoiser, CFGDenoiser):
+        denoiser.uncond = {**denoiser.uncond, **extra}
+    return denoiser, {**cond, **extra}

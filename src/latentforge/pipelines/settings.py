@@ -1,0 +1,223 @@
+"""One settings object for sampling: what every pipeline, the CLI, the server and the
+evaluators pass instead of a dozen keyword arguments.
+
+`SampleSettings` holds the user's choices (None = the model folder's default), `resolve`
+fills the defaults from model.json and validates everything once, and the resolved object
+is what the pipelines run and what a PNG records (`to_png_meta` / `from_png_meta`), so
+`generate --from-png` reproduces an image whatever the model's defaults are later. New
+settings (device, output size, adapters) are new fields here, not new parameters in every
+pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import sampling
+from ..errors import UserError
+from ..guidance import Region, interval_to_json, parse_interval
+from ..io.model_folder import ModelFolder
+from .layout import check_layout
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class SettingsError(UserError):
+    """A setting the model or the sampler rejects; `field` names it (the server's 422)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to sample: None means "the model's default" until `resolve` fills it in.
+
+    guidance_interval: (lo, hi) sigmas outside which guidance is skipped, hi None for no upper
+    bound; resolved, it is always a pair ((0, None) = every step). regions: boxes with their
+    own prompts (text models), which replace the layout planner; resolved, layout is "none"
+    then (and for models without a text encoder). knobs: the sampler's extra options
+    (`sampling.sampler_knobs`), e.g. {"eta": 0.5}. Image i of a call uses seed `seed + i`.
+    """
+
+    sampler: str | None = None
+    steps: int | None = None
+    spacing: str | None = None
+    guidance: float | None = None
+    guidance_interval: tuple[float, float | None] | None = None
+    negative: str = ""
+    layout: str | None = None
+    regions: tuple[Region, ...] = ()
+    seed: int = 0
+    num: int = 1
+    precision: str = "fp32"
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+
+    FIELDS = (
+        "sampler", "steps", "spacing", "guidance", "guidance_interval", "negative", "layout",
+        "regions", "seed", "num", "precision", "knobs",
+    )  # fmt: skip
+
+    # ----- building -----------------------------------------------------------------------
+    @classmethod
+    def build(cls, base: SampleSettings | None = None, **kwargs: Any) -> SampleSettings:
+        """`base` (or the defaults) with `kwargs` applied: keys that name a field set it (None
+        leaves it as it is), `bf16=True` sets precision, and any other key is a sampler knob.
+        This is what every pipeline does with its keyword arguments."""
+        base = base or cls()
+        changes: dict[str, Any] = {}
+        knobs = dict(base.knobs)
+        for key, value in kwargs.items():
+            if key == "bf16":
+                if value is not None:
+                    changes["precision"] = "bf16" if value else "fp32"
+            elif key == "knobs":
+                knobs.update(value or {})
+            elif key in cls.FIELDS:
+                if value is not None:
+                    changes[key] = value
+            else:
+                knobs[key] = value
+        if "regions" in changes:
+            changes["regions"] = tuple(changes["regions"])
+        if "guidance_interval" in changes:
+            changes["guidance_interval"] = tuple(changes["guidance_interval"])
+        return dataclasses.replace(base, **changes, knobs=knobs)
+
+    def replace(self, **changes: Any) -> SampleSettings:
+        return dataclasses.replace(self, **changes)
+
+    # ----- resolving against a model ------------------------------------------------------
+    def resolve(self, model: ModelFolder) -> SampleSettings:
+        """Every unset field from the model folder's defaults, everything validated: a
+        `SettingsError` naming the field for anything the model or the sampler rejects."""
+        d = model.defaults
+        sampler = self.sampler or d.sampler
+        if sampler not in sampling.SAMPLERS:
+            raise SettingsError(
+                "sampler", f"unknown sampler {sampler!r}; choose one of {sorted(sampling.SAMPLERS)}"
+            )
+        steps = d.steps if self.steps is None else self.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise SettingsError("steps", f"steps must be a positive integer, got {steps}")
+        guidance = d.guidance if self.guidance is None else self.guidance
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise SettingsError("guidance", f"guidance must be a finite number, got {guidance}")
+        try:
+            interval = parse_interval(
+                d.guidance_interval if self.guidance_interval is None else self.guidance_interval
+            )
+        except UserError as e:
+            raise SettingsError("guidance_interval", str(e)) from None
+        if not isinstance(self.num, int) or self.num < 1:
+            raise SettingsError("num", f"num must be >= 1, got {self.num}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SettingsError("seed", f"seed must be an integer, got {self.seed!r}")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(
+                "precision", f"precision must be one of {', '.join(PRECISIONS)}, got "
+                f"{self.precision!r}"
+            )  # fmt: skip
+        if self.knobs:
+            accepted = sampling.sampler_knobs(sampler)
+            unknown = sorted(set(self.knobs) - set(accepted))
+            if unknown:
+                raise SettingsError(
+                    "knobs",
+                    f"sampler {sampler!r} has no option(s) {unknown}; it accepts "
+                    f"{sorted(accepted)}",
+                )
+        text = model.conditioning == "text"
+        if self.regions and not text:
+            raise SettingsError("regions", "regions need a text-conditioned model")
+        # explicit regions replace the planner; models without a text encoder plan nothing
+        try:
+            layout = check_layout(self.layout or d.layout or "none")
+        except UserError as e:
+            raise SettingsError("layout", str(e)) from None
+        if not text or self.regions:
+            layout = "none"
+        lo, hi = interval_to_json(interval)
+        return dataclasses.replace(
+            self, sampler=sampler, steps=steps, spacing=self.spacing or d.spacing,
+            guidance=float(guidance), guidance_interval=(lo, hi), layout=layout,
+        )  # fmt: skip
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The guidance interval as the guidance wrapper takes it (None: every step)."""
+        return parse_interval(self.guidance_interval)
+
+    # ----- records ------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """A plain-JSON record of the settings (reports, the server's job parameters)."""
+        out = {k: getattr(self, k) for k in self.FIELDS}
+        out["guidance_interval"] = (
+            None if self.guidance_interval is None else list(self.guidance_interval)
+        )
+        out["regions"] = [r.to_json() for r in self.regions]
+        out["knobs"] = dict(self.knobs)
+        return out
+
+    def to_png_meta(self) -> dict[str, str]:
+        """The PNG text chunks `generate` writes (every value a string; resolve first, so a
+        reader never falls back to a model default)."""
+        interval = None if self.guidance_interval is None else list(self.guidance_interval)
+        return {
+            "negative": self.negative, "seed": str(self.seed), "num": str(self.num),
+            "sampler": self.sampler or "", "steps": "" if self.steps is None else str(self.steps),
+            "guidance": "" if self.guidance is None else str(self.guidance),
+            "guidance_interval": json.dumps(interval), "spacing": self.spacing or "",
+            "options": json.dumps(dict(self.knobs), sort_keys=True) if self.knobs else "",
+            "layout": self.layout or "",
+            "regions": json.dumps([r.to_json() for r in self.regions]) if self.regions else "",
+            "precision": self.precision,
+        }  # fmt: skip
+
+    @classmethod
+    def from_png_meta(cls, text: Mapping[str, str], where: str = "PNG") -> SampleSettings:
+        """The settings a PNG's text chunks hold (`to_png_meta`, and the PNGs of every earlier
+        version: no layout is "none", no precision is fp32)."""
+        if "seed" not in text or "steps" not in text:
+            raise UserError(f"{where} holds no latentforge generate parameters")
+        try:
+            interval = text.get("guidance_interval")
+            return cls(
+                sampler=text.get("sampler") or None,
+                steps=int(text["steps"]),
+                spacing=text.get("spacing") or None,
+                guidance=float(text.get("guidance", 1.0)),
+                guidance_interval=tuple(json.loads(interval)) if interval else None,
+                negative=text.get("negative", ""),
+                # PNGs from before regional prompting: no layout
+                layout=text.get("layout") or "none",
+                regions=tuple(Region.from_json(r) for r in json.loads(text["regions"]))
+                if text.get("regions")
+                else (),
+                seed=int(text["seed"]),
+                num=int(text.get("num", 1)),
+                # PNGs from before --bf16 hold no precision: fp32
+                precision="bf16" if text.get("precision") == "bf16" else "fp32",
+                knobs=json.loads(text["options"]) if text.get("options") else {},
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{where}: unreadable generate parameters ({e})") from None
+
+
+def per_image(values: Sequence, num: int, what: str) -> list:
+    """One value for every image, or exactly one per image."""
+    if len(values) == 1:
+        return list(values) * num
+    if len(values) != num:
+        raise UserError(f"got {len(values)} {what} for {num} images")
+    return list(values)

@@ -1,0 +1,18 @@
+"""The shapes dataset's wing: grammar and renderer (`scenes`), the dataset and its training
+rules (`dataset`), the layout planner (`layout`), and the reader that scores generated images
+(`evaluate`).
+
+It imports the generic layers and no generic module imports it. Importing it plugs the
+dataset in through the generic registries, as a user's own dataset would: the `shapes` data
+spec (`data.register_data_kind`) and the "shapes" layout planner
+(`pipelines.layout.register_layout`). `latentforge/__init__.py` imports it, so both are there
+whenever latentforge is.
+"""
+
+from ..data import register_data_kind
+from ..pipelines.layout import register_layout
+from .dataset import SHAPES_KIND
+from .layout import shapes_layout
+
+register_layout("shapes", shapes_layout)
+register_data_kind(SHAPES_KIND)
