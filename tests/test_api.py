@@ -146,3 +146,60 @@ def test_every_pipeline_takes_the_same_settings(tiny_digits_model):
     assert torch.equal(img2img(model, images, s, strength=1.0, labels=[7]), base)
     ones = torch.ones(2, 1, *model.output_shape[1:])
     assert torch.equal(inpaint(model, images, ones, s, labels=[7]), base)
+
+
+@pytest.mark.parametrize(("width", "height"), [(96, 64), (64, 96)])
+def test_other_sizes_on_the_embedded_model_reproduce_from_png(tmp_path, width, height):
+    """--width / --height: the output size, regions laid on its grid, recorded in the PNG and
+    reproduced from it bit for bit."""
+    from latentforge.pipelines.generate import generate_to_png, settings_from_png
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-exact at one thread count (tests/test_model_folder.py)
+    try:
+        prompt = "a small red circle above a blue square"
+        first = tmp_path / "first.png"
+        generate_to_png(None, first, prompt=prompt, width=width, height=height, steps=3, num=2)
+        prompt_back, settings, _ = settings_from_png(first)
+        assert (settings.width, settings.height, settings.layout) == (width, height, "shapes")
+        again = tmp_path / "again.png"
+        generate_to_png(None, again, prompt=prompt_back, settings=settings)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = Image.open(first), Image.open(again)
+    assert a.tobytes() == b.tobytes()
+    assert a.size == (2 * width + 6, height + 4)  # a grid of two, 2 px padding (save_grid)
+
+
+def test_sizes_the_model_cannot_take_name_the_side():
+    view = ModelFolder.read(default_model_dir())
+    with pytest.raises(SettingsError, match="multiple of 16") as e:
+        SampleSettings(width=72).resolve(view)
+    assert e.value.field == "width"
+    with pytest.raises(SettingsError, match="limit of 512") as e:
+        SampleSettings(height=1024).resolve(view)
+    assert e.value.field == "height"
+    assert SampleSettings().resolve(view).latent_size(view) == (16, 16)
+    assert SampleSettings(width=96, height=32).resolve(view).latent_size(view) == (8, 24)
+
+
+def test_large_outputs_decode_in_tiles_one_image_at_a_time(pipe, monkeypatch):
+    """Latents over 4x the trained area decode image by image in tiles of twice the trained
+    side (bounded VAE memory); smaller ones, the trained size included, decode whole."""
+    seen = []
+    decode = pipe.model.vae.decode
+
+    def spy(z, **kw):
+        seen.append((tuple(z.shape), kw))
+        return decode(z, **kw)
+
+    monkeypatch.setattr(pipe.model.vae, "decode", spy)
+    pipe("a red circle", num=2, steps=1, output_type="pt")
+    pipe("a red circle", num=2, width=128, height=128, steps=1, output_type="pt")  # 4x: whole
+    out = pipe("a red circle", num=2, width=144, height=128, steps=1, output_type="pt")
+    assert out.shape == (2, 3, 128, 144)
+    assert [kw for _, kw in seen] == [
+        {"tile_size": None, "slice_batch": False},
+        {"tile_size": None, "slice_batch": False},
+        {"tile_size": 32, "slice_batch": True},
+    ]

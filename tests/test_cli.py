@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -200,3 +201,67 @@ def test_the_embedded_default_model_generates_and_round_trips(tmp_path):
     assert main(["generate", two, "--steps", "3", "--layout", "none", "--out", str(i)]) == 0
     with Image.open(g) as ig, Image.open(h) as ih, Image.open(i) as ii:
         assert ig.tobytes() == ih.tobytes() != ii.tobytes()
+
+
+# ----- progress bars ---------------------------------------------------------------------------
+def bar_count(err: str) -> tuple[int, int] | None:
+    """(steps counted, total) of the last progress bar state on stderr, None without a bar: a
+    bar closes showing how many callbacks it saw out of the total it was given."""
+    states = re.findall(r"(\d+)/(\d+) \[", err)
+    return tuple(map(int, states[-1])) if states else None
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 2), ("heun", 3), ("dpmpp_2m", 3)])
+def test_generate_and_sample_show_one_bar_step_per_sampler_step(
+    tiny_digits_model, tmp_path, capsys, sampler, steps
+):
+    """heun's and dpm2's second denoiser calls are not steps: one callback per step, whatever
+    the sampler, so the bar ends at steps/steps."""
+    m, out = ["--model", str(tiny_digits_model)], str(tmp_path / "x.png")
+    run = ["--sampler", sampler, "--steps", str(steps), "--out", out]
+    assert main(["generate", "7", *m, *run]) == 0
+    assert bar_count(capsys.readouterr().err) == (steps, steps)
+    assert main(["sample", *m, "--label", "7", "--num", "2", *run]) == 0
+    err = capsys.readouterr().err
+    assert bar_count(err) == (steps, steps) and "sampling: 100%" in err, err
+    for cmd in (["generate", "7"], ["sample"]):
+        assert main([*cmd, *m, *run, "--quiet"]) == 0
+        assert capsys.readouterr().err == ""
+
+
+def test_the_bar_total_is_the_model_default_without_steps(tiny_digits_model, tmp_path, capsys):
+    import json
+
+    default = json.loads((tiny_digits_model / "model.json").read_text())["sampling"]["steps"]
+    m, out = ["--model", str(tiny_digits_model)], str(tmp_path / "x.png")
+    assert main(["generate", "7", *m, "--out", out]) == 0
+    assert bar_count(capsys.readouterr().err) == (default, default)
+    assert main(["img2img", out, *m, "--strength", "0.5", "--out", out]) == 0
+    assert bar_count(capsys.readouterr().err) == (round(default / 2),) * 2
+
+
+def test_generate_bar_with_preview_and_from_png(tiny_digits_model, tmp_path, capsys):
+    """The preview GIF and the bar share the step callback; --from-png counts the PNG's steps."""
+    m, out, gif = ["--model", str(tiny_digits_model)], tmp_path / "a.png", tmp_path / "a.gif"
+    assert (
+        main(["generate", "7", *m, "--steps", "3", "--out", str(out), "--preview", str(gif)]) == 0
+    )
+    assert bar_count(capsys.readouterr().err) == (3, 3)
+    with Image.open(gif) as im:
+        assert im.n_frames == 3 + 1  # one frame per step, then the result
+    assert main(["generate", "--from-png", str(out), *m, "--out", str(tmp_path / "b.png")]) == 0
+    assert bar_count(capsys.readouterr().err) == (3, 3)
+
+
+def test_the_bar_closes_on_errors_and_quiet_reports_nothing():
+    from tqdm import tqdm
+
+    from latentforge.commands.common import progress
+
+    with pytest.raises(RuntimeError), progress(5, "test") as callback:
+        callback(0, None, None, None)
+        assert len(tqdm._instances) == 1
+        raise RuntimeError("mid-sampling")
+    assert not tqdm._instances
+    with progress(5, "test", quiet=True) as callback:
+        assert callback is None  # the pipelines skip the per-step call altogether

@@ -4,6 +4,7 @@ Exact answers come from an analytic denoiser for Gaussian data; the tiny digits 
 weights, real U-Net and VP parameterization) checks invariants that hold for any network.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,61 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_digits_model, files, tmp_path, ca
     _one_line_error(capsys, ["interpolate", str(pic), *m], "two images")
     _one_line_error(capsys, ["interpolate", str(pic), str(pic), "--frames", "1", *m], "frames")
     _one_line_error(capsys, ["interpolate", str(pic), str(pic), "--label-a", "12", *m], "12")
+
+
+def bar_count(err: str) -> tuple[int, int] | None:
+    """(steps counted, total) of the last progress bar state on stderr, None without a bar."""
+    states = re.findall(r"(\d+)/(\d+) \[", err)
+    return tuple(map(int, states[-1])) if states else None
+
+
+@pytest.mark.parametrize(
+    ("args", "count"),
+    [
+        (["--steps", "4", "--strength", "0.5"], 2),
+        (["--steps", "5", "--strength", "0.5"], 2),  # round(2.5) = 2, as the pipeline rounds
+        (["--steps", "2", "--strength", "1", "--sampler", "heun"], 2),
+        (["--steps", "3", "--strength", "0"], None),  # nothing to sample: no bar
+    ],
+)
+def test_img2img_bar_counts_the_steps_of_the_tail(tiny_digits_model, files, tmp_path, capsys,
+                                                  args, count):  # fmt: skip
+    pic, out = files[0], str(tmp_path / "o.png")
+    argv = ["img2img", str(pic), "a seven", "--model", str(tiny_digits_model), *args]
+    assert main([*argv, "--out", out]) == 0
+    assert bar_count(capsys.readouterr().err) == (None if count is None else (count, count))
+    assert main([*argv, "--out", out, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "count"),
+    [
+        (["--steps", "3"], 3),
+        (["--steps", "3", "--resample", "2", "--jump", "2"], 6),  # each step of the tail twice
+        (["--steps", "4", "--strength", "0.5", "--resample", "3"], 6),
+    ],
+)
+def test_inpaint_bar_counts_repaints_repeated_steps(tiny_digits_model, files, tmp_path, capsys,
+                                                   args, count):  # fmt: skip
+    pic, mask, _ = files
+    argv = ["inpaint", str(pic), str(mask), "a two", "--model", str(tiny_digits_model), *args]
+    assert main([*argv, "--out", str(tmp_path / "o.png")]) == 0
+    assert bar_count(capsys.readouterr().err) == (count, count)
+    assert main([*argv, "--out", str(tmp_path / "o.png"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_interpolate_bar_counts_the_inversions_and_the_frames_run(
+    tiny_digits_model, files, tmp_path, capsys
+):
+    """Between images: two inversions of steps - 1 intervals each, then one sampler run over
+    every frame (3 + 2 + 2 = 7 at 3 steps); a walk between seeds is the frames' run alone."""
+    pic = str(files[0])
+    m, out = ["--model", str(tiny_digits_model), "--steps", "3"], str(tmp_path / "w.png")
+    for ends, count in (([pic, pic, "--label-a", "1", "--label-b", "7"], 7),
+                        (["--seeds", "1", "2"], 3)):  # fmt: skip
+        assert main(["interpolate", *ends, "--frames", "3", *m, "--out", out]) == 0
+        assert bar_count(capsys.readouterr().err) == (count, count)
+        assert main(["interpolate", *ends, "--frames", "3", *m, "--out", out, "--quiet"]) == 0
+        assert capsys.readouterr().err == ""

@@ -176,3 +176,25 @@ def test_noise_keyword(model, noise):
     assert torch.equal(generate(model, seed=5, **kwargs), generate(model, noise=drawn, **kwargs))
     with pytest.raises(UserError, match="noise has shape"):
         generate(model, num=2, noise=noise, **kwargs)
+
+
+@pytest.mark.parametrize(("width", "height"), [(48, 32), (32, 48)])
+def test_non_square_sizes_match_diffusers(pipe, sd_config, model, width, height):
+    """width / height: the latents are (height / 8, width / 8) of SD's f=8 VAE (here f=2), the
+    same image as diffusers' height= / width= from the same initial latents."""
+    f = model.output_shape[-1] // model.image_shape[-1]
+    noise = torch.randn(
+        (1, model.image_shape[0], height // f, width // f),
+        generator=torch.Generator().manual_seed(7),
+    )
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(sd_config, set_alpha_to_one=True)
+    want = pipe(
+        PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=0.0,
+        latents=noise.clone(), height=height, width=width, output_type="pt",
+    ).images * 2 - 1  # fmt: skip
+    got = generate(
+        model, prompts=[PROMPT], steps=STEPS, guidance=GUIDANCE, sampler="ddim",
+        spacing="leading", noise=noise, width=width, height=height,
+    )  # fmt: skip
+    assert got.shape == want.shape == (1, 3, height, width)
+    assert _max_diff(got, want) <= TOL, _max_diff(got, want)

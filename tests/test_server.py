@@ -277,8 +277,9 @@ def test_unknown_job_is_404(client):
         ({"steps": 201}, "steps"),
         ({"steps": 0}, "steps"),
         ({"num": 17}, "num"),
-        ({"width": 32}, "width"),
-        ({"height": 8}, "height"),
+        ({"width": 30}, "width"),  # not a multiple of the model's grid (4)
+        ({"height": 10}, "height"),
+        ({"width": 256}, "width"),  # over the memory guard: 8x the model's 16
         ({"sampler": "nope"}, "sampler"),
         ({"knobs": {"bogus": 1}}, "knobs"),
         ({"guidance": -1}, "guidance"),
@@ -292,6 +293,19 @@ def test_unknown_job_is_404(client):
 )
 def test_limits_are_422_naming_the_field(client, body, field):
     assert field in field_of(client.post("/v1/txt2img", json=body))
+
+
+def test_txt2img_at_another_size_records_it_for_from_png(client, tmp_path):
+    from latentforge.pipelines.generate import settings_from_png
+
+    job = wait(client, submit(client, prompt="a seven", steps=2, seed=1, width=32, height=8))
+    assert job["status"] == "done", job["error"]
+    assert png(job["images"][0]["png"]).size == (32, 8)
+    assert (job["parameters"]["width"], job["parameters"]["height"]) == (32, 8)
+    path = tmp_path / "wide.png"
+    path.write_bytes(base64.b64decode(job["images"][0]["png"]))
+    settings = settings_from_png(path)[1]
+    assert (settings.width, settings.height) == (32, 8)
 
 
 def test_guidance_interval_request(client):

@@ -60,11 +60,17 @@ class Pipeline:
         conds = [describe_conditioning(self.model, p)[0] for p in prompts]
         return {k: [v for c in conds for v in c[k]] for k in conds[0]}
 
-    def _input(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        """A PIL image (resized to the model's size) or a (B, C, H, W) tensor in [-1, 1]."""
+    def _size(self, settings: SampleSettings | None, overrides: dict) -> tuple[int, int, int]:
+        """(C, H, W) of the call: the settings' width / height, else the model's."""
+        s = SampleSettings.build(settings, **overrides)
+        c, h, w = self.model.output_shape
+        return c, s.height or h, s.width or w
+
+    def _input(self, image: Image.Image | torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+        """A PIL image (resized to `size`) or a (B, C, H, W) tensor in [-1, 1]."""
         if torch.is_tensor(image):
             return image
-        c, h, w = self.model.output_shape
+        c, h, w = size
         if image.size != (w, h):
             image = image.resize((w, h), Image.Resampling.BICUBIC)
         return from_pil(image.convert("RGB" if c == 3 else "L"), c)[None]
@@ -102,7 +108,8 @@ class Pipeline:
         """SDEdit: redraw `image` under the prompt; strength 1 ignores the image."""
         from .pipelines.img2img import img2img
 
-        out = img2img(self.model, self._input(image), settings, strength=strength,
+        size = self._size(settings, overrides)
+        out = img2img(self.model, self._input(image, size), settings, strength=strength,
                       **self._cond(prompt), **overrides)  # fmt: skip
         return self._images(out, output_type)
 
@@ -119,10 +126,11 @@ class Pipeline:
         """Regenerate the white part of `mask`; the rest of `image` is kept exactly."""
         from .pipelines.inpaint import inpaint
 
+        size = self._size(settings, overrides)
         if not torch.is_tensor(mask):
-            _, h, w = self.model.output_shape
+            _, h, w = size
             mask = from_pil(mask.convert("L").resize((w, h), Image.Resampling.NEAREST), 1) > 0
-        out = inpaint(self.model, self._input(image), mask.float(), settings,
+        out = inpaint(self.model, self._input(image, size), mask.float(), settings,
                       **self._cond(prompt), **overrides)  # fmt: skip
         return self._images(out, output_type)
 
@@ -141,7 +149,10 @@ class Pipeline:
         return self._images(upscale(self.model, x, settings, **overrides), output_type)
 
 
-def load(name_or_path: str | Path = "default") -> Pipeline:
+def load(
+    name_or_path: str | Path = "default", *, device: str | None = "auto", dtype: str = "fp32"
+) -> Pipeline:
     """A pipeline for an embedded model ("default": text-to-image on shapes scenes; "upscaler":
-    x4 super-resolution) or a model folder (trained, or imported with `latentforge import`)."""
-    return Pipeline(load_diffusion_model(_folder(name_or_path)))
+    x4 super-resolution) or a model folder (trained, or imported with `latentforge import`), on
+    `device` ("auto": CUDA, else MPS, else CPU) with weights in `dtype` (fp32, bf16, fp16)."""
+    return Pipeline(load_diffusion_model(_folder(name_or_path), device=device, dtype=dtype))

@@ -237,7 +237,7 @@ def region_conditioning(
     b = len(regions)
     context = states.new_zeros(b, k_max, *states.shape[1:])
     mask = None if masks is None else masks.new_zeros(b, k_max, *masks.shape[1:])
-    weight = torch.zeros(b, k_max, *grid)
+    weight = torch.zeros(b, k_max, *grid, device=states.device)
     for i, rs in enumerate(regions):
         for k, r in enumerate(rs):
             context[i, k] = states[index[r.prompt]]

@@ -33,15 +33,23 @@ class BatchGenerator:
         self.generators = [torch.Generator(device).manual_seed(int(s)) for s in self.seeds]
 
     def randn(self, shape: Sequence[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
-        """(B, *shape[1:]) with row i drawn from generator i."""
+        """(B, *shape[1:]) with row i drawn from generator i, on the generators' device and
+        moved to `device`: a seed draws the same numbers whatever device samples them."""
         if shape[0] != len(self.generators):
             raise ValueError(f"batch {shape[0]} != {len(self.generators)} seeds")
-        return torch.stack(
+        draws = torch.stack(
             [
-                torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=device)
+                torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
                 for g in self.generators
             ]
         )
+        return draws.to(device)
+
+    def subset(self, start: int, stop: int) -> BatchGenerator:
+        """Images start:stop, sharing their generators (their draws go on where they were)."""
+        part = BatchGenerator([])
+        part.seeds, part.generators = self.seeds[start:stop], self.generators[start:stop]
+        return part
 
 
 Generator = BatchGenerator | torch.Generator | None

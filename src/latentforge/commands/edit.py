@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .common import parse_label, save_images
+from .common import parse_label, progress, resolved_steps, save_images
 from .options import (
+    device_options,
     guidance_interval_option,
     guidance_option,
     inpaint_options,
@@ -19,8 +20,10 @@ from .options import (
     negative_option,
     num_option,
     out_option,
+    quiet_option,
     sampler_option,
     seed_option,
+    size_options,
     spacing_option,
     stack,
     steps_option,
@@ -38,7 +41,10 @@ _edit_options = stack(
     negative_option,
     seed_option(),
     num_option,
+    size_options,
+    device_options,
     out_option(),
+    quiet_option,
 )
 
 
@@ -59,13 +65,17 @@ def _load_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
     return (mask > 0.5).float()
 
 
-def _model_and_cond(model_dir, prompt: str):
+def _model_and_cond(model_dir, prompt: str, opts: dict):
+    """The model (on --device, in --dtype, both taken out of `opts`), generate's conditioning
+    for the prompt, its words, and the (C, H, W) the input image is resized to (--width /
+    --height, the model's size where unset)."""
     from ..io.model_folder import load_diffusion_model
     from ..pipelines.common import describe_conditioning
 
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir, device=opts.pop("device"), dtype=opts.pop("dtype"))
     cond, what = describe_conditioning(model, prompt or "")
-    return model, cond, what
+    c, h, w = model.output_shape
+    return model, cond, what, (c, opts["height"] or h, opts["width"] or w)
 
 
 @click.command()
@@ -76,13 +86,15 @@ def _model_and_cond(model_dir, prompt: str):
 @guidance_interval_option
 @layout_option
 @_edit_options
-def img2img(image, prompt, strength, model_dir, negative, out, **opts) -> None:
+def img2img(image, prompt, strength, model_dir, negative, out, quiet, **opts) -> None:
     """Redraw IMAGE towards PROMPT (SDEdit); a rough sketch works as IMAGE."""
     from ..pipelines.img2img import img2img as run
 
-    model, cond, what = _model_and_cond(model_dir, prompt)
-    images = run(model, _load(image, model.output_shape), strength=strength,
-                 negative=negative or None, **cond, **opts)  # fmt: skip
+    model, cond, what, shape = _model_and_cond(model_dir, prompt, opts)
+    picture = _load(image, shape)
+    with progress(_tail_steps(model, opts["steps"], strength), "img2img", quiet) as callback:
+        images = run(model, picture, strength=strength, negative=negative or None,
+                     callback=callback, **cond, **opts)  # fmt: skip
     save_images(images, out, prompt=prompt, strength=strength, **_meta(opts))
     click.echo(f"wrote {len(images)} image(s) ({what}, strength {strength}) to {out}")
 
@@ -97,20 +109,32 @@ def img2img(image, prompt, strength, model_dir, negative, out, **opts) -> None:
 @guidance_interval_option
 @layout_option
 @_edit_options
-def inpaint(image, mask, prompt, model_dir, negative, out, **opts) -> None:
+def inpaint(image, mask, prompt, model_dir, negative, out, quiet, **opts) -> None:
     """Regenerate the white part of MASK in IMAGE (training-free; kept pixels stay exact)."""
     from ..pipelines.inpaint import inpaint as run
 
-    model, cond, what = _model_and_cond(model_dir, prompt)
-    picture = _load(image, model.output_shape)
-    masks = _load_mask(mask, model.output_shape[1:])
-    images = run(model, picture, masks, negative=negative or None, **cond, **opts)
+    model, cond, what, shape = _model_and_cond(model_dir, prompt, opts)
+    picture = _load(image, shape)
+    masks = _load_mask(mask, shape[1:])
+    # RePaint runs every step of the tail `resample` times, calling back each time
+    total = _tail_steps(model, opts["steps"], opts["strength"]) * opts["resample"]
+    with progress(total, "inpainting", quiet) as callback:
+        images = run(model, picture, masks, negative=negative or None, callback=callback,
+                     **cond, **opts)  # fmt: skip
     save_images(images, out, prompt=prompt, **_meta(opts))
     click.echo(f"wrote {len(images)} image(s) ({what}) to {out}")
 
 
 def _meta(opts: dict) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def _tail_steps(model, steps: int | None, strength: float) -> int:
+    """The steps img2img and inpaint run at `strength`: the tail of the schedule they sample,
+    measured by the pipelines' own rule (round(strength * steps))."""
+    from ..pipelines.common import schedule_tail
+
+    return len(schedule_tail(model, resolved_steps(model, steps), strength)) - 1
 
 
 def _label_or_prompt(model, label: str | None, prompt: str | None) -> tuple[int | None, str]:
@@ -139,9 +163,12 @@ def _label_or_prompt(model, label: str | None, prompt: str | None) -> tuple[int 
 @guidance_option(help="classifier-free guidance (default 1 for images, model default for seeds)")
 @guidance_interval_option
 @click.option("--ms-per-frame", type=click.IntRange(min=10), default=120, show_default=True)
+@device_options
 @out_option(default="walk.gif", help=".gif: an animation; otherwise a PNG strip")
+@quiet_option
 def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, model_dir, steps,
-                spacing, guidance, guidance_interval, ms_per_frame, out) -> None:  # fmt: skip
+                spacing, guidance, guidance_interval, ms_per_frame, device, dtype, out,
+                quiet) -> None:  # fmt: skip
     """Morph image A into image B (DDIM inversion + slerp), or walk between two --seeds."""
     from ..io.images import save_gif, save_grid
     from ..io.model_folder import load_diffusion_model
@@ -149,16 +176,22 @@ def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, mod
 
     if bool(images) == bool(seeds) or len(images) not in (0, 2):
         raise UserError("give two images A B, or --seeds A B (not both)")
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
     la, pa = _label_or_prompt(model, label_a, prompt_a)
     lb, pb = _label_or_prompt(model, label_b, prompt_b)
     kw = {"frames": frames, "labels_a": la, "labels_b": lb, "prompts_a": pa, "prompts_b": pb,
           "steps": steps, "spacing": spacing, "guidance_interval": guidance_interval}  # fmt: skip
-    if seeds:
-        result = pipe.walk(model, *seeds, guidance=guidance, **kw)
-    else:
+    if not seeds:
         a, b = (_load(p, model.output_shape) for p in images)
-        result = pipe.interpolate(model, a, b, guidance=1.0 if guidance is None else guidance, **kw)
+    # between images: two inversions (steps - 1 intervals each) and the frames' run (steps)
+    n = resolved_steps(model, steps)
+    total = n if seeds else 3 * n - 2
+    with progress(total, "interpolating", quiet) as callback:
+        if seeds:
+            result = pipe.walk(model, *seeds, guidance=guidance, callback=callback, **kw)
+        else:
+            result = pipe.interpolate(model, a, b, guidance=1.0 if guidance is None else guidance,
+                                      callback=callback, **kw)  # fmt: skip
     if Path(out).suffix.lower() == ".gif":
         save_gif([frame[None] for frame in result], out, ms_per_frame=ms_per_frame)
     else:

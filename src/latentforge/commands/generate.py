@@ -5,15 +5,18 @@ from __future__ import annotations
 import click
 
 from ..errors import UserError
-from .common import parse_label
+from .common import parse_label, progress
 from .options import (
+    device_options,
     guidance_interval_option,
     guidance_option,
     layout_option,
     model_option,
     negative_option,
     out_option,
+    quiet_option,
     sampling_options,
+    size_options,
 )
 
 
@@ -22,25 +25,31 @@ from .options import (
 @click.option("--label", default=None, help="class index or name (class models)")
 @guidance_option()
 @guidance_interval_option
+@size_options
+@device_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
 @sampling_options
-def sample(model_dir, label, guidance, guidance_interval, out, sampler, steps, spacing, options,
-           seed, num, bf16) -> None:  # fmt: skip
+@quiet_option
+def sample(model_dir, label, guidance, guidance_interval, width, height, device, dtype, out,
+           sampler, steps, spacing, options, seed, num, bf16, quiet) -> None:  # fmt: skip
     """Sample a grid of images from a model folder."""
     from ..io.images import save_grid
     from ..io.model_folder import load_diffusion_model
     from ..pipelines.generate import generate
     from ..pipelines.settings import SampleSettings
 
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
     labels = None
     if label is not None:
         labels = [parse_label(label, model.class_names, model.num_classes)]
     settings = SampleSettings.build(
         sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
         guidance_interval=guidance_interval, seed=seed, num=num, bf16=bf16, knobs=options,
+        width=width, height=height,
     )  # fmt: skip
-    images = generate(model, settings, labels=labels)
+    total = settings.resolve(model).steps  # every sampler calls back once per step
+    with progress(total, "sampling", quiet) as callback:
+        images = generate(model, settings, labels=labels, callback=callback)
     save_grid(images, out, seed=seed, sampler=sampler or "", steps=steps or "")
     click.echo(f"wrote {num} image(s) to {out}")
 
@@ -56,16 +65,20 @@ def sample(model_dir, label, guidance, guidance_interval, out, sampler, steps, s
               metavar="PROMPT X0 Y0 X1 Y1",
               help="draw PROMPT inside the box (fractions of the side, origin top left); "
               "repeat for more regions; replaces --layout")  # fmt: skip
+@size_options
+@device_options
 @out_option()
 @click.option("--preview", type=click.Path(dir_okay=False), default=None,
               help="GIF of the x0-estimate at every step")  # fmt: skip
 @click.option("--from-png", type=click.Path(dir_okay=False), default=None,
               help="reproduce a PNG made by generate from its embedded parameters")  # fmt: skip
 @sampling_options
-def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, regions, out,
-             preview, from_png, **opts) -> None:  # fmt: skip
+@quiet_option
+def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, regions, device,
+             dtype, out, preview, from_png, quiet, **opts) -> None:  # fmt: skip
     """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
     from ..guidance import Region
+    from ..io.model_folder import ModelFolder, default_model_dir
     from ..pipelines.generate import generate_to_png, settings_from_png
     from ..pipelines.settings import SampleSettings
 
@@ -80,5 +93,11 @@ def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, r
             layout=layout, regions=[Region(r[0], tuple(r[1:])) for r in regions],
             knobs=opts.pop("options"), **opts,
         )  # fmt: skip
-    info = generate_to_png(model_dir, out, prompt=prompt, preview=preview, settings=settings)
+    # the steps as generate_to_png will resolve them, read from model.json before it loads
+    folder = ModelFolder.read(default_model_dir() if model_dir is None else model_dir)
+    with progress(settings.resolve(folder).steps, "sampling", quiet) as callback:
+        info = generate_to_png(
+            model_dir, out, prompt=prompt, preview=preview, settings=settings, callback=callback,
+            device=device, dtype=dtype,
+        )  # fmt: skip
     click.echo(f"wrote {info['num']} image(s) ({info['conditioning']}) to {out}")

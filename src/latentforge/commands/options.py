@@ -108,8 +108,32 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(f)
 
 
+def size_options(f: F) -> F:
+    """--width / --height: the output size in pixels (multiples of the model's grid)."""
+    for side in ("height", "width"):
+        f = click.option(
+            f"--{side}", type=click.IntRange(min=1), default=None,
+            help=f"output {side} in pixels, a multiple of the model's grid (model default)",
+        )(f)  # fmt: skip
+    return f
+
+
+def device_options(f: F) -> F:
+    """--device / --dtype: where the model runs and its weights' precision."""
+    f = click.option(
+        "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+        show_default=True,
+        help="weights and compute precision (fp16: GPUs only; the VAE then decodes in fp32)",
+    )(f)  # fmt: skip
+    return click.option(
+        "--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N|mps",
+        help="where to run: auto = CUDA if available, else MPS, else CPU (or "
+        "$LATENTFORGE_DEVICE)",
+    )(f)  # fmt: skip
+
+
 def quiet_option(f: F) -> F:
-    """--quiet: no progress bar (training, evaluation)."""
+    """--quiet: no progress bar (training, evaluation, and every command that samples)."""
     return click.option("--quiet", is_flag=True, help="no progress bar")(f)
 
 

@@ -9,7 +9,7 @@ import socket
 import click
 
 from ..errors import UserError
-from .options import model_option
+from .options import device_options, model_option
 
 
 @click.command()
@@ -26,9 +26,10 @@ from .options import model_option
               help="require this key on /v1/* (or set LATENTFORGE_API_KEY)")  # fmt: skip
 @click.option("--max-steps", type=click.IntRange(1, 200), default=200, show_default=True)
 @click.option("--max-num", type=click.IntRange(1, 16), default=16, show_default=True)
+@device_options
 @click.option("--quiet", is_flag=True, help="no access log")
 def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_steps, max_num,
-          quiet) -> None:  # fmt: skip
+          device, dtype, quiet) -> None:  # fmt: skip
     """Serve the HTTP API (/v1/..., schema at /openapi.json) and the web UI (/)."""
     try:
         import uvicorn
@@ -44,7 +45,7 @@ def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_st
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     config = ServerConfig(
         model=model_dir, models_dir=models_dir, max_queue=max_queue, workers=workers,
-        api_key=api_key, max_steps=max_steps, max_num=max_num,
+        api_key=api_key, max_steps=max_steps, max_num=max_num, device=device, dtype=dtype,
     )  # fmt: skip
     app = create_app(config)
     names = app.state.store.names()

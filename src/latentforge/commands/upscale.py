@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import click
 
-from .common import save_images
-from .options import model_option, out_option, sampler_option, seed_option, steps_option
+from .common import progress, resolved_steps, save_images
+from .options import (
+    device_options,
+    model_option,
+    out_option,
+    quiet_option,
+    sampler_option,
+    seed_option,
+    steps_option,
+)
 
 
 def _scale(ctx, param, value):
@@ -38,19 +46,33 @@ def _scale(ctx, param, value):
     default=None,
     help="tile size in output pixels (default: the model's resolution)",
 )
+@click.option(
+    "--tile-batch",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="tiles per sampler call: bounds peak memory whatever the image size",
+)
+@device_options
 @out_option(default="upscaled.png")
-def upscale(image, model_dir, scale, noise_level, steps, sampler, seed, tile, out) -> None:
+@quiet_option
+def upscale(image, model_dir, scale, noise_level, steps, sampler, seed, tile, tile_batch, device,
+            dtype, out, quiet) -> None:  # fmt: skip
     """Upscale IMAGE with a super-resolution model (tiled when larger than the model)."""
     from ..io.images import load_image
     from ..io.model_folder import load_diffusion_model
-    from ..pipelines.superres import require_default_upscaler
+    from ..pipelines.superres import require_default_upscaler, sampler_runs
     from ..pipelines.superres import upscale as run
 
-    model = load_diffusion_model(model_dir or require_default_upscaler())
+    model = load_diffusion_model(model_dir or require_default_upscaler(), device=device,
+                                 dtype=dtype)  # fmt: skip
     picture = load_image(image, model.output_shape[0])
     params = {"scale": scale, "noise_level": noise_level, "steps": steps, "sampler": sampler,
-              "seed": seed, "tile": tile}  # fmt: skip
-    result = run(model, picture, **params)
+              "seed": seed, "tile": tile, "tile_batch": tile_batch}  # fmt: skip
+    # the tiles go through the sampler in bounded batches: each batch calls back every step
+    runs = sampler_runs(model, *picture.shape[-2:], tile=tile, tile_batch=tile_batch)
+    with progress(runs * resolved_steps(model, steps), "upscaling", quiet) as callback:
+        result = run(model, picture, callback=callback, **params)
     save_images(result, out, **{k: v for k, v in params.items() if v is not None})
     (_, h, w), (H, W) = picture.shape, result.shape[-2:]
     click.echo(f"wrote {h}x{w} -> {H}x{W} (x{model.meta.scale}) to {out}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,7 +27,6 @@ from ..errors import UserError
 from .checkpoint import (
     MODEL_JSON,
     MODEL_WEIGHTS,
-    load_state_strict,
     load_tensors,
     read_json_file,
     save_tensors_atomic,
@@ -34,9 +34,52 @@ from .checkpoint import (
 )
 
 FORMAT = "latentforge"
+DEVICE_ENV = "LATENTFORGE_DEVICE"
+# --dtype names: weights (and, through the settings' precision, compute) of a loaded model
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KINDS = ("diffusion", "vae")
 TASKS = ("generate", "superres", "inpaint")
 DEFAULT_MODEL = "default"
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """A device name -> torch.device. None or "auto" reads LATENTFORGE_DEVICE, else picks CUDA
+    when available, then MPS, then the CPU; an unknown name or an absent accelerator is a
+    one-line UserError."""
+    name = str(name) if name is not None else ""
+    if name in ("", "auto"):
+        name = os.environ.get(DEVICE_ENV, "").strip() or "auto"
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"device {name!r} asked for, but MPS is not available here")
+    elif device.type != "cpu":
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def check_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A --dtype name -> torch dtype; fp16 only on a GPU (CPU kernels for it are slow or
+    missing)."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("dtype fp16 needs a GPU (--device cuda or mps); use bf16 or fp32 on CPU")
+    return DTYPES[name]
 
 
 def default_model_dir() -> Path:
@@ -447,6 +490,13 @@ class LoadedModel(ModelFolder):
     sha256: str = ""
     vae: nn.Module | None = None
     text_encoder: nn.Module | None = None
+    dtype: str = "fp32"  # the weights' (`DTYPES`); the VAE stays fp32 under fp16
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser's weights are (the CPU for a network-less stand-in)."""
+        p = next(iter(self.denoiser.parameters()), None) if self.denoiser is not None else None
+        return torch.device("cpu") if p is None else p.device
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -468,11 +518,15 @@ class LoadedModel(ModelFolder):
         return latent_to_rgb_preview(x / self.scaling_factor, rgb_map)
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
-        """The denoiser's space -> images in [-1, 1]; `tile_size` (latent pixels) bounds memory."""
+    def decode(
+        self, x: torch.Tensor, tile_size: int | None = None, slice_batch: bool = False
+    ) -> torch.Tensor:
+        """The denoiser's space -> images in [-1, 1]; `tile_size` (latent pixels) and
+        `slice_batch` (one image at a time) bound memory."""
         if self.vae is None:
             return x
-        return self.vae.decode(x / self.scaling_factor, tile_size=tile_size).clamp(-1, 1)
+        z = x / self.scaling_factor
+        return self.vae.decode(z, tile_size=tile_size, slice_batch=slice_batch).clamp(-1, 1)
 
 
 def build_denoiser(
@@ -480,10 +534,12 @@ def build_denoiser(
     state: Mapping[str, torch.Tensor] | None = None,
     *,
     dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
     """The denoiser a model.json describes; `state` (tensors or lazy tensors) is loaded strictly,
-    tensor by tensor into a network built on the meta device, so an SD-size U-Net never exists
-    twice in memory. dtype=torch.bfloat16 gives bf16 weights."""
+    tensor by tensor into a network built on the meta device and placed on `device`, so an
+    SD-size U-Net never exists twice in memory (nor once on the CPU when it goes to a GPU).
+    dtype=torch.bfloat16 gives bf16 weights."""
     from ..denoisers import make_denoiser
     from ..models.presets import UNetConfig
     from ..models.unet import UNet
@@ -498,22 +554,30 @@ def build_denoiser(
             return ConcatUNet(config, meta.concat_channels, noise_level=meta.task == "superres")
         return UNet(config)
 
-    unet = network() if state is None else build_module(network, state, "U-Net", dtype=dtype)
+    if state is None:
+        unet = network()
+    else:
+        unet = build_module(network, state, "U-Net", dtype=dtype, device=device)
     unet.eval().requires_grad_(False)
-    return make_denoiser(unet, meta.parameterization)
+    return make_denoiser(unet, meta.parameterization).to(device)
 
 
-def load_vae(path: str | Path) -> tuple[nn.Module, ModelMeta]:
-    """A VAE model folder (kind "vae") -> (AutoencoderKL in eval mode, its ModelMeta)."""
+def load_vae(
+    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, ModelMeta]:
+    """A VAE model folder (kind "vae") -> (AutoencoderKL in eval mode on `device`, its
+    ModelMeta). dtype: the weights' (None: as stored, fp32)."""
     from ..models.vae import AutoencoderKL, VAEConfig
+    from .lazy import build_module, open_safetensors
 
-    meta, state = load_model_folder(path)
+    meta = read_model_meta(path)
     if meta.kind != "vae":
         raise UserError(f"{path}: model kind {meta.kind!r} is not a VAE")
-    vae = AutoencoderKL(VAEConfig.from_dict(meta.vae))
-    load_state_strict(vae, state, "VAE")
+    state, _ = open_safetensors(Path(path) / MODEL_WEIGHTS)
+    config = VAEConfig.from_dict(meta.vae)
+    vae = build_module(lambda: AutoencoderKL(config), state, "VAE", dtype=dtype, device=device)
     if meta.latent_rgb:
-        vae.latent_rgb = torch.tensor(meta.latent_rgb)
+        vae.latent_rgb = torch.tensor(meta.latent_rgb, device=device)
     return channels_last(vae.eval().requires_grad_(False)), meta
 
 
@@ -525,23 +589,37 @@ def channels_last(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
-def load_diffusion_model(path: str | Path | None = None) -> LoadedModel:
-    """Load a native model folder; None means the embedded default model."""
+def load_diffusion_model(
+    path: str | Path | None = None,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str = "fp32",
+) -> LoadedModel:
+    """Load a native model folder (None: the embedded default model) onto `device` ("auto":
+    CUDA, else MPS, else CPU; see `resolve_device`) with weights in `dtype` (fp32, bf16, or fp16
+    on a GPU: the VAE then stays fp32, as SD's overflows in fp16; the text encoder stays fp32).
+    Weights stream from the file onto the device, tensor by tensor."""
     from .lazy import open_safetensors
 
     folder = default_model_dir() if path is None else Path(path)
     view = ModelFolder.read(folder)
+    device = resolve_device(device)
+    weights = check_dtype(dtype, device)
+    low = None if dtype == "fp32" else weights
     state, _ = open_safetensors(folder / MODEL_WEIGHTS)
     model = LoadedModel(
         view.meta,
         folder,
-        denoiser=channels_last(build_denoiser(view.meta, state)),
+        denoiser=channels_last(build_denoiser(view.meta, state, dtype=low, device=device)),
         sha256=file_digest(folder / MODEL_WEIGHTS),
+        dtype=dtype,
     )
     if view.meta.latent is not None:
-        model.vae, _ = load_vae(folder / view.meta.latent.vae)
+        vae_dtype = None if dtype == "fp16" else low
+        model.vae, _ = load_vae(folder / view.meta.latent.vae, device=device, dtype=vae_dtype)
     if view.meta.text_encoder:
         from ..models.text import build_text_encoder
 
-        model.text_encoder = build_text_encoder(view.meta.text_encoder, folder)
+        # fp32 whatever the dtype: its states are the cond every step reuses (one encode a call)
+        model.text_encoder = build_text_encoder(view.meta.text_encoder, folder).to(device)
     return model

@@ -8,6 +8,7 @@ inpainting, super-resolution and interpolation.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from torch import nn
 from .. import sampling, schedules
 from ..errors import UserError
 from ..guidance import CFGDenoiser, Region, RegionalDenoiser, parse_interval, region_conditioning
-from ..io.model_folder import LoadedModel, ModelFolder
+from ..io.model_folder import LoadedModel, ModelFolder, check_dtype
 from .layout import plan_layout
 from .settings import SampleSettings, per_image
 
@@ -70,6 +71,7 @@ def conditioning(
     guidance: float = 1.0,
     guidance_interval: Sequence[float | None] | None = None,
     regions: list[list[Region]] | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[nn.Module, dict]:
     """The denoiser to sample (CFG-wrapped when guidance != 1) and its per-image cond dict.
 
@@ -79,7 +81,8 @@ def conditioning(
     None or (0, inf) guides every step. regions (text models): per-image region lists (one
     list for all images, or one per image; see `plan_regions`); images with regions are
     denoised box by box under the region prompts (`RegionalDenoiser`), the unconditional
-    branch stays as it is.
+    branch stays as it is. grid: the denoiser's (height, width) the regions are laid on
+    (default: the model's training size).
     """
     interval = parse_interval(guidance_interval)
     denoiser, cond = model.denoiser, {}
@@ -91,7 +94,8 @@ def conditioning(
         cond = {"context": context, "context_mask": mask}
         if regions and any(regions):
             lists = per_image(list(regions), num, "region lists")
-            cond.update(region_conditioning(model.text_encoder, lists, model.image_shape[1:]))
+            grid = tuple(model.image_shape[1:]) if grid is None else grid
+            cond.update(region_conditioning(model.text_encoder, lists, grid))
             denoiser = RegionalDenoiser(denoiser)
         if guidance != 1.0:
             u_context, u_mask = model.text_encoder.encode(negatives)
@@ -106,6 +110,7 @@ def conditioning(
         null = model.num_classes
         labels = per_image(labels or [None], num, "labels")
         ids = torch.tensor([null if lab is None else int(lab) for lab in labels])
+        ids = ids.to(model.device)
         if ((ids < 0) | (ids > null)).any():
             raise UserError(f"labels must be in 0..{null - 1}")
         cond = {"class_labels": ids}
@@ -130,6 +135,40 @@ def plan_regions(
     return [plan_layout(settings.layout, p) for p in per_image(prompts or [""], num, "prompts")]
 
 
+def precision_context(
+    model: LoadedModel, settings: SampleSettings
+) -> contextlib.AbstractContextManager:
+    """Autocast for the denoiser under the settings' precision, or the weights' dtype when the
+    settings ask for fp32 (bf16 / fp16 weights compute in their own precision)."""
+    name = settings.precision if settings.precision != "fp32" else model.dtype
+    if name == "fp32":
+        return contextlib.nullcontext()
+    dtype = check_dtype(name, model.device)
+    return torch.autocast(model.device.type, dtype=dtype)
+
+
+TILED_DECODE_AREA = 4  # latents over this many times the trained area decode in tiles
+
+
+def decode(model: LoadedModel, x: torch.Tensor, settings: SampleSettings) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (float32, on the CPU). fp16 decodes in fp32, outside the
+    autocast: SD's VAE overflows in fp16; bf16 decodes in bf16. Latents larger than
+    TILED_DECODE_AREA times the model's trained size decode one image at a time, in tiles of
+    twice the trained side (the VAE's memory grows with the pixels; tiles differ from one pass
+    by GroupNorm's statistics, so sizes up to that bound decode whole)."""
+    h, w = x.shape[-2:]
+    trained = model.image_shape[-1]
+    large = h * w > TILED_DECODE_AREA * trained * trained
+    kw = {"tile_size": 2 * trained, "slice_batch": True} if large else {}
+    if (settings.precision if settings.precision != "fp32" else model.dtype) == "fp16":
+        with torch.autocast(model.device.type, enabled=False):
+            images = model.decode(x.float(), **kw)
+    else:
+        with precision_context(model, settings):
+            images = model.decode(x, **kw)
+    return images.float().clamp(-1, 1).cpu()
+
+
 def condition(
     model: LoadedModel,
     num: int,
@@ -139,11 +178,12 @@ def condition(
     prompts: list[str] | None = None,
 ) -> tuple[nn.Module, dict]:
     """`conditioning` under resolved settings: their guidance, interval, negative prompt and
-    regions (given, or planned from the prompts)."""
+    regions (given, or planned from the prompts), laid on the grid of their output size."""
     return conditioning(
         model, num, labels=labels, prompts=prompts, negative=settings.negative or None,
         guidance=settings.guidance, guidance_interval=settings.guidance_interval,
         regions=plan_regions(model, prompts, num, settings),
+        grid=settings.latent_size(model),
     )  # fmt: skip
 
 
@@ -195,6 +235,11 @@ def batch_images(images: torch.Tensor, num: int, shape: tuple[int, int, int]) ->
     if B > 1 and num not in (1, B):
         raise UserError(f"got {B} images and num={num}; give one image or num equal to {B}")
     return images.expand(max(B, num), *shape).float()
+
+
+def on_device(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """An input tensor (images, masks) moved to where the model runs."""
+    return x.to(model.device)
 
 
 def require_task(model: LoadedModel, task: str) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from .. import sampling
 from ..io.model_folder import LoadedModel, load_diffusion_model
-from .common import condition, describe_conditioning, make_sigmas
+from .common import condition, decode, describe_conditioning, make_sigmas, precision_context
 from .settings import SampleSettings
 
 
@@ -39,10 +39,10 @@ def generate(
     layout (text models): the planner that reads regions from each prompt ("shapes", "none";
     default: the model's `sampling.layout`); regions: one region list for every image, which
     replaces the planner's (see `pipelines/layout.py`).
-    noise: the unit Gaussian noise (num, *model.image_shape) to start from instead of the seeds'
-    draw (the seeds still drive stochastic samplers); it is scaled to the prior std as drawn
-    noise is. For an imported SD model it is what diffusers' pipelines take as `latents=` (with
-    DDIM, or Euler under leading spacing: tests/test_sd_pipeline.py).
+    noise: unit Gaussian noise (num, C, h, w) at the latent size, to start from instead of the
+    seeds' draw (the seeds still drive stochastic samplers); it is scaled to the prior std as
+    drawn noise is. For an imported SD model it is what diffusers' pipelines take as `latents=`
+    (with DDIM, or Euler under leading spacing: tests/test_sd_pipeline.py).
     bf16 (precision "bf16"): run the denoiser and the decoder under bf16 autocast (the text
     encoder, the noise and the sampler's arithmetic stay fp32). About 1.5x the images/s on a CPU
     with AVX512-BF16 or AMX (docs/text-to-image.md); CPUs without bf16 units emulate it slowly.
@@ -51,15 +51,16 @@ def generate(
     s = SampleSettings.build(settings, **overrides).resolve(model)
     sigmas = make_sigmas(model, s.steps, s.spacing)
     gen = sampling.BatchGenerator(range(s.seed, s.seed + s.num))
-    shape = (s.num, *model.image_shape)
+    shape = (s.num, model.image_shape[0], *s.latent_size(model))
+    # drawn on the CPU and moved: a seed gives the same noise on every device
     x = sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), gen, noise)
+    x = x.to(model.device)
     denoiser, cond = condition(model, s.num, s, labels=labels, prompts=prompts)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+    with precision_context(model, s):
         out = sampling.sample(
             s.sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **s.knobs
         )
-        images = model.decode(out)
-    return images.float().clamp(-1, 1)
+    return decode(model, out, s)
 
 
 # ----- the CLI's generate: PNG in, PNG out, parameters in the PNG's text chunks -----------------
@@ -70,28 +71,34 @@ def generate_to_png(
     prompt: str = "",
     preview: str | Path | None = None,
     settings: SampleSettings | None = None,
+    callback: sampling.Callback = None,
+    device: str | None = "cpu",
+    dtype: str = "fp32",
     **overrides: Any,
 ) -> dict:
     """Generate, write a grid PNG whose text chunks hold the prompt and the resolved settings
     (so `--from-png` reproduces it bit-exactly), and optionally a GIF with, at every step, the
-    noisy state (first row) and the x0 estimate (second row), decoded. overrides: as for
+    noisy state (first row) and the x0 estimate (second row), decoded. callback: called at
+    every step after the preview's frame (the CLI's progress bar). overrides: as for
     `generate`."""
     from ..io.images import save_grid
 
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
     cond_kwargs, what = describe_conditioning(model, prompt or "")
     # stored resolved, so --from-png reproduces it whatever the model's default
     s = SampleSettings.build(settings, **overrides).resolve(model)
     frames: list[torch.Tensor] = []
-    callback = None
-    if preview:
 
-        def callback(step, sigma, x, denoised):
+    def each_step(step, sigma, x, denoised):
+        if preview:
             # the noisy state (shown as x_t = x / sqrt(1 + sigma^2)) beside the x0 estimate
             noisy = model.decode(x / (1 + sigma**2).sqrt()).clamp(-1, 1)
             frames.append(torch.cat([noisy, model.decode(denoised).clamp(-1, 1)]))
+        if callback is not None:
+            callback(step, sigma, x, denoised)
 
-    images = generate(model, s, **cond_kwargs, callback=callback)
+    steps_cb = each_step if preview or callback is not None else None
+    images = generate(model, s, **cond_kwargs, callback=steps_cb)
     meta = {
         "prompt": prompt or "", **s.to_png_meta(), "model": model.sha256,
         "model_path": "" if model_dir is None else str(Path(model_dir).resolve()),

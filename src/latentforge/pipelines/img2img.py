@@ -15,7 +15,15 @@ import torch
 
 from .. import sampling
 from ..io.model_folder import LoadedModel
-from .common import batch_images, condition, schedule_tail, start_point
+from .common import (
+    batch_images,
+    condition,
+    decode,
+    on_device,
+    precision_context,
+    schedule_tail,
+    start_point,
+)
 from .settings import SampleSettings
 
 
@@ -39,16 +47,19 @@ def img2img(
     settings / keyword overrides: as for `generate` (regional prompting included).
     """
     s = SampleSettings.build(settings, **overrides).resolve(model)
-    images = batch_images(images, s.num, model.output_shape)
+    images = on_device(
+        model, batch_images(images, s.num, (model.output_shape[0], s.height, s.width))
+    )
     sigmas = schedule_tail(model, s.steps, strength, s.spacing)
     if len(sigmas) == 1:  # nothing to run: the input, exactly
-        return images.clone()
+        return images.cpu().clone()
     n = images.shape[0]
     gen = sampling.BatchGenerator(range(s.seed, s.seed + n))
     z = model.encode(images)
     x, _ = start_point(model, z, sigmas, len(sigmas) == s.steps + 1, gen)
     denoiser, cond = condition(model, n, s, labels=labels, prompts=prompts)
-    out = sampling.sample(
-        s.sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **s.knobs
-    )
-    return model.decode(out).clamp(-1, 1)
+    with precision_context(model, s):
+        out = sampling.sample(
+            s.sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **s.knobs
+        )
+    return decode(model, out, s)

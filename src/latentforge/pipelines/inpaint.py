@@ -27,7 +27,16 @@ from ..errors import UserError
 from ..guidance import KnownRegionDenoiser
 from ..io.model_folder import LoadedModel
 from ..models.conditioned import inpaint_condition, masked_image
-from .common import batch_images, condition, schedule_tail, start_point, with_image_cond
+from .common import (
+    batch_images,
+    condition,
+    decode,
+    on_device,
+    precision_context,
+    schedule_tail,
+    start_point,
+    with_image_cond,
+)
 from .settings import SampleSettings
 
 
@@ -148,12 +157,14 @@ def inpaint(
     resample = _positive_int(resample, "resample")
     jump = _positive_int(jump, "jump")
     feather = _positive_int(feather, "feather", 0)
-    images = batch_images(images, s.num, model.output_shape)
+    images = on_device(
+        model, batch_images(images, s.num, (model.output_shape[0], s.height, s.width))
+    )
     n = images.shape[0]
     masks = prepare_masks(masks.to(images.device), n, images.shape[-2:])
     sigmas = schedule_tail(model, s.steps, strength, s.spacing)
     if len(sigmas) == 1 or not masks.any():
-        return images.clone()
+        return images.cpu().clone()
     gen = sampling.BatchGenerator(range(s.seed, s.seed + n))
     z = model.encode(images)
     x, eps = start_point(model, z, sigmas, len(sigmas) == s.steps + 1, gen)
@@ -165,9 +176,10 @@ def inpaint(
         # a latent cell is regenerated if any pixel it covers is (max-pool the mask down)
         keep = F.adaptive_max_pool2d(masks, z.shape[-2:]) == 0  # (n, 1, h, w)
         denoiser = KnownRegionDenoiser(denoiser, z, keep, eps)
-    out = repaint(
-        s.sampler, denoiser, x, sigmas, resample=resample, jump=jump, cond=cond, generator=gen,
-        callback=callback, **s.knobs,
-    )  # fmt: skip
-    generated = model.decode(out).clamp(-1, 1)
-    return paste_back(generated, images, feather_mask(masks, feather))
+    with precision_context(model, s):
+        out = repaint(
+            s.sampler, denoiser, x, sigmas, resample=resample, jump=jump, cond=cond,
+            generator=gen, callback=callback, **s.knobs,
+        )  # fmt: skip
+    generated = decode(model, out, s)
+    return paste_back(generated, images.cpu(), feather_mask(masks, feather).cpu())

@@ -26,7 +26,14 @@ from .. import sampling
 from ..errors import UserError
 from ..guidance import DenoiserWrapper
 from ..io.model_folder import LoadedModel
-from .common import batch_images, conditioning, make_sigmas
+from .common import (
+    batch_images,
+    conditioning,
+    decode,
+    make_sigmas,
+    on_device,
+    precision_context,
+)
 from .settings import SampleSettings
 
 ODE_SAMPLER = "ddim"  # eta defaults to 0: deterministic, and invertible step for step
@@ -124,14 +131,15 @@ def invert(
     Guidance other than 1 is allowed but makes the inversion inexact. The sampler is always
     DDIM (the step that inverts step for step)."""
     s = _ode_settings(model, settings, overrides, ODE_SAMPLER)
-    images = batch_images(images, 1, model.output_shape)
+    images = on_device(model, batch_images(images, 1, model.output_shape))
     upward = make_sigmas(model, s.steps, s.spacing)[:-1].flip(0)  # sigma_min ... sigma_max
     denoiser, cond = conditioning(
         model, images.shape[0], labels=labels, prompts=prompts, guidance=s.guidance,
         guidance_interval=s.guidance_interval,
     )  # fmt: skip
     z = model.encode(images)
-    return sampling.sample(ODE_SAMPLER, denoiser, z, upward, cond=cond, callback=callback)
+    with precision_context(model, s):
+        return sampling.sample(ODE_SAMPLER, denoiser, z, upward, cond=cond, callback=callback)
 
 
 @torch.no_grad()
@@ -153,8 +161,10 @@ def decode_noise(
         model, x.shape[0], labels=labels, prompts=prompts, guidance=s.guidance,
         guidance_interval=s.guidance_interval,
     )  # fmt: skip
-    out = sampling.sample(s.sampler, denoiser, x, sigmas, cond=cond, callback=callback)
-    return model.decode(out).clamp(-1, 1)
+    x = on_device(model, x)
+    with precision_context(model, s):
+        out = sampling.sample(s.sampler, denoiser, x, sigmas, cond=cond, callback=callback)
+    return decode(model, out, s)
 
 
 def _walk_frames(
@@ -170,11 +180,12 @@ def _walk_frames(
 ) -> torch.Tensor:
     """Slerp x_a -> x_b (each (1, ...)) over `frames` steps and sample every frame with the
     deterministic sampler of `s`, conditioning blended a -> b; returns (frames, C, H, W)."""
-    t = torch.linspace(0, 1, frames, dtype=torch.float64)
+    t = torch.linspace(0, 1, frames, dtype=torch.float64, device=x_a.device)
     x = slerp(x_a.expand(frames, *x_a.shape[1:]), x_b.expand(frames, *x_b.shape[1:]), t)
     denoiser, cond = _mixed_conditioning(model, t, s.guidance, labels, prompts, s.guidance_interval)
-    out = sampling.sample(s.sampler, denoiser, x, sigmas, cond=cond, callback=callback)
-    return model.decode(out).clamp(-1, 1)
+    with precision_context(model, s):
+        out = sampling.sample(s.sampler, denoiser, x, sigmas, cond=cond, callback=callback)
+    return decode(model, out, s)
 
 
 @torch.no_grad()
@@ -199,8 +210,10 @@ def interpolate(
     given) and its interval; the sampler is DDIM."""
     _check_frames(frames)
     s = _ode_settings(model, settings, overrides, ODE_SAMPLER).replace(sampler=ODE_SAMPLER)
-    x_a = invert(model, image_a, s, labels=[labels_a], prompts=[prompts_a or ""])
-    x_b = invert(model, image_b, s, labels=[labels_b], prompts=[prompts_b or ""])
+    x_a = invert(model, image_a, s, labels=[labels_a], prompts=[prompts_a or ""],
+                 callback=callback)  # fmt: skip
+    x_b = invert(model, image_b, s, labels=[labels_b], prompts=[prompts_b or ""],
+                 callback=callback)  # fmt: skip
     return _walk_frames(
         model, x_a[:1], x_b[:1], frames, make_sigmas(model, s.steps, s.spacing), s,
         [labels_a, labels_b], [prompts_a or "", prompts_b or ""], callback,
@@ -236,9 +249,10 @@ def walk(
     sigmas = make_sigmas(model, s.steps, s.spacing)
     shape = (1, *model.image_shape)
     x_a, x_b = (
-        sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), sampling.BatchGenerator([i]))
+        on_device(model, sampling.prior_noise(model.denoiser, shape, float(sigmas[0]),
+                                              sampling.BatchGenerator([i])))
         for i in (seed_a, seed_b)
-    )
+    )  # fmt: skip
     return _walk_frames(
         model, x_a, x_b, frames, sigmas, s, [labels_a, labels_b],
         [prompts_a or "", prompts_b or ""], callback,

@@ -24,7 +24,9 @@ from ..guidance import Region, interval_to_json, parse_interval
 from ..io.model_folder import ModelFolder
 from .layout import check_layout
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: GPUs only (checked where the model runs)
+MAX_SIDE = 4096  # output pixels on a side, whatever the model
+MAX_SCALE = 8  # ... and at most this many times the model's training resolution (memory guard)
 
 
 class SettingsError(UserError):
@@ -44,6 +46,8 @@ class SampleSettings:
     own prompts (text models), which replace the layout planner; resolved, layout is "none"
     then (and for models without a text encoder). knobs: the sampler's extra options
     (`sampling.sampler_knobs`), e.g. {"eta": 0.5}. Image i of a call uses seed `seed + i`.
+    width / height: the output size in pixels (None: the model's training resolution);
+    multiples of `size_multiple(model)`, the VAE's downsampling times the U-Net's.
     """
 
     sampler: str | None = None
@@ -57,11 +61,13 @@ class SampleSettings:
     seed: int = 0
     num: int = 1
     precision: str = "fp32"
+    width: int | None = None
+    height: int | None = None
     knobs: Mapping[str, Any] = field(default_factory=dict)
 
     FIELDS = (
         "sampler", "steps", "spacing", "guidance", "guidance_interval", "negative", "layout",
-        "regions", "seed", "num", "precision", "knobs",
+        "regions", "seed", "num", "precision", "width", "height", "knobs",
     )  # fmt: skip
 
     # ----- building -----------------------------------------------------------------------
@@ -143,15 +149,22 @@ class SampleSettings:
             raise SettingsError("layout", str(e)) from None
         if not text or self.regions:
             layout = "none"
+        width, height = _check_size(model, self.width, self.height)
         lo, hi = interval_to_json(interval)
         return dataclasses.replace(
             self, sampler=sampler, steps=steps, spacing=self.spacing or d.spacing,
-            guidance=float(guidance), guidance_interval=(lo, hi), layout=layout,
+            guidance=float(guidance), guidance_interval=(lo, hi), layout=layout, width=width,
+            height=height,
         )  # fmt: skip
 
     @property
     def bf16(self) -> bool:
         return self.precision == "bf16"
+
+    def latent_size(self, model: ModelFolder) -> tuple[int, int]:
+        """(height, width) of what the denoiser works on at this output size (resolved)."""
+        f = model.output_shape[-1] // model.image_shape[-1]
+        return self.height // f, self.width // f
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -182,6 +195,8 @@ class SampleSettings:
             "layout": self.layout or "",
             "regions": json.dumps([r.to_json() for r in self.regions]) if self.regions else "",
             "precision": self.precision,
+            "width": "" if self.width is None else str(self.width),
+            "height": "" if self.height is None else str(self.height),
         }  # fmt: skip
 
     @classmethod
@@ -208,10 +223,50 @@ class SampleSettings:
                 num=int(text.get("num", 1)),
                 # PNGs from before --bf16 hold no precision: fp32
                 precision="bf16" if text.get("precision") == "bf16" else "fp32",
+                # PNGs from before --width / --height: the model's size
+                width=int(text["width"]) if text.get("width") else None,
+                height=int(text["height"]) if text.get("height") else None,
                 knobs=json.loads(text["options"]) if text.get("options") else {},
             )
         except (ValueError, TypeError, KeyError) as e:
             raise UserError(f"{where}: unreadable generate parameters ({e})") from None
+
+
+def size_multiple(model: ModelFolder) -> int:
+    """Output sizes are multiples of this: the VAE's downsampling factor times the U-Net's
+    (2 per level below the first), so every down-sampled grid has whole cells."""
+    f = model.output_shape[-1] // model.image_shape[-1]
+    levels = len((model.meta.unet or {}).get("block_out_channels", [0]))
+    return f * 2 ** max(levels - 1, 0)
+
+
+def max_side(model: ModelFolder) -> int:
+    """The largest width / height the model takes: MAX_SCALE times its training resolution
+    (a memory guard: attention grows with the square of the pixels), at most MAX_SIDE."""
+    return min(MAX_SIDE, MAX_SCALE * max(model.output_shape[1:]))
+
+
+def _check_size(model: ModelFolder, width: int | None, height: int | None) -> tuple[int, int]:
+    """(width, height) in output pixels: the model's where unset; SettingsError naming the
+    side that is not a positive multiple of `size_multiple` or over the memory guard."""
+    _, res_h, res_w = model.output_shape
+    m = size_multiple(model)
+    limit = max_side(model)
+    out = []
+    for name, value, default in (("width", width, res_w), ("height", height, res_h)):
+        value = default if value is None else value
+        if value == default:  # the training resolution is always allowed
+            out.append(value)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < m or value % m:
+            raise SettingsError(name, f"{name} must be a positive multiple of {m} for this "
+                                f"model, got {value!r}")  # fmt: skip
+        if value > limit:
+            raise SettingsError(name, f"{name} {value} is over this model's limit of {limit} "
+                                f"pixels ({MAX_SCALE}x its {max(res_h, res_w)}, at most "
+                                f"{MAX_SIDE})")  # fmt: skip
+        out.append(value)
+    return out[0], out[1]
 
 
 def per_image(values: Sequence, num: int, what: str) -> list:

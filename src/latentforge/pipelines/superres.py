@@ -25,7 +25,16 @@ from ..errors import UserError
 from ..io.checkpoint import MODEL_JSON
 from ..io.model_folder import LoadedModel
 from ..models.conditioned import augment, lowres_condition
-from .common import batch_images, conditioning, make_sigmas, require_task, with_image_cond
+from .common import (
+    batch_images,
+    conditioning,
+    decode,
+    make_sigmas,
+    on_device,
+    precision_context,
+    require_task,
+    with_image_cond,
+)
 from .settings import SampleSettings, per_image
 
 UPSCALER = "upscaler"
@@ -83,6 +92,32 @@ def tile_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % 2**63
 
 
+def tile_grid(model: LoadedModel, h: int, w: int, tile: int | None = None):
+    """How an h x w input is upscaled: (f, output (H, W), the denoiser's (hz, wz), a tile's
+    (th, tw) and overlap there, the tiles' (y, x) starts); f is the VAE's factor (1 for pixels).
+    UserError for sizes the VAE's grid cannot take."""
+    s, resolution = model.meta.scale, model.output_shape[1]
+    f = resolution // model.image_shape[1]
+    H, W = h * s, w * s
+    if H % f or W % f:
+        raise UserError(f"the output {H}x{W} must be a multiple of the VAE's f={f}")
+    tile = resolution if tile is None else tile
+    if tile % f or tile < 2 * f:
+        raise UserError(f"tile must be a multiple of {f} and at least {2 * f}, got {tile}")
+    hz, wz, tz = H // f, W // f, tile // f  # in the denoiser's space
+    overlap = max(1, tz // 4)
+    starts = [(y, x) for y in tile_starts(hz, tz, overlap) for x in tile_starts(wz, tz, overlap)]
+    return f, (H, W), (hz, wz), (min(tz, hz), min(tz, wz)), overlap, starts
+
+
+def sampler_runs(
+    model: LoadedModel, h: int, w: int, num: int = 1, tile: int | None = None, tile_batch: int = 16
+) -> int:
+    """How many sampler calls `upscale` makes for `num` h x w images: the callback sees every
+    step of each (a progress bar's total is this times the steps)."""
+    return math.ceil(num * len(tile_grid(model, h, w, tile)[-1]) / tile_batch)
+
+
 def _repeat(values, n: int, k: int, what: str):
     """Per-image values (one for all, or n) -> one per tile, image-major."""
     if values is None:
@@ -101,6 +136,7 @@ def upscale(
     labels: list[int | None] | None = None,
     prompts: list[str] | None = None,
     tile: int | None = None,
+    tile_batch: int = 16,
     callback: sampling.Callback = None,
     **overrides: Any,
 ) -> torch.Tensor:
@@ -110,8 +146,11 @@ def upscale(
     `scale`, when given, must be the model's. `noise_level`: the augmentation std added to the
     low-res image (trained on [0, 0.3]; more hides more of its noise and artefacts, and invents
     more). `tile`: tile size in output pixels (default: the model's resolution); outputs no
-    larger than a tile are made in one pass at their own size. settings / keyword overrides:
-    as for `generate` (no regional prompting: tiles are not the image).
+    larger than a tile are made in one pass at their own size. `tile_batch`: at most this many
+    tiles (of all images) go through one sampler call, so peak memory is bounded by it and not
+    by the image size (each tile draws from its own generator: the result does not depend on
+    it, up to float rounding). The callback sees every step of every such call. settings /
+    keyword overrides: as for `generate` (no regional prompting: tiles are not the image).
     """
     require_task(model, "superres")
     s = model.meta.scale
@@ -121,29 +160,21 @@ def upscale(
         raise UserError(f"noise_level must be in [0, 1], got {noise_level}")
     st = SampleSettings.build(settings, **overrides).resolve(model)
     seed = st.seed
-    channels, resolution = model.output_shape[:2]
+    channels = model.output_shape[0]
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4:
         raise UserError(f"images must be (B, C, h, w), got {tuple(images.shape)}")
-    images = batch_images(images, st.num, (channels, *images.shape[-2:]))
+    if not isinstance(tile_batch, int) or tile_batch < 1:
+        raise UserError(f"tile_batch must be an integer >= 1, got {tile_batch!r}")
+    images = on_device(model, batch_images(images, st.num, (channels, *images.shape[-2:])))
     n, (h, w) = images.shape[0], images.shape[-2:]
-    f = resolution // model.image_shape[1]  # the VAE's downsampling factor (1 for pixels)
-    H, W = h * s, w * s
-    if H % f or W % f:
-        raise UserError(f"the output {H}x{W} must be a multiple of the VAE's f={f}")
-    tile = resolution if tile is None else tile
-    if tile % f or tile < 2 * f:
-        raise UserError(f"tile must be a multiple of {f} and at least {2 * f}, got {tile}")
-    hz, wz, tz = H // f, W // f, tile // f  # in the denoiser's space
-    overlap = max(1, tz // 4)
-    th, tw = min(tz, hz), min(tz, wz)
-    starts = [(y, x) for y in tile_starts(hz, tz, overlap) for x in tile_starts(wz, tz, overlap)]
+    f, (H, W), (hz, wz), (th, tw), overlap, starts = tile_grid(model, h, w, tile)
     K = len(starts)
 
     # the conditioning image at the denoiser's resolution, noised once per image
     gen = sampling.BatchGenerator(range(seed, seed + n))
-    level = torch.full((n,), float(noise_level))
+    level = torch.full((n,), float(noise_level), device=images.device)
     cond_image = lowres_condition(images, (hz, wz))  # (n, C, hz, wz)
     cond_image = augment(cond_image, level, sampling.randn_like(cond_image, gen))
     concat = torch.stack([cond_image[..., y : y + th, x : x + tw] for y, x in starts], 1)
@@ -152,20 +183,29 @@ def upscale(
         gen = sampling.BatchGenerator([tile_seed(seed + i, k) for i in range(n) for k in range(K)])
 
     sigmas = make_sigmas(model, st.steps, st.spacing)
-    x = sampling.prior_noise(
-        model.denoiser, (n * K, model.image_shape[0], th, tw), float(sigmas[0]), gen
-    )
-    denoiser, cond = conditioning(
-        model, n * K, labels=_repeat(labels, n, K, "labels"),
-        prompts=_repeat(prompts, n, K, "prompts"), negative=st.negative or None,
-        guidance=st.guidance, guidance_interval=st.guidance_interval,
-    )  # fmt: skip
-    extra = {"concat": concat, "noise_level": level.repeat_interleave(K)}
-    denoiser, cond = with_image_cond(denoiser, cond, extra)
-    out = sampling.sample(
-        st.sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **st.knobs
-    )
-    pixels = model.decode(out).clamp(-1, 1)  # (n * K, C, th * f, tw * f)
+    labels, prompts = _repeat(labels, n, K, "labels"), _repeat(prompts, n, K, "prompts")
+    noise_levels = level.repeat_interleave(K)
+    chunks = []
+    for a in range(0, n * K, tile_batch):  # a bounded batch of tiles per sampler call
+        b = min(a + tile_batch, n * K)
+        part = gen.subset(a, b)
+        x = sampling.prior_noise(
+            model.denoiser, (b - a, model.image_shape[0], th, tw), float(sigmas[0]), part
+        ).to(model.device)
+        denoiser, cond = conditioning(
+            model, b - a, labels=labels[a:b] if labels else None,
+            prompts=prompts[a:b] if prompts else None, negative=st.negative or None,
+            guidance=st.guidance, guidance_interval=st.guidance_interval,
+        )  # fmt: skip
+        extra = {"concat": concat[a:b], "noise_level": noise_levels[a:b]}
+        denoiser, cond = with_image_cond(denoiser, cond, extra)
+        with precision_context(model, st):
+            out = sampling.sample(
+                st.sampler, denoiser, x, sigmas, cond=cond, generator=part, callback=callback,
+                **st.knobs,
+            )  # fmt: skip
+        chunks.append(decode(model, out, st))  # (b - a, C, th * f, tw * f), on the CPU
+    pixels = torch.cat(chunks)
     if K == 1:
         return pixels
     tiles = pixels.unflatten(0, (n, K))  # (n, K, C, th * f, tw * f)

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import sampling
 from ..errors import UserError
 from ..io.model_folder import ModelFolder
+from ..pipelines.settings import max_side, size_multiple
 from . import schemas, tasks
 from .config import ServerConfig
 from .jobs import FINAL, Job, JobQueue, QueueFull
@@ -95,7 +96,8 @@ class _Guard:
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     """The app for `config`; its workers start and stop with the app's lifespan."""
     config = config or ServerConfig()
-    store = ModelStore(config.model, config.models_dir, config.max_loaded)
+    store = ModelStore(config.model, config.models_dir, config.max_loaded, device=config.device,
+                       dtype=config.dtype)  # fmt: skip
     queue = JobQueue(
         tasks.make_runner(store, config),
         workers=config.workers,
@@ -369,6 +371,7 @@ def _model_info(view: ModelFolder) -> dict:
         "conditioning": view.conditioning,
         "class_names": [] if view.conditioning == "text" else [str(n) for n in view.class_names],
         "defaults": view.meta.sampling.to_json() if view.meta.sampling else {},
+        "size_multiple": size_multiple(view), "max_side": max_side(view),
     }  # fmt: skip
 
 

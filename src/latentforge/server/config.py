@@ -25,6 +25,8 @@ class ServerConfig:
     progress_interval: float = 0.1  # seconds between two progress events of one event stream
     preload: bool = True  # load the default model when the server starts
     max_body_bytes: int = 24_000_000
+    device: str = "cpu"  # where models run ("auto": CUDA, else MPS, else CPU)
+    dtype: str = "fp32"  # their weights' precision (io.model_folder.DTYPES)
 
     def __post_init__(self):
         if not 1 <= self.max_steps <= MAX_STEPS:
@@ -35,3 +37,6 @@ class ServerConfig:
             raise UserError("max_queue must be >= 1 and workers >= 0")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("the API key must not be empty")
+        from ..io.model_folder import check_dtype, resolve_device
+
+        check_dtype(self.dtype, resolve_device(self.device))  # a bad one fails at start

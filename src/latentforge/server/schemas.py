@@ -87,8 +87,14 @@ class PromptParams(_Request):
 
 class Txt2ImgRequest(SamplingParams, PromptParams):
     num: int = Field(1, ge=1, le=MAX_NUM, description="batch size")
-    width: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
-    height: int | None = Field(None, ge=1, le=MAX_SIDE, description="must be the model's")
+    width: int | None = Field(
+        None, ge=1, le=MAX_SIDE,
+        description="output width in pixels, a multiple of the model's grid; default: the model's",
+    )  # fmt: skip
+    height: int | None = Field(
+        None, ge=1, le=MAX_SIDE,
+        description="output height in pixels, a multiple of the model's grid; default: the model's",
+    )  # fmt: skip
     layout: Literal[tuple(layout_names())] | None = Field(
         None,
         description="regional prompting (text models): 'shapes' draws each object of a "
@@ -189,6 +195,8 @@ class ModelInfo(BaseModel):
     conditioning: Literal["text", "class", "none"]
     class_names: list[str]
     defaults: dict[str, Any]
+    size_multiple: int = Field(description="width / height are multiples of this")
+    max_side: int = Field(description="the largest width / height this model takes")
 
 
 class SamplerInfo(BaseModel):

@@ -34,7 +34,11 @@ class ModelStore:
         model: str | Path | None = None,
         models_dir: str | Path | None = None,
         max_loaded: int = 2,
+        *,
+        device: str = "cpu",
+        dtype: str = "fp32",
     ):
+        self.device, self.dtype = device, dtype
         self.models_dir = Path(models_dir).resolve() if models_dir else None
         if self.models_dir is not None and not self.models_dir.is_dir():
             raise UserError(f"models directory not found: {models_dir}")
@@ -145,7 +149,7 @@ class ModelStore:
                     self._loaded.move_to_end(name)
                     return self._loaded[name]
             _, folder = self.resolve(name)
-            model = load_diffusion_model(folder)
+            model = load_diffusion_model(folder, device=self.device, dtype=self.dtype)
             with self._lock:
                 self._loaded[name] = model
                 while len(self._loaded) > self.max_loaded:

@@ -191,11 +191,8 @@ def _conditioning(model: ModelFolder, prompt: str) -> dict:
 
 
 def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
-    p = _Prepared(req, store, config, layout=req.layout, bf16=req.bf16)
-    _, height, width = p.view.output_shape
-    for field, value, want in (("width", req.width, width), ("height", req.height, height)):
-        if value is not None and value != want:
-            raise FieldError(field, f"{field} must be {want} (the model's resolution)")
+    p = _Prepared(req, store, config, layout=req.layout, bf16=req.bf16, width=req.width,
+                  height=req.height)  # fmt: skip
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
         cond = _conditioning(model, req.prompt)
@@ -204,7 +201,7 @@ def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig
     # stored resolved, so `generate --from-png` reproduces the image whatever the default
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num,
               "layout": p.settings.layout, "precision": p.settings.precision,
-              **p.params}  # fmt: skip
+              "width": p.settings.width, "height": p.settings.height, **p.params}  # fmt: skip
     return Task("txt2img", p.name, params, p.settings.steps, run, p.seeds, preview=req.preview)
 
 

@@ -80,10 +80,24 @@ function modelFor(kind) {
   return state.models.find((m) => m.default && ok(m)) || state.models.find(ok) || null;
 }
 
+function sizeChoices(m) {
+  // the model's own size first, then wider, taller and larger ones on its grid, within its limit
+  const snap = (v) => Math.max(m.size_multiple, Math.round(v / m.size_multiple) * m.size_multiple);
+  const sizes = [[m.width, m.height], [snap(m.width * 1.5), m.height], [m.width, snap(m.height * 1.5)],
+    [snap(m.width * 2), snap(m.height * 2)]];
+  const seen = new Set();
+  return sizes.filter(([w, h]) => {
+    const key = `${w}x${h}`;
+    if (w > m.max_side || h > m.max_side || seen.has(key)) return false;
+    seen.add(key);
+    return true;
+  });
+}
+
 function modelChanged() {
   const m = modelFor("txt2img") || state.models[0];
   if (!m) return;
-  $("#size").replaceChildren(new Option(`${m.width} × ${m.height}`, `${m.width}x${m.height}`));
+  $("#size").replaceChildren(...sizeChoices(m).map(([w, h]) => new Option(`${w} × ${h}`, `${w}x${h}`)));
   $("#steps").placeholder = `model default (${m.defaults.steps ?? "?"})`;
   $("#guidance").placeholder = `model default (${m.defaults.guidance ?? "?"})`;
   $("#layout").options[0].text = `model default (${m.defaults.layout ?? "none"})`;
