@@ -37,7 +37,7 @@ from .. import __version__
 from ..data import load_dataset
 from ..errors import UserError
 from ..io.checkpoint import load_tensors, replace_dir_atomic, save_tensors_atomic, write_json_atomic
-from ..io.model_folder import save_model_folder
+from ..io.model_folder import DEVICE_ENV, resolve_device, save_model_folder
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = 130
@@ -86,18 +86,17 @@ def step_generator(
 def training_device() -> torch.device:
     """CUDA when available (the local rank's GPU under torchrun), else CPU.
 
-    LATENTFORGE_DEVICE (cpu, cuda, cuda:N) overrides the choice.
+    LATENTFORGE_DEVICE (cpu, cuda, cuda:N, mps) overrides the choice; it is checked as
+    generation checks --device (`io.model_folder.resolve_device`).
     """
-    name = os.environ.get("LATENTFORGE_DEVICE", "").strip()
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = os.environ.get(DEVICE_ENV, "").strip() or (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"LATENTFORGE_DEVICE={name!r} is not a device; use cpu or cuda") from None
+        device = resolve_device(name)
+    except UserError as e:
+        raise UserError(f"{DEVICE_ENV}={name!r}: {e}") from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"LATENTFORGE_DEVICE={name!r} but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
