@@ -11,6 +11,7 @@ import click
 from .options import (
     batch_option,
     bf16_option,
+    device_options,
     guidance_interval_option,
     guidance_option,
     inpaint_options,
@@ -37,6 +38,7 @@ _common_options = stack(
         "seeds differ by the image count or more draw disjoint noise"
     ),
     batch_option(help="images per sampling batch"),
+    device_options,
     json_option,
     quiet_option,
 )
@@ -87,14 +89,15 @@ def eval_group() -> None:
 @bf16_option(help="sample under bf16 autocast, as generate --bf16")
 @_common_options
 def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16, model_dir,
-                sampler, guidance, seed, batch, as_json, quiet) -> None:  # fmt: skip
+                sampler, guidance, seed, batch, device, dtype, as_json,
+                quiet) -> None:  # fmt: skip
     """Generate for every prompt and check colour, shape, size, position, relation and
     background of what was drawn (shapes models)."""
     from ..io.model_folder import load_diffusion_model
     from ..shapes.evaluate import evaluate_prompts, load_prompts
 
     prompts = load_prompts(prompt_file)
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
     result = evaluate_prompts(
         model, prompts, per_prompt=per_prompt, seed=seed, sampler=sampler, steps=steps,
         guidance=guidance, guidance_interval=guidance_interval, layout=layout, batch=batch,
@@ -125,13 +128,13 @@ def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16,
 @click.option("--per-class", type=click.IntRange(min=1), default=50, show_default=True)
 @steps_option(help=None, default=50)
 @_common_options
-def digits_cmd(per_class, steps, model_dir, sampler, guidance, seed, batch, as_json,
-               quiet) -> None:  # fmt: skip
+def digits_cmd(per_class, steps, model_dir, sampler, guidance, seed, batch, device, dtype,
+               as_json, quiet) -> None:  # fmt: skip
     """Generate every digit and score it with the project's digits classifier."""
     from ..io.model_folder import load_diffusion_model
     from ..metrics.digits_eval import evaluate_digits
 
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
     result = evaluate_digits(
         model, per_class=per_class, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
         batch=batch, progress=not quiet,
@@ -295,14 +298,14 @@ def inversion_cmd(n, steps, data, data_seed, spacing, model_dir, batch, as_json,
 )
 @_common_options
 def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidance_interval,
-                layout, dilate, model_dir, sampler, guidance, seed, batch, as_json,
-                quiet) -> None:  # fmt: skip
+                layout, dilate, model_dir, sampler, guidance, seed, batch, device, dtype,
+                as_json, quiet) -> None:  # fmt: skip
     """Mask one object in held-out shapes scenes, inpaint the hole from a prompt and check
     that the prompted object is there (the issue 6 benchmark)."""
     from ..io.model_folder import load_diffusion_model
     from ..shapes.inpaint_eval import evaluate_inpaint
 
-    model = load_diffusion_model(model_dir)
+    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
     result = evaluate_inpaint(
         model, n=n, mode=mode, data=data, data_seed=data_seed, seed=seed, sampler=sampler,
         steps=steps, guidance=guidance, guidance_interval=guidance_interval, layout=layout,
