@@ -5,7 +5,7 @@ import pytest
 from latentforge.cli import main
 
 BENCHMARKS = {"samplers": "samplers", "latent-vs-pixel": "latent_pixel", "unet": "unet",
-              "generate": "generate"}  # fmt: skip
+              "generate": "generate", "sd": "sd"}  # fmt: skip
 
 
 def test_bench_samplers_help_shows_its_options(capsys):
@@ -110,3 +110,57 @@ def test_generate_bench_json(capsys):
     assert all(out[f"bf16_speedup_{key}"] > 0 for key in settings)
     assert 0 < out["bf16_mean_abs_diff"] < 0.05 and out["bf16_max_abs_diff"] <= 2
     assert out["batch"] == 2 and out["steps"] == 2 and isinstance(out["cpu_bf16"], bool)
+
+
+def test_sd_bench_help_lists_its_options(capsys):
+    assert main(["bench", "sd", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage: latentforge bench sd [OPTIONS]" in out
+    for option in ("--preset", "--cache", "--device", "--dtype", "--size", "--steps", "--sampler",
+                   "--repeats", "--warmup-steps", "--round-t", "--json"):  # fmt: skip
+        assert option in out
+
+
+@pytest.fixture(scope="module")
+def sd_cache(tmp_path_factory):
+    """One tiny random SD folder pair (diffusers' and the imported one) for every case."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    return tmp_path_factory.mktemp("bench-sd")
+
+
+SD_KEYS = (
+    "device", "dtype", "size", "steps", "sampler", "latentforge_s_per_image",
+    "diffusers_s_per_image", "time_ratio", "latentforge_its", "diffusers_its",
+    "latentforge_peak_mem_bytes", "diffusers_peak_mem_bytes", "mem_ratio", "max_abs_diff",
+    "threads", "cpu_bf16", "torch",
+)  # fmt: skip
+
+
+# 2 steps visit t = 999 and t = 0 only, all first-order steps; 6 steps also run DPM-Solver++'s
+# second-order update on Karras levels between integer timesteps (where --round-t matters)
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 2), ("dpmpp_2m", 2), ("dpmpp_2m", 6)])
+def test_sd_bench_json_latentforge_equals_diffusers(sd_cache, sampler, steps, capsys):
+    """`bench sd --preset tiny`: both libraries run the same pipeline from the same latents in
+    their own processes; the JSON has the documented keys and the two images agree."""
+    argv = ["bench", "sd", "--preset", "tiny", "--size", "64", "--steps", str(steps),
+            "--repeats", "1", "--sampler", sampler, "--device", "cpu", "--cache", str(sd_cache),
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert all(key in out for key in SD_KEYS), sorted(set(SD_KEYS) - set(out))
+    assert (out["device"], out["dtype"], out["size"], out["steps"], out["sampler"]) == (
+        "cpu", "fp32", 64, steps, sampler,
+    )  # fmt: skip
+    assert out["time_ratio"] > 0 and out["mem_ratio"] > 0
+    assert out["latentforge_its"] > 0 and out["diffusers_its"] > 0
+    assert out["latentforge_peak_mem_bytes"] > 0 and out["diffusers_peak_mem_bytes"] > 0
+    assert out["image_shape"] == [1, 3, 64, 64]
+    assert isinstance(out["cpu_bf16"], bool) and out["threads"] >= 1
+    assert out["max_abs_diff"] < 1e-3, out["max_abs_diff"]
+
+
+def test_sd_bench_rejects_a_size_off_the_grid(capsys):
+    argv = ["bench", "sd", "--preset", "sd15", "--size", "500", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "multiple of 64" in capsys.readouterr().err

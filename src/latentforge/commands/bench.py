@@ -16,6 +16,7 @@ BENCHMARKS = {
     "generate": "generate",
     "latent-vs-pixel": "latent_pixel",
     "samplers": "samplers",
+    "sd": "sd",
     "unet": "unet",
 }
 
