@@ -33,7 +33,9 @@ def test_a_prompt_list_is_one_image_per_prompt_seeded_per_image(pipe):
     both = pipe(["a red circle", "a blue star"], seed=5, steps=3, output_type="pt")
     alone = pipe("a blue star", seed=6, steps=3, output_type="pt")
     assert both.shape[0] == 2
-    assert torch.allclose(both[1:], alone, atol=1e-5)  # image i uses seed + i, whatever the batch
+    # image i uses seed + i, whatever the batch; GEMMs blocked by batch size differ in float32
+    # rounding (8e-5 on an AVX-512 Xeon), far below one 8-bit level (7.8e-3)
+    assert torch.allclose(both[1:], alone, atol=5e-4)
 
 
 def test_settings_object_and_keywords_are_the_same_call(pipe):
@@ -99,6 +101,8 @@ def test_resolve_names_the_field_it_rejects(tiny_digits_model):
         (SampleSettings(num=0), text, "num"),
         (SampleSettings(knobs={"eta": 1.0}), text, None),  # ddim takes eta
         (SampleSettings(sampler="heun", knobs={"eta": 1.0}), text, "knobs"),
+        (SampleSettings(knobs={"eta": float("nan")}), text, "knobs"),
+        (SampleSettings(sampler="euler_ancestral", knobs={"s_noise": 1e308}), text, "knobs"),
         (SampleSettings(layout="cubism"), text, "layout"),
         (SampleSettings(regions=(Region("a", (0, 0, 1, 1)),)), digits, "regions"),
         (SampleSettings(precision="fp8"), text, "precision"),

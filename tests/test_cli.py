@@ -1,5 +1,7 @@
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -265,3 +267,29 @@ def test_the_bar_closes_on_errors_and_quiet_reports_nothing():
     assert not tqdm._instances
     with progress(5, "test", quiet=True) as callback:
         assert callback is None  # the pipelines skip the per-step call altogether
+
+
+@pytest.mark.parametrize("opt", ["s_noise=1e308", "eta=nan", "s_noise=inf"])
+def test_non_finite_knobs_exit_2_from_outside(tiny_digits_model, tmp_path, opt):
+    """From a real process: exit 2, one line naming the knob, no image written."""
+    out = tmp_path / "x.png"
+    argv = ["generate", "7", "--model", str(tiny_digits_model), "--sampler", "euler_ancestral",
+            "--steps", "2", "--opt", opt, "--out", str(out)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "latentforge", *argv], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    err = r.stderr.strip()
+    assert r.returncode == 2, err
+    assert err.startswith("latentforge: error:") and "\n" not in err, err
+    assert opt.split("=")[0] in err and not out.exists()
+
+
+def test_a_decoder_that_overflows_fails_instead_of_writing_black(tmp_path, monkeypatch, capsys):
+    """NaN from the decoder (fp16 overflow in SD's VAE) is an error, not a black PNG."""
+    from latentforge.io.model_folder import LoadedModel
+
+    monkeypatch.setattr(LoadedModel, "decode", lambda self, x, **kw: x.new_full(
+        (x.shape[0], 3, 8, 8), float("nan")))  # fmt: skip
+    out = tmp_path / "x.png"
+    argv = ["generate", "a red circle", "--steps", "2", "--quiet", "--out", str(out)]
+    _one_line_error(capsys, argv, "decoder produced NaN/Inf")
+    assert not out.exists()

@@ -92,3 +92,52 @@ def test_callback_once_per_step_and_bad_names():
         sampling.sample("nope", den, x, _sigmas(3))
     with pytest.raises(UserError, match="no option"):
         sampling.sample("ddim", den, x, _sigmas(3), etaa=0.5)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "knobs", "match"),
+    [
+        ("euler_ancestral", {"s_noise": 1e308}, "s_noise must be a number in"),
+        ("ddim", {"eta": float("nan")}, "eta must be a number in"),
+        ("ddim", {"eta": -0.5}, "eta must be a number in"),
+        ("dpmpp_2m_sde", {"eta": float("inf")}, "eta must be a number in"),
+        ("euler", {"s_churn": True}, "s_churn must be a number in"),
+        ("euler", {"s_tmin": "0.1"}, "s_tmin must be a number in"),
+        ("euler", {"s_tmax": float("-inf")}, "s_tmax must be a number in"),
+        ("euler", {"eta": 0.5}, "has no option"),
+    ],
+)
+def test_knobs_finite_and_ranged(sampler, knobs, match):
+    with pytest.raises(UserError, match=match):
+        sampling.check_knobs(sampler, knobs)
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(UserError, match=match):
+        sampling.sample(sampler, GaussianDenoiser(), x, _sigmas(3), **knobs)
+
+
+def test_knobs_in_range_pass():
+    sampling.check_knobs("euler", {"s_churn": 40, "s_tmin": 0.05, "s_tmax": float("inf")})
+    sampling.check_knobs("ddim", {"eta": 1})
+    sampling.check_knobs("dpmpp_2m_sde", {"eta": 0.0, "s_noise": 1.003})
+
+
+def test_non_finite_denoiser_output_fails_with_the_step():
+    """A denoiser that returns NaN from its third call on: the sampler stops there with a
+    NonFiniteError naming step 3 (it does not run on and return a NaN sample)."""
+    calls = []
+
+    def broken(x, sigma, **cond):
+        calls.append(float(sigma[0]))
+        out = GaussianDenoiser()(x, sigma)
+        return out * float("nan") if len(calls) >= 3 else out
+
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
+    with pytest.raises(sampling.NonFiniteError, match="step 3 of 8"):
+        sampling.sample("euler", broken, x, _sigmas(8))
+    assert len(calls) == 3
+
+
+def test_non_finite_start_is_named():
+    x = torch.full((1, 2), float("inf"), dtype=torch.float64)
+    with pytest.raises(sampling.NonFiniteError, match="in the input"):
+        sampling.sample("ddim", lambda x, s, **c: x.clone(), x, _sigmas(4))

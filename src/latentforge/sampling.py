@@ -485,6 +485,63 @@ SAMPLERS: dict[str, Callable] = {
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
 
 
+# The numeric knobs' ranges (lo, hi, inclusive): finite everywhere except s_tmax, whose default
+# is +inf (no upper level for churn). Wider than the values that make sense (A1111's eta slider
+# is 0..1, EDM's s_noise 1.0..1.01, s_churn up to 80; gamma is capped at sqrt 2 - 1 anyway), but
+# narrow enough that no value overflows a step: s_noise=1e308 gave an all-black image before.
+KNOB_RANGES: dict[str, tuple[float, float]] = {
+    "eta": (0.0, 2.0),
+    "s_noise": (0.0, 2.0),
+    "s_churn": (0.0, 1000.0),
+    "s_tmin": (0.0, 1e6),
+    "s_tmax": (0.0, math.inf),
+}
+
+
+def check_knobs(name: str, knobs: dict[str, object]) -> None:
+    """UserError for an unknown knob of sampler `name`, or a numeric one that is not a finite
+    number in its `KNOB_RANGES` range (s_tmax may be +inf). Samplers check the rest (order,
+    variant, final_step) themselves."""
+    accepted = sampler_knobs(name)
+    unknown = set(knobs) - set(accepted)
+    if unknown:
+        raise UserError(
+            f"sampler {name!r} has no option(s) {sorted(unknown)}; it accepts {sorted(accepted)}"
+        )
+    for key, value in knobs.items():
+        if key not in KNOB_RANGES:
+            continue
+        lo, hi = KNOB_RANGES[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or math.isnan(value) or not lo <= value <= hi or value == -math.inf:
+            raise UserError(f"{key} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        if math.isinf(value) and key != "s_tmax":
+            raise UserError(f"{key} must be finite, got {value!r}")
+
+
+class NonFiniteError(UserError):
+    """Sampling produced NaN or Inf: the job fails with this instead of writing a black image."""
+
+
+def _finite_denoiser(denoiser, steps: list[float]):
+    """`denoiser` with a NaN/Inf check on every output (one reduction per call)."""
+
+    def checked(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        out = denoiser(x, sigma, **cond)
+        if not bool(torch.isfinite(out).all()):
+            level = float(sigma.flatten()[0])
+            step = min(range(len(steps)), key=lambda i: abs(steps[i] - level))
+            bad = "the input" if not bool(torch.isfinite(x).all()) else "the denoiser's output"
+            raise NonFiniteError(
+                f"sampling produced NaN/Inf at step {step + 1} of {len(steps) - 1} (sigma "
+                f"{level:.4g}) in {bad}: lower the guidance or the sampler's noise knobs, or "
+                "use fp32/bf16 instead of fp16"
+            )
+        return out
+
+    return checked
+
+
 def sampler_knobs(name: str) -> dict[str, object]:
     """The knobs (keyword-only extras) a sampler accepts, with their defaults."""
     fn = get_sampler(name)
@@ -515,15 +572,19 @@ def sample(
 ) -> torch.Tensor:
     """Run sampler `name`; unknown knobs are a UserError naming the ones it accepts."""
     fn = get_sampler(name)
-    accepted = sampler_knobs(name)
-    unknown = set(knobs) - set(accepted)
-    if unknown:
-        raise UserError(
-            f"sampler {name!r} has no option(s) {sorted(unknown)}; it accepts {sorted(accepted)}"
-        )
+    check_knobs(name, knobs)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise UserError(f"sigmas must be a 1-D sequence of at least 2 levels, got {sigmas.shape}")
     # float64 levels for float64 samples (convergence tests); float32 otherwise
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sigmas = sigmas.to(device=x.device, dtype=dtype)
-    return fn(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, **knobs)
+    if not bool(torch.isfinite(sigmas[1:]).all()):
+        raise UserError("sigmas must be finite after the first level")
+    checked = _finite_denoiser(denoiser, sigmas.tolist())
+    out = fn(checked, x, sigmas, cond=cond, generator=generator, callback=callback, **knobs)
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(
+            f"sampler {name!r} ended with NaN/Inf in the sample: lower its noise knobs or the "
+            "guidance, or use fp32/bf16 instead of fp16"
+        )
+    return out

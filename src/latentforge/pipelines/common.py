@@ -166,6 +166,11 @@ def decode(model: LoadedModel, x: torch.Tensor, settings: SampleSettings) -> tor
     else:
         with precision_context(model, settings):
             images = model.decode(x, **kw)
+    if not bool(torch.isfinite(images).all()):  # clamp would turn NaN into a black image
+        raise sampling.NonFiniteError(
+            f"the decoder produced NaN/Inf at {settings.precision} "
+            f"(weights {model.dtype}): decode in fp32 (--dtype fp32)"
+        )
     return images.float().clamp(-1, 1).cpu()
 
 

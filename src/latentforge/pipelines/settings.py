@@ -130,15 +130,10 @@ class SampleSettings:
                 "precision", f"precision must be one of {', '.join(PRECISIONS)}, got "
                 f"{self.precision!r}"
             )  # fmt: skip
-        if self.knobs:
-            accepted = sampling.sampler_knobs(sampler)
-            unknown = sorted(set(self.knobs) - set(accepted))
-            if unknown:
-                raise SettingsError(
-                    "knobs",
-                    f"sampler {sampler!r} has no option(s) {unknown}; it accepts "
-                    f"{sorted(accepted)}",
-                )
+        try:
+            sampling.check_knobs(sampler, dict(self.knobs))
+        except UserError as e:
+            raise SettingsError("knobs", str(e)) from None
         text = model.conditioning == "text"
         if self.regions and not text:
             raise SettingsError("regions", "regions need a text-conditioned model")
