@@ -207,3 +207,31 @@ def test_large_outputs_decode_in_tiles_one_image_at_a_time(pipe, monkeypatch):
         {"tile_size": None, "slice_batch": False},
         {"tile_size": 32, "slice_batch": True},
     ]
+
+
+def test_vae_tiling_switch_forces_or_forbids_tiles_and_is_recorded(pipe, monkeypatch):
+    """vae_tiling "on" tiles at the trained size, "off" decodes 144x128 whole; both close to
+    each other at the trained size (one tile covers it) and recorded in the PNG parameters."""
+    seen = []
+    decode = pipe.model.vae.decode
+
+    def spy(z, **kw):
+        seen.append(kw)
+        return decode(z, **kw)
+
+    monkeypatch.setattr(pipe.model.vae, "decode", spy)
+    on = pipe("a red circle", steps=1, vae_tiling="on", output_type="pt")
+    off = pipe("a red circle", steps=1, vae_tiling="off", output_type="pt")
+    pipe("a red circle", width=144, height=128, steps=1, vae_tiling="off", output_type="pt")
+    assert seen == [
+        {"tile_size": 32, "slice_batch": True},
+        {"tile_size": None, "slice_batch": False},
+        {"tile_size": None, "slice_batch": False},
+    ]
+    assert torch.allclose(on, off, atol=1e-5)
+    view = ModelFolder.read(default_model_dir())
+    s = SampleSettings(vae_tiling="on").resolve(view)
+    assert SampleSettings.from_png_meta(s.to_png_meta()).vae_tiling == "on"
+    with pytest.raises(SettingsError) as e:
+        SampleSettings(vae_tiling="sometimes").resolve(view)
+    assert e.value.field == "vae_tiling"

@@ -293,3 +293,11 @@ def test_a_decoder_that_overflows_fails_instead_of_writing_black(tmp_path, monke
     argv = ["generate", "a red circle", "--steps", "2", "--quiet", "--out", str(out)]
     _one_line_error(capsys, argv, "decoder produced NaN/Inf")
     assert not out.exists()
+
+
+def test_vae_tiling_option_reaches_the_png(tmp_path, capsys):
+    out = tmp_path / "t.png"
+    assert main(["generate", "a red circle", "--steps", "1", "--vae-tiling", "on", "--quiet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert read_png_metadata(out)["vae_tiling"] == "on"
+    _one_line_error(capsys, ["generate", "x", "--vae-tiling", "maybe"], "--vae-tiling")

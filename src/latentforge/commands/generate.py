@@ -30,8 +30,9 @@ from .options import (
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
 @sampling_options
 @quiet_option
-def sample(model_dir, label, guidance, guidance_interval, width, height, device, dtype, out,
-           sampler, steps, spacing, options, seed, num, bf16, quiet) -> None:  # fmt: skip
+def sample(model_dir, label, guidance, guidance_interval, width, height, vae_tiling,
+           device, dtype, out, sampler, steps, spacing, options, seed, num, bf16,
+           quiet) -> None:  # fmt: skip
     """Sample a grid of images from a model folder."""
     from ..io.images import save_grid
     from ..io.model_folder import load_diffusion_model
@@ -45,7 +46,7 @@ def sample(model_dir, label, guidance, guidance_interval, width, height, device,
     settings = SampleSettings.build(
         sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
         guidance_interval=guidance_interval, seed=seed, num=num, bf16=bf16, knobs=options,
-        width=width, height=height,
+        width=width, height=height, vae_tiling=vae_tiling,
     )  # fmt: skip
     total = settings.resolve(model).steps  # every sampler calls back once per step
     with progress(total, "sampling", quiet) as callback:

@@ -109,7 +109,14 @@ def json_option(f: F) -> F:
 
 
 def size_options(f: F) -> F:
-    """--width / --height: the output size in pixels (multiples of the model's grid)."""
+    """--width / --height: the output size in pixels (multiples of the model's grid), and
+    --vae-tiling, how the decoder bounds its memory at that size."""
+    f = click.option(
+        "--vae-tiling", type=click.Choice(["auto", "on", "off"]), default="auto",
+        show_default=True,
+        help="decode in tiles: auto above 4x the model's trained area, on always (least "
+        "memory), off never",
+    )(f)  # fmt: skip
     for side in ("height", "width"):
         f = click.option(
             f"--{side}", type=click.IntRange(min=1), default=None,

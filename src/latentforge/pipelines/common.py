@@ -152,13 +152,15 @@ TILED_DECODE_AREA = 4  # latents over this many times the trained area decode in
 
 def decode(model: LoadedModel, x: torch.Tensor, settings: SampleSettings) -> torch.Tensor:
     """Latents -> images in [-1, 1] (float32, on the CPU). fp16 decodes in fp32, outside the
-    autocast: SD's VAE overflows in fp16; bf16 decodes in bf16. Latents larger than
-    TILED_DECODE_AREA times the model's trained size decode one image at a time, in tiles of
-    twice the trained side (the VAE's memory grows with the pixels; tiles differ from one pass
-    by GroupNorm's statistics, so sizes up to that bound decode whole)."""
+    autocast: SD's VAE overflows in fp16; bf16 decodes in bf16. With settings.vae_tiling
+    "auto", latents larger than TILED_DECODE_AREA times the model's trained size decode one
+    image at a time, in tiles of twice the trained side (the VAE's memory grows with the
+    pixels; tiles differ from one pass by GroupNorm's statistics, so sizes up to that bound
+    decode whole); "on" tiles and slices at any size, "off" never."""
     h, w = x.shape[-2:]
     trained = model.image_shape[-1]
-    large = h * w > TILED_DECODE_AREA * trained * trained
+    tiling = settings.vae_tiling
+    large = tiling == "on" or (tiling == "auto" and h * w > TILED_DECODE_AREA * trained**2)
     kw = {"tile_size": 2 * trained, "slice_batch": True} if large else {}
     if (settings.precision if settings.precision != "fp32" else model.dtype) == "fp16":
         with torch.autocast(model.device.type, enabled=False):

@@ -25,6 +25,7 @@ from ..io.model_folder import ModelFolder
 from .layout import check_layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: GPUs only (checked where the model runs)
+VAE_TILING = ("auto", "on", "off")
 MAX_SIDE = 4096  # output pixels on a side, whatever the model
 MAX_SCALE = 8  # ... and at most this many times the model's training resolution (memory guard)
 
@@ -48,6 +49,9 @@ class SampleSettings:
     (`sampling.sampler_knobs`), e.g. {"eta": 0.5}. Image i of a call uses seed `seed + i`.
     width / height: the output size in pixels (None: the model's training resolution);
     multiples of `size_multiple(model)`, the VAE's downsampling times the U-Net's.
+    vae_tiling: "auto" decodes in tiles above `pipelines.common.TILED_DECODE_AREA` times the
+    trained area, "on" always (least memory), "off" never (tiles differ slightly from one
+    pass: GroupNorm sees one tile).
     """
 
     sampler: str | None = None
@@ -64,10 +68,11 @@ class SampleSettings:
     width: int | None = None
     height: int | None = None
     knobs: Mapping[str, Any] = field(default_factory=dict)
+    vae_tiling: str = "auto"
 
     FIELDS = (
         "sampler", "steps", "spacing", "guidance", "guidance_interval", "negative", "layout",
-        "regions", "seed", "num", "precision", "width", "height", "knobs",
+        "regions", "seed", "num", "precision", "width", "height", "knobs", "vae_tiling",
     )  # fmt: skip
 
     # ----- building -----------------------------------------------------------------------
@@ -129,6 +134,11 @@ class SampleSettings:
             raise SettingsError(
                 "precision", f"precision must be one of {', '.join(PRECISIONS)}, got "
                 f"{self.precision!r}"
+            )  # fmt: skip
+        if self.vae_tiling not in VAE_TILING:
+            raise SettingsError(
+                "vae_tiling", f"vae_tiling must be one of {', '.join(VAE_TILING)}, got "
+                f"{self.vae_tiling!r}"
             )  # fmt: skip
         try:
             sampling.check_knobs(sampler, dict(self.knobs))
@@ -192,6 +202,7 @@ class SampleSettings:
             "precision": self.precision,
             "width": "" if self.width is None else str(self.width),
             "height": "" if self.height is None else str(self.height),
+            "vae_tiling": self.vae_tiling,
         }  # fmt: skip
 
     @classmethod
@@ -222,6 +233,7 @@ class SampleSettings:
                 width=int(text["width"]) if text.get("width") else None,
                 height=int(text["height"]) if text.get("height") else None,
                 knobs=json.loads(text["options"]) if text.get("options") else {},
+                vae_tiling=text.get("vae_tiling") or "auto",
             )
         except (ValueError, TypeError, KeyError) as e:
             raise UserError(f"{where}: unreadable generate parameters ({e})") from None
