@@ -189,3 +189,35 @@ def test_refiner_and_position_map_are_not_exported_to_diffusers():
         cfg = unet_preset("tiny", cross_attention_dim=16, **extra)
         with pytest.raises(UserError, match="not exportable"):
             unet_config_to_diffusers(cfg, 16)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sliced_attention_equals_one_pass(monkeypatch, masked):
+    """Forced query slicing (the MPS path): several SDPA calls, the one-pass result within
+    float rounding, with and without a key mask."""
+    from latentforge.models import layers
+
+    attn = layers.Attention(32, 4, context_dim=24).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 50, 32, generator=gen), torch.randn(2, 7, 24, generator=gen)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]) if masked else None
+    with torch.no_grad():
+        whole = attn(x, ctx, mask)
+        calls = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(q, *args, **kw):
+            calls.append(q.shape[2])
+            return sdpa(q, *args, **kw)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        monkeypatch.setenv("LATENTFORGE_ATTENTION", "sliced")
+        monkeypatch.setattr(layers, "SLICE_SCORE_BYTES", 2 * 4 * 7 * 4 * 16)  # 16 queries
+        sliced = attn(x, ctx, mask)
+    assert calls == [16, 16, 16, 2]
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6)
+    monkeypatch.setenv("LATENTFORGE_ATTENTION", "full")
+    calls.clear()
+    with torch.no_grad():
+        attn(x, ctx, mask)
+    assert calls == [50]

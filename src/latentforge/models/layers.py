@@ -7,6 +7,7 @@ so that outside checkpoints map onto these modules with a plain key rename.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,39 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
+# Score matrices (batch x heads x queries x keys) larger than this are computed a slice of queries
+# at a time where SDPA has no memory-efficient kernel. CUDA (flash / memory-efficient) and CPU
+# (flash since torch 2.2; 16,384 tokens x 8 heads peak +25 MB here instead of 8.6 GB) never
+# build the matrix; MPS falls back to the math kernel, which does. LATENTFORGE_ATTENTION=sliced
+# forces slicing on every device (tests, or a backend that runs out of memory), =full never.
+SLICE_SCORE_BYTES = 512 * 2**20
+
+
+def _slices_queries(q: torch.Tensor, keys: int) -> int:
+    """Queries per slice for SDPA on q (B, heads, N, d) over `keys` keys; N = one whole pass."""
+    mode = os.environ.get("LATENTFORGE_ATTENTION", "auto")
+    if mode == "full" or (mode != "sliced" and q.device.type != "mps"):
+        return q.shape[2]
+    per_query = q.shape[0] * q.shape[1] * keys * q.element_size()
+    return max(1, min(q.shape[2], SLICE_SCORE_BYTES // per_query))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA over (B, heads, tokens, d) tensors, in query slices where the backend would hold
+    the whole score matrix (`SLICE_SCORE_BYTES`); each query's softmax sees every key, so a
+    slice's rows are the rows of the full result."""
+    step = _slices_queries(q, k.shape[2])
+    if step >= q.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    for start in range(0, q.shape[2], step):
+        rows = slice(start, start + step)
+        out[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask)
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head (cross-)attention through torch SDPA; context=None means self-attention."""
 
@@ -113,7 +147,7 @@ class Attention(nn.Module):
         k = self.to_k(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, keys)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, tokens, C)
         return self.to_out[0](out)
 
