@@ -21,6 +21,7 @@ LAYERS = [
     ("shapes",),  # a dataset's wing: above the generic layers, below the commands
     ("api", "server", "benchmarks", "commands"),
     ("cli", "__init__"),
+    ("__main__",),  # `python -m latentforge`: the CLI
 ]
 GENERIC = ("schedules", "denoisers", "sampling", "guidance", "models", "io", "pipelines")
 
