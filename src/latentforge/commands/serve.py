@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 
@@ -26,15 +25,53 @@ from .options import device_options, model_option
               help="require this key on /v1/* (or set LATENTFORGE_API_KEY)")  # fmt: skip
 @click.option("--max-steps", type=click.IntRange(1, 200), default=200, show_default=True)
 @click.option("--max-num", type=click.IntRange(1, 16), default=16, show_default=True)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(min=1),
+    default=4_194_304,
+    show_default=True,
+    help="largest input image (width x height); more get 413",
+)
+@click.option(
+    "--max-job-work",
+    type=click.IntRange(min=1),
+    default=16_000_000,
+    show_default=True,
+    help="largest job, in steps x denoiser pixels x images (x tiles); more get 422",
+)
+@click.option(
+    "--job-timeout",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    help="seconds a job may run before it fails (0: no limit)",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="seconds for a request body to arrive; then 408",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="a Host name to answer besides loopback and --host (repeatable; '*': any)",
+)
 @device_options
 @click.option("--quiet", is_flag=True, help="no access log")
 def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_steps, max_num,
-          device, dtype, quiet) -> None:  # fmt: skip
+          max_image_pixels, max_job_work, job_timeout, body_timeout, allowed_hosts, device, dtype,
+          quiet) -> None:  # fmt: skip
     """Serve the HTTP API (/v1/..., schema at /openapi.json) and the web UI (/)."""
     try:
         import uvicorn
 
         from ..server import ServerConfig, create_app
+        from ..server.app import uvicorn_options
+        from ..server.config import is_loopback
     except ImportError as e:
         raise UserError(
             f"serve needs the serve extra ({e.name} is missing): pip install 'latentforge[serve]'"
@@ -46,11 +83,14 @@ def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_st
     config = ServerConfig(
         model=model_dir, models_dir=models_dir, max_queue=max_queue, workers=workers,
         api_key=api_key, max_steps=max_steps, max_num=max_num, device=device, dtype=dtype,
+        max_image_pixels=max_image_pixels, max_job_work=max_job_work,
+        job_timeout=job_timeout or None, body_timeout=body_timeout, host=host,
+        allowed_hosts=allowed_hosts,
     )  # fmt: skip
     app = create_app(config)
     names = app.state.store.names()
     _check_port(host, port)
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         click.echo(f"latentforge: warning: listening on {host} without --api-key", err=True)
     click.echo(
         f"latentforge: serving {len(names)} model(s) {names} on http://{host}:{port}/ "
@@ -58,17 +98,8 @@ def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_st
     )
     uvicorn.run(
         app, host=host, port=port, log_level="warning" if quiet else "info",
-        access_log=not quiet, timeout_graceful_shutdown=5,
+        access_log=not quiet, timeout_graceful_shutdown=5, **uvicorn_options(config),
     )  # fmt: skip
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_port(host: str, port: int) -> None:

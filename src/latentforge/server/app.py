@@ -1,8 +1,9 @@
 """The FastAPI application: routes over `tasks` (request -> job) and `jobs` (the queue).
 
-Status codes: 202 accepted (poll /v1/jobs/{id} or stream /v1/jobs/{id}/events), 400 bad image
-or model name, 401 missing API key, 404 unknown job / model, 413 body too large, 422 a field
-(named in `detail[].loc`), 429 queue full (with Retry-After).
+Status codes: 202 accepted (poll /v1/jobs/{id} or stream /v1/jobs/{id}/events), 400 bad image,
+model name or Host header, 401 missing API key, 404 unknown job / model, 408 body too slow, 413
+body or image too large, 422 a field (named in `detail[].loc`), 429 queue full (with
+Retry-After), 503 too many connections (uvicorn's `limit_concurrency`).
 Failures while a job runs make a failed job, never a 500.
 """
 
@@ -33,7 +34,7 @@ from ..errors import UserError
 from ..io.model_folder import ModelFolder
 from ..pipelines.settings import max_side, size_multiple
 from . import schemas, tasks
-from .config import ServerConfig
+from .config import ServerConfig, is_loopback
 from .jobs import FINAL, Job, JobQueue, QueueFull
 from .store import BadModelName, ModelNotFound, ModelStore
 
@@ -64,19 +65,52 @@ def field_detail(field: str, message: str) -> list[dict]:
     return [{"loc": ["body", field], "msg": message, "type": "value_error"}]
 
 
-class _Guard:
-    """ASGI middleware: refuse oversized bodies (413) and add security headers."""
+class _BodyTooLarge(Exception):
+    pass
 
-    def __init__(self, app, max_body: int):
-        self.app, self.max_body = app, max_body
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware in front of everything, in order: the Host header (400: DNS rebinding),
+    the declared Content-Length (413), the API key on /v1/* (401), then the body itself, counted
+    as it arrives, chunked or not (413 once past `max_body_bytes`) and timed (408 when it has not
+    all arrived `body_timeout` s after the headers). So no refusal reads (or parses) the body,
+    and nothing behind this reads more than the limit. Adds security headers to every reply."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.max_body, self.body_timeout = app, config.max_body_bytes, config.body_timeout
+        self.key = None if config.api_key is None else config.api_key.encode()
+        self.hosts = config.host_names()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            resp = _error(413, f"request body larger than {self.max_body} bytes")
-            return await resp(scope, receive, send)
+        refusal = self._check_headers(scope)
+        if refusal is None:
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
+            except _BodyTooLarge:
+                refusal = _refuse(413, f"request body larger than {self.max_body} bytes")
+            except TimeoutError:
+                refusal = _refuse(
+                    408, f"the request body did not arrive in {self.body_timeout:g} s"
+                )
+            except _ClientGone:
+                return None
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+
+        replayed = False
+
+        async def replay():  # the body read here, then the client's own messages (disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -90,7 +124,67 @@ class _Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
-        return await self.app(scope, receive, send_with_headers)
+        return await self.app(scope, replay, send_with_headers)
+
+    def _check_headers(self, scope) -> Response | None:
+        """The refusal the headers alone earn, if any."""
+        headers = dict(scope.get("headers", []))
+        host = _host_name(headers.get(b"host", b""))
+        if host and self.hosts is not None and host not in self.hosts and not is_loopback(host):
+            return _refuse(
+                400,
+                f"untrusted Host header {host!r} (this server answers to "
+                f"{', '.join(sorted(self.hosts))}): start it with --allowed-host {host} to "
+                "serve that name",
+            )
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return _refuse(413, f"request body larger than {self.max_body} bytes")
+        v1 = scope["path"].startswith("/v1/")
+        if (
+            v1
+            and self.key is not None
+            and not secrets.compare_digest(_given_key(headers), self.key)
+        ):
+            return _refuse(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _read_body(self, receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)  # one chunk: that very object, no copy
+
+
+def _refuse(status: int, detail: str, headers: dict | None = None) -> Response:
+    # the connection closes: the rest of the body is never read (nor kept alive for)
+    return _error(status, detail, {**(headers or {}), "Connection": "close"})
+
+
+def _host_name(value: bytes) -> str:
+    """A Host header's name, lower case, without port, brackets or trailing dot."""
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _given_key(headers: dict[bytes, bytes]) -> bytes:
+    """The API key a request gives: `X-API-Key: KEY` or `Authorization: Bearer KEY`."""
+    if headers.get(b"x-api-key"):
+        return headers[b"x-api-key"]
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
@@ -123,9 +217,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.config, app.state.store, app.state.queue = config, store, queue
-    app.add_middleware(_Guard, max_body=config.max_body_bytes)
+    app.add_middleware(_Guard, config=config)
     _install_error_handlers(app)
-    auth = _auth_dependency(config.api_key)
+    auth = _auth_dependency()
+    decoder = tasks.ImageDecoder.for_config(config)
 
     # ----- open: health, UI --------------------------------------------------------------------
     # Cheap routes are `async def`: they run on the event loop itself. A plain `def` route (or
@@ -151,14 +246,16 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     # ----- models and samplers -----------------------------------------------------------------
     @app.get(
-        "/v1/models", response_model=list[schemas.ModelInfo], tags=["models"], dependencies=[auth]
+        "/v1/models",
+        response_model=list[schemas.ModelInfo | schemas.BrokenModelInfo],
+        tags=["models"],
+        dependencies=[auth],
     )
     def models() -> list[dict]:
         out, default = [], _default_or_none(store)
-        for name in store.names():
-            try:
-                _, view = store.view(name)
-            except (UserError, OSError):
+        for name, view in store.entries():
+            if isinstance(view, str):  # a folder whose model.json does not load: why
+                out.append({"name": name, "status": "broken", "default": False, "error": view})
                 continue
             info = _model_info(view)
             out.append({"name": name, "default": name == default, "loaded": store.is_loaded(name),
@@ -184,15 +281,20 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     # ----- jobs --------------------------------------------------------------------------------
     def submit(kind: str, req) -> JSONResponse:
+        """Queue a job: a queue place first (429 costs nothing), then the request's checks,
+        cheapest first (tasks), images decoded last."""
         try:
-            task = tasks.BUILDERS[kind](req, store, config)
-            job = queue.submit(task)
+            with queue.reserve() as enqueue:
+                images = {} if kind == "txt2img" else {"images": decoder}
+                job = enqueue(tasks.BUILDERS[kind](req, store, config, **images))
         except QueueFull as e:
             return _error(429, str(e), {"Retry-After": str(e.retry_after)})
         except tasks.FieldError as e:
             return _error(422, field_detail(e.field, str(e)))
         except ModelNotFound as e:
             return _error(404, str(e))
+        except tasks.ImageTooLarge as e:
+            return _error(413, str(e))
         except (BadModelName, tasks.BadImage) as e:
             return _error(400, str(e))
         except UserError as e:
@@ -205,6 +307,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         202: {"model": schemas.JobAccepted, "description": "queued"},
         400: {"description": "bad image or model name"},
         404: {"description": "unknown model"},
+        413: {"description": "an image over the server's pixel limit"},
         422: {"description": "a field is invalid (named in detail[].loc)"},
         429: {"description": "queue full; see Retry-After"},
     }
@@ -398,21 +501,19 @@ def _preload(store: ModelStore) -> None:
         log.warning("could not preload the default model: %s", e)
 
 
-def _auth_dependency(api_key: str | None):
+def _auth_dependency():
+    """The API-key schemes as /openapi.json declares them. The key itself is checked by
+    `_Guard`, before the body is read, so this dependency has nothing left to check."""
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: KEY")
 
-    async def check(  # async: no thread handoff per request
+    async def declared(  # async: no thread handoff per request
         cred: HTTPAuthorizationCredentials | None = Depends(bearer),
         key: str | None = Depends(header),
     ) -> None:
-        if api_key is None:
-            return
-        given = key or (cred.credentials if cred else "")
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+        return None
 
-    return Depends(check)
+    return Depends(declared)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -434,6 +535,61 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(422, str(exc))
 
 
+def uvicorn_options(config: ServerConfig) -> dict:
+    """uvicorn.Config keywords for this server's connection limits: idle keep-alive connections
+    close after `keep_alive` s, a request's headers must arrive within `header_timeout` s, and
+    past `max_connections` connections and requests in flight uvicorn answers 503."""
+    return {
+        "http": _header_timeout_protocol(config.header_timeout),
+        "timeout_keep_alive": config.keep_alive,
+        "limit_concurrency": config.max_connections,
+    }
+
+
+def _header_timeout_protocol(timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that has
+    not sent a whole request line and headers `timeout` s after it opened (or after its last
+    response) gets 408 and is closed. uvicorn alone waits for them forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    detail = f"the request headers did not arrive in {timeout:g} s"
+    body = json.dumps({"detail": detail}).encode()
+    reply = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _headers_due: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._expect_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._expect_headers()
+
+        def connection_lost(self, exc) -> None:
+            if self._headers_due is not None:
+                self._headers_due.cancel()
+            super().connection_lost(exc)
+
+        def _expect_headers(self) -> None:
+            if self._headers_due is not None:
+                self._headers_due.cancel()
+            self._headers_due = self.loop.call_later(timeout, self._headers_overdue)
+
+        def _headers_overdue(self) -> None:
+            # IDLE: no request line and headers since the deadline was set
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.write(reply)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 @contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Run `app` under uvicorn in a background thread (tests, benchmarks); yields its base URL."""
@@ -445,9 +601,9 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                            **uvicorn_options(app.state.config))  # fmt: skip
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

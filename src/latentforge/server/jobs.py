@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,7 @@ class JobQueue:
         self._waiting: deque[Job] = deque()
         self._finished: deque[tuple[str, int]] = deque()  # (job id, bytes it holds)
         self._running = 0
+        self._reserved = 0  # places held by requests still being checked (`reserve`)
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -232,13 +233,43 @@ class JobQueue:
     # ----- client side -------------------------------------------------------------------------
     def submit(self, task: Task) -> Job:
         with self._cond:
-            if len(self._waiting) >= self.max_queue or self._stopping:
+            if len(self._waiting) + self._reserved >= self.max_queue or self._stopping:
                 raise QueueFull(self.retry_after())
-            job = Job(task)
-            self._jobs[job.id] = job
-            self._waiting.append(job)
-            self._cond.notify()
-            return job
+            return self._enqueue(task)
+
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[Callable[[Task], Job]]:
+        """Hold a queue place while a request is checked (its images decoded): QueueFull at
+        once when there is none, so a refused request costs nothing. Yields `submit` for the
+        held place (it fails only once the queue stops); the place is given back unused."""
+        with self._cond:
+            if len(self._waiting) + self._reserved >= self.max_queue or self._stopping:
+                raise QueueFull(self.retry_after())
+            self._reserved += 1
+        held = True
+
+        def submit(task: Task) -> Job:
+            nonlocal held
+            with self._cond:
+                if self._stopping:
+                    raise QueueFull(self.retry_after())
+                held = False
+                self._reserved -= 1
+                return self._enqueue(task)
+
+        try:
+            yield submit
+        finally:
+            with self._cond:
+                if held:
+                    self._reserved -= 1
+
+    def _enqueue(self, task: Task) -> Job:
+        job = Job(task)
+        self._jobs[job.id] = job
+        self._waiting.append(job)
+        self._cond.notify()
+        return job
 
     def retry_after(self) -> int:
         """Seconds until a queue slot probably frees: when the next running job ends."""
@@ -283,6 +314,7 @@ class JobQueue:
         """Mark a job finished and forget the oldest finished ones beyond `keep_finished` jobs
         or `keep_bytes` of results (call with _cond held; the newest is always kept)."""
         job.update(status=status, **changes)
+        job.task.run = None  # its closure holds the request's inputs: not kept with the result
         size = sum(len(im["png"]) for im in job.images) + len(job.preview or "")
         self._finished.append((job.id, size))
         self._kept_bytes += size

@@ -6,12 +6,13 @@ lower ones (`ServerConfig.max_steps` / `max_num`), checked in the handlers with 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..pipelines.layout import layout_names
-from ..sampling import SAMPLERS
+from ..sampling import KNOB_RANGES, SAMPLERS
 from ..schedules import SPACINGS
 
 MAX_STEPS = 200
@@ -49,7 +50,8 @@ KnobValue = int | float | bool | Annotated[Text, Field(max_length=64)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+    # a misspelt field is a 422, not silently ignored; NaN and infinities never pass a float
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SamplingParams(_Request):
@@ -73,11 +75,24 @@ class SamplingParams(_Request):
         None, ge=0, le=MAX_SEED, description="image i uses seed + i; default: random"
     )
     knobs: dict[Annotated[Text, Field(max_length=64)], KnobValue] = Field(
-        default_factory=dict, max_length=16, description="sampler options, e.g. {'eta': 0.5}"
+        default_factory=dict,
+        max_length=16,
+        description="sampler options, e.g. {'eta': 0.5}; numbers finite, and "
+        + ", ".join(f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in KNOB_RANGES.items()),
     )
     preview: bool = Field(
         True, description="live x0 previews while sampling; false: none (a little faster)"
     )
+
+    @field_validator("knobs", mode="before")
+    @classmethod
+    def _finite_knobs(cls, knobs: Any) -> Any:
+        """One error naming a NaN / infinite knob (before the value union, which would give
+        four); the ranges are checked with the sampler (`sampling.check_knobs`, a 422 too)."""
+        for name, value in knobs.items() if isinstance(knobs, dict) else ():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"knob {name!r} must be a finite number, got {value}")
+        return knobs
 
 
 class PromptParams(_Request):
@@ -184,6 +199,7 @@ class JobInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    status: Literal["ok"] = "ok"
     default: bool
     task: str = Field(description="generate, superres or inpaint")
     scale: int | None = Field(None, description="superres models: the upscaling factor")
@@ -197,6 +213,16 @@ class ModelInfo(BaseModel):
     defaults: dict[str, Any]
     size_multiple: int = Field(description="width / height are multiples of this")
     max_side: int = Field(description="the largest width / height this model takes")
+
+
+class BrokenModelInfo(BaseModel):
+    """A folder in the models directory whose model.json does not load: requests naming it get
+    a 422 with the same reason."""
+
+    name: str
+    status: Literal["broken"] = "broken"
+    default: bool = False
+    error: str
 
 
 class SamplerInfo(BaseModel):

@@ -4,10 +4,14 @@ Names only, never paths: a name is one folder name inside the models directory, 
 any file is touched, and the folder it resolves to (symlinks followed) must still lie inside
 that directory. Each model is loaded once (safetensors only, via `load_diffusion_model`) and
 shared by the workers; at most `max_loaded` stay in memory (least recently used goes first).
+
+A folder whose model.json does not load is listed as broken with the reason (logged once per
+version of the file) and refused by name; it never stops the server or affects other models.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -17,6 +21,7 @@ from ..errors import UserError
 from ..io.checkpoint import MODEL_JSON
 from ..io.model_folder import LoadedModel, ModelFolder, default_model_dir, load_diffusion_model
 
+log = logging.getLogger("latentforge.server")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 
 
@@ -26,6 +31,14 @@ class BadModelName(UserError):
 
 class ModelNotFound(UserError):
     """No such model (HTTP 404)."""
+
+
+class BrokenModel(UserError):
+    """A model folder whose model.json does not load (HTTP 422 naming the model field)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"model {name!r} does not load: {reason}")
+        self.reason = reason
 
 
 class ModelStore:
@@ -58,21 +71,33 @@ class ModelStore:
                 self.embedded[UPSCALER] = upscaler
         self.max_loaded = max(1, max_loaded)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._views: dict[Path, tuple[float, ModelFolder]] = {}
+        self._views: dict[Path, tuple[float, ModelFolder | str]] = {}  # a str: why it is broken
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     # ----- names -------------------------------------------------------------------------------
-    def names(self) -> list[str]:
-        out = [self.single[0]] if self.single and (self.single[1] / MODEL_JSON).is_file() else []
-        out += [name for name in self.embedded if name not in out]
+    def entries(self) -> list[tuple[str, ModelFolder | str]]:
+        """Every model folder by name, with its view or, for one that does not load, why."""
+        folders = {self.single[0]: self.single[1]} if self.single else {}
+        folders.update((name, p) for name, p in self.embedded.items() if name not in folders)
         if self.models_dir is not None:
             for p in sorted(self.models_dir.iterdir()):
-                if p.name in out or not _NAME.fullmatch(p.name) or not self._inside(p):
-                    continue
-                if (p / MODEL_JSON).is_file() and self._readable(p):
-                    out.append(p.name)
+                if p.name not in folders and _NAME.fullmatch(p.name) and self._inside(p):
+                    folders[p.name] = p
+        out = []
+        for name, folder in folders.items():
+            if (folder / MODEL_JSON).is_file():
+                try:
+                    out.append((name, self._view(folder)))
+                except BrokenModel as e:
+                    out.append((name, e.reason))
+                except ModelNotFound:  # removed since the check above
+                    pass
         return out
+
+    def names(self) -> list[str]:
+        """The names of the models that load (the broken ones are left out)."""
+        return [name for name, view in self.entries() if not isinstance(view, str)]
 
     @property
     def default_name(self) -> str:
@@ -110,30 +135,30 @@ class ModelStore:
 
     # ----- views (model.json only: cheap, used to validate requests) ---------------------------
     def _view(self, folder: Path) -> ModelFolder:
-        """The folder's validated model.json, re-read when the file changes; UserError for a
-        folder that is not a readable diffusion model."""
+        """The folder's validated model.json, re-read when the file changes; BrokenModel with
+        the reason for a folder that is not a readable diffusion model (logged once)."""
         try:
             mtime = (folder / MODEL_JSON).stat().st_mtime
         except OSError:
             raise ModelNotFound(f"model {folder.name!r} has no readable model.json") from None
         cached = self._views.get(folder)
         if cached is None or cached[0] != mtime:
-            cached = self._views[folder] = (mtime, ModelFolder.read(folder))
+            try:
+                view: ModelFolder | str = ModelFolder.read(folder)
+            except Exception as e:  # whatever the file holds, this folder alone is affected
+                # the reason without the server's paths: the folder as its model name
+                reason = str(e) if isinstance(e, UserError) else f"unreadable ({type(e).__name__})"
+                view = reason.replace(str(folder), folder.name)
+                log.warning("model folder %s does not load: %s", folder, view)
+            cached = self._views[folder] = (mtime, view)
+        if isinstance(cached[1], str):
+            raise BrokenModel(folder.name, cached[1])
         return cached[1]
 
     def view(self, name: str | None) -> tuple[str, ModelFolder]:
         """(name, the weights-free view of its folder): shapes, classes, sampling defaults."""
         name, folder = self.resolve(name)
         return name, self._view(folder)
-
-    def _readable(self, folder: Path) -> bool:
-        """Whether the folder is a valid diffusion model (a broken one is left out of the list,
-        not a reason to fail the whole listing)."""
-        try:
-            self._view(folder)
-        except (UserError, OSError):
-            return False
-        return True
 
     # ----- loaded models -----------------------------------------------------------------------
     def is_loaded(self, name: str) -> bool:

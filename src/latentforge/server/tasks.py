@@ -1,11 +1,13 @@
 """API requests -> jobs: check them against the model, decode input images, wrap the pipelines.
 
-Everything a request can get wrong is found here, before the job is queued: the model name
-(400/404), a field (422 naming it: the request's settings are resolved and validated by
-`SampleSettings.resolve` against the model's defaults), an image (400). The `runner` then loads the
-model once, samples with a callback that reports progress and live previews, and encodes the
-results as PNGs whose text chunks hold their parameters (`latentforge generate --from-png`
-reads them back).
+Everything a request can get wrong is found here, before the job is queued, cheapest first: the
+model name (400/404), a field (422 naming it: the request's settings are resolved and validated
+by `SampleSettings.resolve` against the model's defaults), the job's size against the server's
+work budget (422 naming `steps`), then the images: their size from the header (413) before any
+pixel is decompressed, then their pixels (400), at most `max_decodes` at a time. The `runner`
+then loads the model once, samples with a callback that reports progress and live previews (and
+stops a job past `job_timeout`), and encodes the results as PNGs whose text chunks hold their
+parameters (`latentforge generate --from-png` reads them back).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 
@@ -38,7 +41,7 @@ from ..pipelines.settings import SampleSettings, SettingsError
 from . import schemas
 from .config import ServerConfig
 from .jobs import Job, JobCancelled, Task
-from .store import ModelStore
+from .store import BrokenModel, ModelStore
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 PREVIEW_COST_RATIO = 20  # a preview that took c seconds waits >= 20 c for the next one
@@ -46,6 +49,10 @@ PREVIEW_COST_RATIO = 20  # a preview that took c seconds waits >= 20 c for the n
 
 class BadImage(UserError):
     """An input image that is not base64 or not a readable image (HTTP 400)."""
+
+
+class ImageTooLarge(BadImage):
+    """An input image over the server's size limits, read from its header (HTTP 413)."""
 
 
 class FieldError(UserError):
@@ -56,46 +63,80 @@ class FieldError(UserError):
         self.field = field
 
 
+class JobTimeout(UserError):
+    """A job that ran past the server's `job_timeout` (it ends failed with this message)."""
+
+
 # ----- images in and out -----------------------------------------------------------------------
-def decode_image(data: str, field: str) -> Image.Image:
-    """base64 (or a data: URL) -> a loaded PIL image; BadImage naming the field otherwise."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise BadImage(f"{field}: not valid base64") from None
-    try:
-        img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-        if max(img.size) > schemas.MAX_SIDE:
-            raise BadImage(f"{field}: image larger than {schemas.MAX_SIDE} pixels on a side")
-        img.load()
+class ImageDecoder:
+    """Request images -> tensors. `open` reads only the header (PIL decompresses nothing before
+    `load`), so an image over `max_pixels` is refused before it costs memory; `tensor` decodes
+    at most `slots` images at a time (a decode costs about 30 bytes a pixel at its peak)."""
+
+    def __init__(self, max_pixels: int, slots: int):
+        self.max_pixels = max_pixels
+        self._slots = threading.BoundedSemaphore(slots)
+
+    @classmethod
+    def for_config(cls, config: ServerConfig) -> ImageDecoder:
+        return cls(config.max_image_pixels, config.max_decodes)
+
+    def open(self, data: str, field: str) -> Image.Image:
+        """base64 (or a data: URL) -> a PIL image, its header read and its size checked."""
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        try:
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadImage(f"{field}: not valid base64") from None
+        limit = f"this server's limit of {self.max_pixels} pixels (max_image_pixels)"
+        try:
+            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError:  # PIL's own limit, far above ours
+            raise ImageTooLarge(f"{field}: image over {limit}") from None
+        except Exception as e:  # PIL raises many types on corrupt data (OSError, SyntaxError...)
+            kind = type(e).__name__
+            raise BadImage(f"{field}: not a readable PNG/JPEG/WebP image ({kind})") from None
+        w, h = img.size
+        if w * h > self.max_pixels:
+            raise ImageTooLarge(f"{field}: a {w}x{h} image ({w * h} pixels) is over {limit}")
+        if max(w, h) > schemas.MAX_SIDE:
+            side = schemas.MAX_SIDE
+            raise ImageTooLarge(f"{field}: a {w}x{h} image is over {side} pixels on a side")
         return img
-    except BadImage:
-        raise
-    except Exception as e:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
-        kind = type(e).__name__
-        raise BadImage(f"{field}: not a readable PNG/JPEG/WebP image ({kind})") from None
 
+    def tensor(
+        self, img: Image.Image, field: str, shape: tuple[int, ...] | None, channels: int
+    ) -> torch.Tensor:
+        """An opened image -> (1, C, H, W) in [-1, 1], resized (bicubic) to shape (C, H, W) if
+        given; BadImage naming the field when its pixels do not decode."""
+        with self._slots:
+            try:
+                img.load()
+            except Exception as e:
+                kind = type(e).__name__
+                raise BadImage(f"{field}: not a readable PNG/JPEG/WebP image ({kind})") from None
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # transparent = black
+                img = Image.alpha_composite(background, img.convert("RGBA"))
+            x = from_pil(img, channels)[None]
+            if shape is not None and tuple(x.shape[-2:]) != tuple(shape[1:]):
+                x = F.interpolate(x, size=tuple(shape[1:]), mode="bicubic", antialias=True)
+                x = x.clamp(-1, 1)
+            return x
 
-def image_tensor(data: str, field: str, shape: tuple[int, ...] | None, channels: int):
-    """A base64 image -> (1, C, H, W) in [-1, 1], resized (bicubic) to shape (C, H, W) if given."""
-    img = decode_image(data, field)
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # transparent = black
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    x = from_pil(img, channels)[None]
-    if shape is not None and tuple(x.shape[-2:]) != tuple(shape[1:]):
-        x = F.interpolate(x, size=tuple(shape[1:]), mode="bicubic", antialias=True).clamp(-1, 1)
-    return x
+    def image(
+        self, data: str, field: str, shape: tuple[int, ...] | None, channels: int
+    ) -> torch.Tensor:
+        """A base64 image -> (1, C, H, W) in [-1, 1] (`open`, then `tensor`)."""
+        return self.tensor(self.open(data, field), field, shape, channels)
 
-
-def mask_tensor(data: str, size: tuple[int, int]) -> torch.Tensor:
-    """A base64 mask (white = regenerate) -> (1, 1, H, W) in {0, 1}, resized nearest."""
-    m = (image_tensor(data, "mask", None, 1) + 1) / 2
-    if tuple(m.shape[-2:]) != tuple(size):
-        m = F.interpolate(m, size=tuple(size), mode="nearest")
-    return (m > 0.5).float()
+    def mask(self, img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """An opened mask (white = regenerate) -> (1, 1, H, W) in {0, 1}, resized nearest."""
+        m = (self.tensor(img, "mask", None, 1) + 1) / 2
+        if tuple(m.shape[-2:]) != tuple(size):
+            m = F.interpolate(m, size=tuple(size), mode="nearest")
+        return (m > 0.5).float()
 
 
 def png_base64(image: torch.Tensor, metadata: dict | None = None, compress_level: int = 6) -> str:
@@ -132,7 +173,10 @@ def _pick_model(store: ModelStore, name: str | None, tasks: tuple[str, ...]):
                 if view.task in tasks:
                     return other, view
         raise FieldError("model", f"this server has no {want} model")
-    name, view = store.view(name)
+    try:
+        name, view = store.view(name)
+    except BrokenModel as e:
+        raise FieldError("model", str(e)) from None
     if view.task not in tasks:
         got = TASK_WORDS.get(view.task, view.task)
         raise FieldError("model", f"model {name!r} is a {got} model; this needs a {want} model")
@@ -152,6 +196,7 @@ class _Prepared:
         tasks: tuple[str, ...] = GENERATE,
         **fields,
     ):
+        self.config = config
         self.name, self.view = _pick_model(store, req.model, tasks)
         num = getattr(req, "num", 1)
         if num > config.max_num:
@@ -184,6 +229,24 @@ class _Prepared:
     def seeds(self) -> list[int]:
         return [self.settings.seed + i for i in range(self.settings.num)]
 
+    def check_work(self, steps: int, runs: int, size: tuple[int, int], what: str) -> None:
+        """The job's size, `steps` x `runs` samples of `size` (h, w) denoiser pixels, within the
+        server's budget (`max_job_work`); else a FieldError naming steps."""
+        work = steps * runs * size[0] * size[1]
+        budget = self.config.max_job_work
+        if work > budget:
+            shape = f"{runs} {what} of {size[1]}x{size[0]}"
+            raise FieldError(
+                "steps",
+                f"this job is {work:,} pixel-steps ({steps} steps x {shape} denoiser pixels), "
+                f"over this server's budget of {budget:,} (max_job_work): ask for fewer steps, "
+                "images or pixels",
+            )
+
+    def check_model_size(self, steps: int, runs: int, what: str = "images") -> None:
+        """`check_work` for `runs` samples at the model's own size."""
+        self.check_work(steps, runs, tuple(self.view.image_shape[1:]), what)
+
 
 def _conditioning(model: ModelFolder, prompt: str) -> dict:
     """generate's labels / prompts for a request's prompt (the negative is in the settings)."""
@@ -193,9 +256,11 @@ def _conditioning(model: ModelFolder, prompt: str) -> dict:
 def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
     p = _Prepared(req, store, config, layout=req.layout, bf16=req.bf16, width=req.width,
                   height=req.height)  # fmt: skip
+    p.check_work(p.settings.steps, p.settings.num, p.settings.latent_size(p.view), "images")
+    prompt = req.prompt  # the closures keep fields, never the request (it may hold images)
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt)
+        cond = _conditioning(model, prompt)
         return p_generate.generate(model, p.settings, **cond, callback=callback)
 
     # stored resolved, so `generate --from-png` reproduces the image whatever the default
@@ -205,15 +270,20 @@ def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig
     return Task("txt2img", p.name, params, p.settings.steps, run, p.seeds, preview=req.preview)
 
 
-def img2img(req: schemas.Img2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
+def img2img(
+    req: schemas.Img2ImgRequest, store: ModelStore, config: ServerConfig, images: ImageDecoder
+) -> Task:
     p = _Prepared(req, store, config)
+    total = max(1, round(req.strength * p.settings.steps))
+    p.check_model_size(total, p.settings.num)
     shape = p.view.output_shape
-    image = image_tensor(req.image, "image", shape, shape[0])
+    image = images.image(req.image, "image", shape, shape[0])
+    prompt, strength = req.prompt, req.strength
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt)
+        cond = _conditioning(model, prompt)
         return p_img2img.img2img(
-            model, image, p.settings, strength=req.strength, callback=callback, **cond
+            model, image, p.settings, strength=strength, callback=callback, **cond
         )
 
     params = {
@@ -223,24 +293,30 @@ def img2img(req: schemas.Img2ImgRequest, store: ModelStore, config: ServerConfig
         "strength": req.strength,
         **p.params,
     }
-    total = max(1, round(req.strength * p.settings.steps))
     return Task("img2img", p.name, params, total, run, p.seeds, preview=req.preview)
 
 
-def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig) -> Task:
+def inpaint(
+    req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig, images: ImageDecoder
+) -> Task:
     p = _Prepared(req, store, config, tasks=("generate", "inpaint"))
+    total = max(1, round(req.strength * p.settings.steps))
+    p.check_model_size(total * req.resample, p.settings.num)  # RePaint redoes each segment
     shape = p.view.output_shape
-    image = image_tensor(req.image, "image", shape, shape[0])
-    mask = mask_tensor(req.mask, shape[1:])
+    # both headers are checked before either image is decoded
+    opened, opened_mask = images.open(req.image, "image"), images.open(req.mask, "mask")
+    image = images.tensor(opened, "image", shape, shape[0])
+    mask = images.mask(opened_mask, shape[1:])
     extra = {
         "strength": req.strength,
         "resample": req.resample,
         "jump": req.jump,
         "feather": req.feather,
     }
+    prompt = req.prompt
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt)
+        cond = _conditioning(model, prompt)
         return p_inpaint.inpaint(model, image, mask, p.settings, callback=callback, **extra,
                                  **cond)  # fmt: skip
 
@@ -251,24 +327,32 @@ def inpaint(req: schemas.InpaintRequest, store: ModelStore, config: ServerConfig
         **extra,
         **p.params,
     }
-    total = max(1, round(req.strength * p.settings.steps))
     return Task("inpaint", p.name, params, total, run, p.seeds, preview=req.preview)
 
 
-def upscale(req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig) -> Task:
+def upscale(
+    req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig, images: ImageDecoder
+) -> Task:
     p = _Prepared(req, store, config, tasks=("superres",))
     scale = p.view.meta.scale
     if req.scale is not None and req.scale != scale:
         raise FieldError("scale", f"model {p.name!r} upscales x{scale}, not x{req.scale}")
-    image = image_tensor(req.image, "image", None, p.view.output_shape[0])
-    if max(image.shape[-2:]) > schemas.MAX_UPSCALE_INPUT:
+    opened = images.open(req.image, "image")
+    if max(opened.size) > schemas.MAX_UPSCALE_INPUT:
         side = schemas.MAX_UPSCALE_INPUT
         raise FieldError("image", f"images to upscale must be at most {side} pixels on a side")
+    try:
+        *_, tile, _, starts = p_superres.tile_grid(p.view, opened.height, opened.width)
+    except UserError as e:
+        raise FieldError("image", str(e)) from None
+    p.check_work(p.settings.steps, len(starts), tile, "tiles")
+    image = images.tensor(opened, "image", None, p.view.output_shape[0])
+    prompt, noise_level = req.prompt, req.noise_level
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        cond = _conditioning(model, req.prompt)
+        cond = _conditioning(model, prompt)
         return p_superres.upscale(
-            model, image, p.settings, scale=scale, noise_level=req.noise_level,
+            model, image, p.settings, scale=scale, noise_level=noise_level,
             callback=callback, **cond,
         )  # fmt: skip
 
@@ -277,7 +361,9 @@ def upscale(req: schemas.UpscaleRequest, store: ModelStore, config: ServerConfig
     return Task("upscale", p.name, params, p.settings.steps, run, p.seeds[:1], preview=req.preview)
 
 
-def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: ServerConfig) -> Task:
+def interpolate(
+    req: schemas.InterpolateRequest, store: ModelStore, config: ServerConfig, images: ImageDecoder
+) -> Task:
     with_images = req.image_a is not None
     # between images: deterministic DDIM inversion, guidance 1 unless asked (as the CLI does)
     p = _Prepared(req, store, config, guidance=1.0 if with_images else None)
@@ -287,21 +373,27 @@ def interpolate(req: schemas.InterpolateRequest, store: ModelStore, config: Serv
         raise FieldError(
             "sampler", f"a walk needs a deterministic sampler, not {p.settings.sampler!r}"
         )
+    # the frames, and with images the two inversions before them
+    p.check_model_size(p.settings.steps, req.frames + 2 * with_images, "frames")
     shape = p.view.output_shape
-    images = []
+    ends = []
     if with_images:
-        images = [image_tensor(getattr(req, f), f, shape, shape[0]) for f in ("image_a", "image_b")]
+        fields = ("image_a", "image_b")
+        opened = [images.open(getattr(req, f), f) for f in fields]  # both headers first
+        ends = [images.tensor(im, f, shape, shape[0]) for im, f in zip(opened, fields, strict=True)]
+    prompts = {"a": req.prompt_a, "b": req.prompt_b}
+    frames, seeds = req.frames, (req.seed_a, req.seed_b)
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
-        ends = {}
-        for side, prompt in (("a", req.prompt_a), ("b", req.prompt_b)):
+        conds = {}
+        for side, prompt in prompts.items():
             label = labels_from_prompt(prompt, model.class_names) if model.num_classes else None
-            ends[f"labels_{side}"] = label
-            ends[f"prompts_{side}"] = "" if model.num_classes else prompt
-        kw = {"frames": req.frames, "callback": callback, **ends}
+            conds[f"labels_{side}"] = label
+            conds[f"prompts_{side}"] = "" if model.num_classes else prompt
+        kw = {"frames": frames, "callback": callback, **conds}
         if with_images:
-            return p_interpolate.interpolate(model, *images, p.settings, **kw)
-        return p_interpolate.walk(model, req.seed_a, req.seed_b, p.settings, **kw)
+            return p_interpolate.interpolate(model, *ends, p.settings, **kw)
+        return p_interpolate.walk(model, *seeds, p.settings, **kw)
 
     params = {"prompt_a": req.prompt_a, "prompt_b": req.prompt_b, "frames": req.frames, **p.params}
     if not with_images:
@@ -330,9 +422,12 @@ def preview_base64(model: LoadedModel, denoised: torch.Tensor) -> str:
 
 
 def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list[dict]]:
+    limit = math.inf if config.job_timeout is None else config.job_timeout
+
     def runner(job: Job) -> list[dict]:
         task, t = job.task, job.timings
         start = time.monotonic()
+        deadline = start + limit
         model = store.get(task.model)
         t["load_s"] = time.monotonic() - start
         if job.cancel_requested:
@@ -349,6 +444,11 @@ def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list
                 raise JobCancelled
             preview, step = None, int(step) + 1
             now = time.monotonic()
+            if now > deadline:
+                raise JobTimeout(
+                    f"the job ran past this server's limit of {limit:g} s (job_timeout) at step "
+                    f"{step} of {task.total}: ask for fewer steps, images or pixels"
+                )
             if now >= next_preview and step < task.total:
                 preview = preview_base64(model, denoised)
                 cost = time.monotonic() - now
@@ -360,6 +460,11 @@ def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list
         images = task.run(model, callback)
         t["sample_s"] = time.monotonic() - start - preview_s
         t["preview_s"] = preview_s
+        if not all(bool(torch.isfinite(image).all()) for image in images):
+            raise UserError(
+                "the sampler diverged: the result holds NaN or infinite values (try other "
+                "knobs, another sampler or fewer steps)"
+            )
         start = time.monotonic()
         results = []
         for i, image in enumerate(images):

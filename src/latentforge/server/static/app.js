@@ -49,11 +49,11 @@ function showMessage(text, kind = "error") {
 async function loadModels() {
   const r = await api("/v1/models");
   if (!r.ok) { showMessage(describeError(r.status, r.data, r.headers)); return; }
-  state.models = r.data;
+  state.models = r.data.filter((m) => m.status !== "broken");  // listed with why they do not load
   const sel = $("#model");
-  sel.replaceChildren(...r.data.map((m) => new Option(m.name + (m.default ? " (default)" : ""),
+  sel.replaceChildren(...state.models.map((m) => new Option(m.name + (m.default ? " (default)" : ""),
     m.name, m.default, m.default)));
-  if (!r.data.length) showMessage("this server has no models");
+  if (!state.models.length) showMessage("this server has no models");
   modelChanged();
 }
 
