@@ -288,6 +288,7 @@ def test_unknown_job_is_404(client):
         ({"seed": -1}, "seed"),
         ({"spacing": "sideways"}, "spacing"),
         ({"layout": "boxes"}, "layout"),
+        ({"vae_tiling": "sometimes"}, "vae_tiling"),
         ({"stepz": 3}, "stepz"),
     ],
 )
@@ -298,14 +299,16 @@ def test_limits_are_422_naming_the_field(client, body, field):
 def test_txt2img_at_another_size_records_it_for_from_png(client, tmp_path):
     from latentforge.pipelines.generate import settings_from_png
 
-    job = wait(client, submit(client, prompt="a seven", steps=2, seed=1, width=32, height=8))
+    job = wait(client, submit(client, prompt="a seven", steps=2, seed=1, width=32, height=8,
+                              vae_tiling="on"))  # fmt: skip
     assert job["status"] == "done", job["error"]
     assert png(job["images"][0]["png"]).size == (32, 8)
     assert (job["parameters"]["width"], job["parameters"]["height"]) == (32, 8)
+    assert job["parameters"]["vae_tiling"] == "on"
     path = tmp_path / "wide.png"
     path.write_bytes(base64.b64decode(job["images"][0]["png"]))
     settings = settings_from_png(path)[1]
-    assert (settings.width, settings.height) == (32, 8)
+    assert (settings.width, settings.height, settings.vae_tiling) == (32, 8, "on")
 
 
 def test_guidance_interval_request(client):

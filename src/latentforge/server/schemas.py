@@ -110,6 +110,11 @@ class Txt2ImgRequest(SamplingParams, PromptParams):
         None, ge=1, le=MAX_SIDE,
         description="output height in pixels, a multiple of the model's grid; default: the model's",
     )  # fmt: skip
+    vae_tiling: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="decode in tiles: auto above 4x the model's trained area, on always (least "
+        "memory), off never",
+    )
     layout: Literal[tuple(layout_names())] | None = Field(
         None,
         description="regional prompting (text models): 'shapes' draws each object of a "

@@ -255,7 +255,7 @@ def _conditioning(model: ModelFolder, prompt: str) -> dict:
 
 def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
     p = _Prepared(req, store, config, layout=req.layout, bf16=req.bf16, width=req.width,
-                  height=req.height)  # fmt: skip
+                  height=req.height, vae_tiling=req.vae_tiling)  # fmt: skip
     p.check_work(p.settings.steps, p.settings.num, p.settings.latent_size(p.view), "images")
     prompt = req.prompt  # the closures keep fields, never the request (it may hold images)
 
@@ -266,7 +266,8 @@ def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig
     # stored resolved, so `generate --from-png` reproduces the image whatever the default
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num,
               "layout": p.settings.layout, "precision": p.settings.precision,
-              "width": p.settings.width, "height": p.settings.height, **p.params}  # fmt: skip
+              "width": p.settings.width, "height": p.settings.height,
+              "vae_tiling": p.settings.vae_tiling, **p.params}  # fmt: skip
     return Task("txt2img", p.name, params, p.settings.steps, run, p.seeds, preview=req.preview)
 
 
