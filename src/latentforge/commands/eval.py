@@ -1,4 +1,4 @@
-"""`latentforge eval prompts|digits|superres|vae|inversion|inpaint`: score a model with the
+"""`latentforge eval prompts|digits|superres|fid|vae|inversion|inpaint`: score a model with the
 project's evaluators."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import math
 
 import click
 
+from ..errors import UserError
 from .options import (
     batch_option,
     bf16_option,
@@ -194,6 +195,66 @@ def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, see
         f"gain {result['psnr_gain_db']:+.2f} dB; model better on {result['wins']:.1%} of images",
         f"{'images/s':<10}{result['images_per_s']:>9.2f}",
     ]
+    click.echo("\n".join(lines))
+
+
+@eval_group.command("fid")
+@click.option("--ref", default=None,
+              help="reference set: a data spec (shapes:64, digits, folder:PATH) or a folder "
+              "(default: the model's training data, held-out stream)")  # fmt: skip
+@click.option("--gen", default=None, help="generated set: a data spec or folder (or --model)")
+@click.option("--features", default="pixels", show_default=True, help="feature network")
+@click.option("--n", "n", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="images per set")  # fmt: skip
+@click.option("--data-seed", type=int, default=1, show_default=True,
+              help="stream of the reference data (models train on stream 0)")  # fmt: skip
+@steps_option(help="steps (model default)")
+@spacing_option()
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="reference features cache (default: $LATENTFORGE_CACHE or "
+              "~/.cache/latentforge)")  # fmt: skip
+@click.option("--no-cache", is_flag=True, help="recompute the reference features")
+@_common_options
+def fid_cmd(ref, gen, features, n, data_seed, steps, spacing, cache_dir, no_cache, model_dir,
+            sampler, guidance, seed, batch, device, dtype, as_json, quiet) -> None:  # fmt: skip
+    """FID, KID, precision / recall and density / coverage of a model's samples (or --gen)
+    against a reference set."""
+    from pathlib import Path
+
+    from ..io.model_folder import load_diffusion_model
+    from ..metrics.fid_eval import default_cache_dir, evaluate_fid
+    from ..pipelines.settings import SampleSettings
+
+    model = None
+    if gen is None:
+        model = load_diffusion_model(model_dir, device=device, dtype=dtype)
+    elif model_dir is not None:
+        raise UserError("give --gen or --model, not both")
+    settings = SampleSettings.build(sampler=sampler, steps=steps, spacing=spacing,
+                                    guidance=guidance, seed=seed)  # fmt: skip
+    cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
+    result = evaluate_fid(
+        ref=ref, gen=gen, model=model, settings=settings, features=features, n=n,
+        data_seed=data_seed, batch=batch, progress=not quiet, cache_dir=cache,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    lines = [f"{result['gen']} against {result['ref']} (stream {data_seed}), {n} images each, "
+             f"features {features}"]  # fmt: skip
+    if "settings" in result:
+        st = result["settings"]
+        lines[0] += f"; sampler {st['sampler']}, {st['steps']} steps, guidance {st['guidance']:g}"
+    lines += [
+        f"{'FID':<12}{result['fid']:.4f}",
+        f"{'KID':<12}{result['kid']:.5f} +- {result['kid_std']:.5f}",
+        f"{'precision':<12}{result['precision']:.4f}",
+        f"{'recall':<12}{result['recall']:.4f}",
+        f"{'density':<12}{result['density']:.4f}",
+        f"{'coverage':<12}{result['coverage']:.4f}",
+    ]
+    if "images_per_s" in result:
+        lines.append(f"{'images/s':<12}{result['images_per_s']:.2f}")
     click.echo("\n".join(lines))
 
 
