@@ -203,7 +203,13 @@ def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, see
               help="reference set: a data spec (shapes:64, digits, folder:PATH) or a folder "
               "(default: the model's training data, held-out stream)")  # fmt: skip
 @click.option("--gen", default=None, help="generated set: a data spec or folder (or --model)")
-@click.option("--features", default="pixels", show_default=True, help="feature network")
+@click.option("--features", default="pixels", show_default=True,
+              help="feature network: pixels, or inception:FILE (FID's Inception-v3 weights of "
+              "pytorch-fid or torch-fidelity, a local file)")  # fmt: skip
+@click.option("--resize", type=click.Choice(["clean", "tf", "torch"]), default="clean",
+              show_default=True,
+              help="inception: resize to 299 as clean-fid (PIL bicubic), TF / torch-fidelity "
+              "(tf) or pytorch-fid (torch)")  # fmt: skip
 @click.option("--n", "n", type=click.IntRange(min=2), default=1000, show_default=True,
               help="images per set")  # fmt: skip
 @click.option("--data-seed", type=int, default=1, show_default=True,
@@ -215,8 +221,9 @@ def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, see
               "~/.cache/latentforge)")  # fmt: skip
 @click.option("--no-cache", is_flag=True, help="recompute the reference features")
 @_common_options
-def fid_cmd(ref, gen, features, n, data_seed, steps, spacing, cache_dir, no_cache, model_dir,
-            sampler, guidance, seed, batch, device, dtype, as_json, quiet) -> None:  # fmt: skip
+def fid_cmd(ref, gen, features, resize, n, data_seed, steps, spacing, cache_dir, no_cache,
+            model_dir, sampler, guidance, seed, batch, device, dtype, as_json,
+            quiet) -> None:  # fmt: skip
     """FID, KID, precision / recall and density / coverage of a model's samples (or --gen)
     against a reference set."""
     from pathlib import Path
@@ -234,7 +241,7 @@ def fid_cmd(ref, gen, features, n, data_seed, steps, spacing, cache_dir, no_cach
                                     guidance=guidance, seed=seed)  # fmt: skip
     cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
     result = evaluate_fid(
-        ref=ref, gen=gen, model=model, settings=settings, features=features, n=n,
+        ref=ref, gen=gen, model=model, settings=settings, features=features, resize=resize, n=n,
         data_seed=data_seed, batch=batch, progress=not quiet, cache_dir=cache,
     )  # fmt: skip
     if as_json:

@@ -15,6 +15,7 @@ evaluations against one reference compute it once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,10 +43,32 @@ Features = Callable[[torch.Tensor], np.ndarray]
 FEATURES: dict[str, Features] = {"pixels": pooled_pixels}
 
 
-def feature_network(name: str) -> Features:
+def feature_network(name: str, resize: str = "clean") -> Features:
+    """A registered network by name, or `inception:FILE`: FID's Inception-v3 from a local
+    weights file, images resized to 299 by `resize` (`metrics.inception.RESIZES`)."""
+    if name.startswith("inception:"):
+        return _cached_inception(name.split(":", 1)[1], resize)
     if name not in FEATURES:
-        raise UserError(f"unknown feature network {name!r}; choose one of {sorted(FEATURES)}")
+        raise UserError(f"unknown feature network {name!r}; choose one of {sorted(FEATURES)} "
+                        "or inception:FILE")  # fmt: skip
     return FEATURES[name]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_inception(path: str, resize: str) -> Features:
+    from .inception import InceptionFeatures
+
+    return InceptionFeatures(path, resize)
+
+
+def feature_key(name: str, resize: str) -> str:
+    """What identifies a feature network in the cache: its name, and for a weights file its
+    resize rule, size and modification time."""
+    if not name.startswith("inception:"):
+        return name
+    path = Path(name.split(":", 1)[1])
+    stat = path.stat() if path.is_file() else None
+    return f"{name}|{resize}|{stat.st_size if stat else 0}|{stat.st_mtime_ns if stat else 0}"
 
 
 def as_spec(source: str) -> str:
@@ -101,6 +124,7 @@ def reference_features(
     size: tuple[int, int] | None,
     features: str,
     *,
+    resize: str = "clean",
     batch: int = 64,
     cache_dir: Path | None = None,
 ) -> tuple[np.ndarray, list, list, bool]:
@@ -109,7 +133,11 @@ def reference_features(
     size = size or tuple(images.shape[-2:])
     path = None
     if cache_dir is not None:
-        path = cache_dir / "features" / f"{_set_key(spec, n, data_seed, size, features)}.npy"
+        path = (
+            cache_dir
+            / "features"
+            / f"{_set_key(spec, n, data_seed, size, feature_key(features, resize))}.npy"
+        )
         if path.is_file():
             try:
                 feats = np.load(path, allow_pickle=False)
@@ -117,7 +145,7 @@ def reference_features(
                     return feats, captions, labels, True
             except (OSError, ValueError):
                 pass  # a damaged cache entry is recomputed and replaced
-    feats = _features_batched(_resize(images, size), feature_network(features), batch)
+    feats = _features_batched(_resize(images, size), feature_network(features, resize), batch)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -144,6 +172,7 @@ def evaluate_fid(
     model: LoadedModel | None = None,
     settings: SampleSettings | None = None,
     features: str = "pixels",
+    resize: str = "clean",
     n: int = 1000,
     data_seed: int = 1,
     batch: int = 64,
@@ -161,11 +190,11 @@ def evaluate_fid(
         if not ref:
             raise UserError(f"{model.path} records no training data; give --ref")
     ref = as_spec(ref)
-    feature_network(features)  # an unknown name fails before any work
+    network = feature_network(features, resize)  # an unknown name fails before any work
     size = None if model is None else tuple(model.output_shape[-2:])
     t0 = time.perf_counter()
     real, captions, labels, cached = reference_features(
-        ref, n, data_seed, size, features, batch=batch, cache_dir=cache_dir
+        ref, n, data_seed, size, features, resize=resize, batch=batch, cache_dir=cache_dir
     )
     out: dict[str, Any] = {}
     if model is not None:
@@ -183,7 +212,7 @@ def evaluate_fid(
         gen = as_spec(gen)
         images = reference_items(gen, n, 0)[0]
         out["gen"] = gen
-    fake = _features_batched(images, feature_network(features), batch)
+    fake = _features_batched(images, network, batch)
     if fake.shape[1] != real.shape[1]:
         raise UserError(f"the two sets' features differ in size ({real.shape[1]} and "
                         f"{fake.shape[1]}): give images of one size")  # fmt: skip
@@ -191,7 +220,8 @@ def evaluate_fid(
     return {
         **{k: round(float(metrics[k]), 6) for k in
            ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage")},
-        "n": n, "features": features, "ref": ref, "data_seed": data_seed,
+        "n": n, "features": features, "resize": resize if features != "pixels" else None,
+        "ref": ref, "data_seed": data_seed,
         "ref_cached": cached, **out,
         "seconds": round(time.perf_counter() - t0, 3),
     }  # fmt: skip
