@@ -38,9 +38,15 @@ from .fd import pooled_pixels
 
 Features = Callable[[torch.Tensor], np.ndarray]
 
-# name -> (B, C, H, W) images in [-1, 1] -> (B, d) features. "pixels": 8x8 average-pooled RGB,
-# a learned-nothing baseline that ranks the small procedural datasets' samples sensibly.
-FEATURES: dict[str, Features] = {"pixels": pooled_pixels}
+# name -> a factory of feature networks: (B, C, H, W) images in [-1, 1] -> (B, d) features.
+# "pixels": 8x8 average-pooled RGB, a learned-nothing baseline. A dataset's wing registers its
+# own (`register_features`), built on first use.
+FEATURES: dict[str, Callable[[], Features]] = {"pixels": lambda: pooled_pixels}
+
+
+def register_features(name: str, factory: Callable[[], Features]) -> None:
+    """Make `--features NAME` build its network with `factory()` (once, when first used)."""
+    FEATURES[name] = functools.cache(factory)
 
 
 def feature_network(name: str, resize: str = "clean") -> Features:
@@ -51,7 +57,7 @@ def feature_network(name: str, resize: str = "clean") -> Features:
     if name not in FEATURES:
         raise UserError(f"unknown feature network {name!r}; choose one of {sorted(FEATURES)} "
                         "or inception:FILE")  # fmt: skip
-    return FEATURES[name]
+    return FEATURES[name]()
 
 
 @functools.lru_cache(maxsize=2)
