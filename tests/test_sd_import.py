@@ -315,7 +315,12 @@ def test_export_class_embedding_and_single_file(tmp_path):
         )
     sched = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction" and sched["beta_schedule"] == "linear"
-    export_model(tmp_path / "native", tmp_path / "sd.safetensors", "single-file")
+    # no VAE and a linear schedule: no SD single file holds it, and export says why
+    with pytest.raises(UserError, match=r"no VAE.*linear schedule.*--format diffusers"):
+        export_model(tmp_path / "native", tmp_path / "sd.safetensors", "single-file")
+    from safetensors.torch import save_file
+
+    save_file(ldm.to_ldm(config, unet.state_dict()), tmp_path / "sd.safetensors")
     parts = ldm.split_checkpoint(ldm.open_weights(tmp_path / "sd.safetensors"))
     back, state = ldm.unet_from_checkpoint(parts)
     assert back == config

@@ -6,9 +6,14 @@ latentforge's networks do not implement are refused by name, never silently drop
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 from ..errors import UserError
 from ..models.presets import UNetConfig
 from ..models.vae import VAEConfig
+from .model_folder import check_unet_config, check_vae_config
 
 # diffusers UNet2DConditionModel options latentforge's U-Net does not implement: the value(s)
 # that mean "feature off". Anything else is refused by name.
@@ -76,11 +81,30 @@ def _uniform(value, what: str, n: int):
     return value[0]
 
 
+def _translated(build: Callable[[dict], Any], cfg: Any, where: str, check: Callable) -> Any:
+    """build(cfg), then every field ranged (`check`): a config.json of the wrong shape (`[]`,
+    a string where a list belongs) is one line naming the file, never a traceback."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: config.json must be a JSON object, got {type(cfg).__name__}")
+    try:
+        config = build(cfg)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"{where}: config.json has a value of the wrong kind ({e})") from None
+    check(config, where)
+    return config
+
+
 # --------------------------------------------------------------------------- configs
 
 
-def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+def unet_config_from_diffusers(cfg: dict, where: str | Path = "config.json") -> UNetConfig:
     """diffusers UNet2DConditionModel config.json -> UNetConfig (refusing what we lack)."""
+    return _translated(_unet_from_diffusers, cfg, str(where), check_unet_config)
+
+
+def _unet_from_diffusers(cfg: dict) -> UNetConfig:
     _refuse_features(cfg, _UNET_OFF, "U-Net")
     down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
     up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
@@ -171,7 +195,12 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
     }
 
 
-def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
+def vae_config_from_diffusers(cfg: dict, where: str | Path = "config.json") -> VAEConfig:
+    """diffusers AutoencoderKL config.json -> VAEConfig (refusing what we lack)."""
+    return _translated(_vae_from_diffusers, cfg, str(where), check_vae_config)
+
+
+def _vae_from_diffusers(cfg: dict) -> VAEConfig:
     _refuse_features(cfg, _VAE_OFF, "VAE")
     for key, kind in (
         ("down_block_types", "DownEncoderBlock2D"),

@@ -43,7 +43,16 @@ from .diffusers_config import (
     vae_config_from_diffusers,
     vae_config_to_diffusers,
 )
-from .lazy import LazyState, build_module, check_strict, load_all, open_sharded, open_weights
+from .lazy import (
+    LazyState,
+    build_module,
+    check_float_weights,
+    check_strict,
+    load_all,
+    meta_module,
+    open_sharded,
+    open_weights,
+)
 from .model_folder import (
     DataInfo,
     LatentInfo,
@@ -62,12 +71,18 @@ SD_SAMPLING = {"sampler": "ddim", "steps": 50, "spacing": "leading", "guidance":
 
 
 def _read_json(path: Path) -> dict:
+    """A config file as a dict; anything else (`[]`, bad UTF-8, deep nesting) is one line."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except OSError:
         raise UserError(f"cannot read {path}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8, json's own limits
+        raise UserError(f"{path}: unreadable JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 _CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
@@ -100,9 +115,7 @@ def _weights(folder: Path, stem: str, allow_pickle: bool) -> LazyState:
 
 
 def _strict_native(factory, state: LazyState, what: str) -> None:
-    with torch.device("meta"):
-        module = factory()
-    check_strict(module, state, what)
+    check_strict(meta_module(factory, what), state, what)
 
 
 _VAE_LEGACY = {
@@ -141,7 +154,7 @@ def load_unet_lazy(
         state = open_weights(src / MODEL_WEIGHTS)
     else:
         folder = _component(src, "unet")
-        config = unet_config_from_diffusers(_read_json(folder / "config.json"))
+        config = unet_config_from_diffusers(_read_json(folder / "config.json"), folder)
         state = _weights(folder, DIFFUSERS_WEIGHTS, allow_pickle)
     _strict_native(lambda: UNet(config), state, f"U-Net from {src}")
     return config, state
@@ -158,7 +171,7 @@ def load_vae_lazy(
         config, state = ldm.vae_from_checkpoint(parts, scaling_factor)
     else:
         folder = _component(src, "vae")
-        config = vae_config_from_diffusers(_read_json(folder / "config.json"))
+        config = vae_config_from_diffusers(_read_json(folder / "config.json"), folder)
         state = _vae_legacy_names(_weights(folder, DIFFUSERS_WEIGHTS, allow_pickle), config)
     _strict_native(lambda: AutoencoderKL(config), state, f"VAE from {src}")
     return config, state
@@ -193,9 +206,13 @@ def load_unet_module(
 
 
 def _copy_text_encoder(src: Path, dst: Path, allow_pickle: bool) -> None:
-    """A transformers text-encoder folder, copied as-is (a pickle-only one converted)."""
+    """A transformers text-encoder folder, copied as-is (a pickle-only one converted); integer
+    tensors where weights belong are refused."""
     dst.mkdir(parents=True)
     files = [p for p in src.iterdir() if p.is_file()]
+    for p in files:
+        if p.name.endswith(".safetensors"):
+            check_float_weights(open_weights(p), f"text encoder {p}")
     has_safetensors = any(
         p.name.endswith((".safetensors", ".safetensors.index.json")) for p in files
     )
@@ -203,7 +220,9 @@ def _copy_text_encoder(src: Path, dst: Path, allow_pickle: bool) -> None:
         if p.suffix in PICKLE_SUFFIXES:
             if has_safetensors:
                 continue
-            tensors = load_all(open_weights(p, allow_pickle=allow_pickle))
+            state = open_weights(p, allow_pickle=allow_pickle)
+            check_float_weights(state, f"text encoder {p}")
+            tensors = load_all(state)
             save_tensors_atomic(dst / "model.safetensors", tensors, {"format": "pt"})
         elif p.name == "model.fp16.safetensors" and not (src / "model.safetensors").exists():
             shutil.copy2(p, dst / "model.safetensors")
@@ -306,7 +325,6 @@ def import_model(
             scaling_factor=vae_config.scaling_factor,
             data=DataInfo(resolution=got["sample_size"] * f, channels=vae_config.in_channels),
         )
-        save_model_folder(work / "vae", vae_meta, load_all(vae_state, dtype))
         cond = "text" if unet_config.cross_attention_dim else "none"
         meta = ModelMeta(
             kind="diffusion",
@@ -325,10 +343,17 @@ def import_model(
                 image_resolution=got["sample_size"] * f,
                 image_channels=vae_config.out_channels,
             ),
-            sampling=SamplingDefaults(**{**SD_SAMPLING, "spacing": got["spacing"]}),
+            sampling=SamplingDefaults.from_json(
+                got.get("sampling") or {**SD_SAMPLING, "spacing": got["spacing"]}, str(src)
+            ),
             source={"imported_from": str(src), "format": got["format"]},
             text_encoder=got["text"] or None,
         )
+        # the descriptions as a later load reads them: a source whose configs pass here but
+        # not there (a schedule out of range, a size past the limits) is refused now
+        ModelMeta.from_json(vae_meta.to_json(), f"{src} (VAE)")
+        ModelMeta.from_json(meta.to_json(), str(src))
+        save_model_folder(work / "vae", vae_meta, load_all(vae_state, dtype))
         save_model_folder(work, meta, load_all(unet_state, dtype))
         replace_dir_atomic(work, dst)
     except BaseException:
@@ -362,6 +387,29 @@ def _native_parts(
     return meta, config, state, vae
 
 
+def _describe(meta: ModelMeta) -> str:
+    """'a latent text-to-image model (MiniLM text encoder)' and the like, for refusals."""
+    space = "latent" if meta.latent else "pixel-space"
+    task = {"generate": {"text": "text-to-image", "class": "class-conditional"}.get(
+        meta.conditioning, "unconditional"), "superres": "super-resolution",
+        "inpaint": "inpainting"}[meta.task]  # fmt: skip
+    text = (meta.text_encoder or {}).get("type")
+    return f"this {space} {task} model" + (f" ({text} text encoder)" if text else "")
+
+
+def _alternatives(meta: ModelMeta, config: UNetConfig) -> str:
+    """Where such a model can go instead."""
+    try:
+        unet_config_to_diffusers(config, meta.data.resolution)
+        scheduler_from_parameterization(meta.parameterization)
+    except UserError:
+        return "Keep the latentforge model folder itself (copy it): it holds the whole model"
+    return (
+        "Keep the latentforge model folder itself (copy it), or use --format diffusers "
+        "for its U-Net, VAE and scheduler"
+    )
+
+
 def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers") -> dict:
     """A native diffusion model folder -> a diffusers folder (fmt "diffusers") that
     `from_pretrained` loads, or one LDM-named `.safetensors` (fmt "single-file").
@@ -377,16 +425,23 @@ def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers"
     if fmt == "single-file":
         if dst.suffix != ".safetensors":
             raise UserError(f"single-file export writes a .safetensors file, got {dst}")
+        vae_meta = vae[0] if vae else None
+        blockers = ldm.single_file_blockers(meta, vae_meta)
+        if blockers:
+            raise UserError(
+                f"{native}: {_describe(meta)} does not fit a Stable Diffusion single file: "
+                f"{'; '.join(blockers)}. {_alternatives(meta, config)}"
+            )
         text = meta.text_encoder or {}
         text_dir = native / text.get("path", "text_encoder") if text.get("type") == "clip" else None
-        vae_config = VAEConfig.from_dict(vae[0].vae) if vae else None
         notes = ldm.write_single_file(
             dst,
             config,
             load_all(state),
-            vae_config,
-            load_all(vae[1]) if vae else None,
+            VAEConfig.from_dict(vae_meta.vae),
+            load_all(vae[1]),
             text_dir,
+            ldm.single_file_hints(meta, text_dir),
         )
         return {"dst": str(dst), "format": fmt, "notes": notes}
     res = meta.data.resolution

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ _DTYPES = {
     "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }  # fmt: skip
 _MAX_HEADER = 100 * 2**20
+# integer tensors that belong in a checkpoint: index buffers (CLIP's position_ids, BatchNorm's
+# counter); any other integer or boolean tensor sits where a floating weight is expected
+INDEX_BUFFERS = re.compile(r"(position_ids|token_type_ids|num_batches_tracked)$")
 
 
 @dataclass(frozen=True)
@@ -112,31 +116,52 @@ def open_safetensors(path: str | Path) -> tuple[LazyState, dict[str, str]]:
             raise corrupt("too short")
         n = int.from_bytes(head, "little")
         if n > min(_MAX_HEADER, size - 8):
-            raise corrupt("header size out of range")
+            raise corrupt(f"header length {n} out of range for a {size}-byte file")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise corrupt("header is not JSON") from None
+        except (ValueError, RecursionError):  # also bad UTF-8 and json's own limits
+            raise corrupt("header is not JSON, or nested too deeply") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise corrupt("__metadata__ is not a map of strings")
     state: LazyState = {}
     for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (8 + n + int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"bad entry for {name!r}") from None
-        if dtype is None:
-            raise corrupt(f"{name}: dtype {info['dtype']} is not supported by this torch")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - start != nbytes or start < 8 + n or end > size:
-            raise corrupt(f"{name}: data offsets do not match its shape or the file size")
+        dtype, shape, start, end = _entry(name, info, 8 + n, size, corrupt)
         state[name] = LazyTensor(
             lambda s=start, e=end, sh=shape, dt=dtype: _read_into(path, s, e, sh, dt), shape, dtype
         )
     return state, meta
+
+
+def _entry(name: str, info, base: int, size: int, corrupt) -> tuple:
+    """One header entry -> (dtype, shape, start, end), every number checked against the file."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise corrupt(f"bad entry for {name!r}")
+    if info["dtype"] not in _DTYPES:
+        raise corrupt(f"{name}: unknown dtype {info['dtype']!r}")
+    dtype = _DTYPES[info["dtype"]]
+    if dtype is None:
+        raise corrupt(f"{name}: dtype {info['dtype']} is not supported by this torch")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise corrupt(f"{name}: shape {str(shape)[:40]} is not a list of non-negative integers")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise corrupt(f"{name}: data_offsets {offsets!r} are not two integers")
+    start, end = base + offsets[0], base + offsets[1]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > size:  # a product past the file (also any overflow of int64 sizes)
+        raise corrupt(f"{name}: its shape needs more bytes than the {size}-byte file holds")
+    if end - start != nbytes or start < base or end > size:
+        raise corrupt(f"{name}: data offsets do not match its shape or the file size")
+    return dtype, tuple(shape), start, end
 
 
 def open_pickle(path: str | Path) -> LazyState:
@@ -184,8 +209,13 @@ def open_sharded(index: str | Path) -> LazyState:
     index = Path(index)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
         raise UserError(f"{index}: not a readable safetensors index") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and Path(v).name == v and v not in ("", ".", "..")
+        for v in weight_map.values()
+    ):
+        raise UserError(f"{index}: weight_map must map tensor names to files beside the index")
     state: LazyState = {}
     for shard in sorted(set(weight_map.values())):
         state.update(open_safetensors(index.parent / shard)[0])
@@ -200,6 +230,15 @@ def meta_tensors(state: Mapping[str, LazyTensor]) -> dict[str, torch.Tensor]:
     return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
 
 
+def meta_module(factory: Callable[[], nn.Module], what: str) -> nn.Module:
+    """factory() on the meta device; a config the network rejects is a one-line UserError."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
+
+
 def check_strict(module: nn.Module, state: Mapping[str, LazyTensor], what: str) -> None:
     """Every key used, every parameter filled, shapes equal: one error listing all mismatches.
 
@@ -207,6 +246,27 @@ def check_strict(module: nn.Module, state: Mapping[str, LazyTensor], what: str) 
     data is read.
     """
     load_state_strict(module, meta_tensors(state), what)
+    own = module.state_dict()
+    check_float_weights(state, what, [k for k, v in own.items() if not v.is_floating_point()])
+
+
+def check_float_weights(
+    state: Mapping[str, LazyTensor], what: str, integer: list[str] | None = None
+) -> None:
+    """Every tensor floating point except `integer` names (default: `INDEX_BUFFERS`): an
+    int32 weight would load and then break the first matmul. No tensor data is read."""
+    bad = [
+        f"{k} ({str(v.dtype).removeprefix('torch.')})"
+        for k, v in state.items()
+        if not v.dtype.is_floating_point
+        and (k not in integer if integer is not None else not INDEX_BUFFERS.search(k))
+    ]
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise UserError(
+            f"{what}: integer or boolean tensors where floating-point weights belong: "
+            f"{', '.join(bad[:3])}{more}"
+        )
 
 
 def build_module(
@@ -223,8 +283,7 @@ def build_module(
     weights without ever holding an fp32 copy of the model.
     """
     state = as_lazy(state)
-    with torch.device("meta"):
-        module = factory()
+    module = meta_module(factory, what)
     check_strict(module, state, what)
     own = module.state_dict()
     tensors = {}

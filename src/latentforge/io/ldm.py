@@ -15,9 +15,10 @@ attention head count from SD's conventions (8 heads in SD 1.x; 64-wide heads in 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -27,13 +28,28 @@ from ..models.presets import UNetConfig
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..schedules import alphas_cumprod, get_betas
-from .checkpoint import save_tensors_atomic
-from .lazy import LazyState, LazyTensor, check_strict, load_all, open_weights
+from .checkpoint import PICKLE_SUFFIXES, save_tensors_atomic
+from .lazy import LazyState, LazyTensor, check_strict, load_all, open_safetensors, open_weights
+from .model_folder import ModelMeta, check_unet_config, check_vae_config
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+EXPECTED = (
+    f"a Stable Diffusion single file holds {UNET_PREFIX}* (U-Net), {VAE_PREFIX}* (VAE) and "
+    "optionally cond_stage_model.* (CLIP text encoder)"
+)
+# Safetensors metadata that export writes and import reads (flags override it): Stability's
+# ModelSpec keys where one exists, our own for what SD's conventions cannot recover.
+HINT_PREDICTION = "modelspec.prediction_type"  # "epsilon" | "v"
+HINT_RESOLUTION = "modelspec.resolution"  # "WxH" in pixels
+HINT_HEADS = "latentforge.num_heads"  # "8" or one per level, "2,4"
+HINT_SCALING = "latentforge.scaling_factor"
+HINT_SAMPLING = "latentforge.sampling"  # model.json's sampling section, JSON
+HINT_OPENCLIP_CUT = "latentforge.openclip_last_layer_dropped"  # "true": do not drop another
+SD_SCHEDULE = {"beta_schedule": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085,
+               "beta_end": 0.012}  # fmt: skip
 
 # Training bookkeeping stored beside the networks: the EMA copy (its weights are flattened
 # names, `model_ema.diffusion_modelinput_blocks00weight`), the schedule buffers of LatentDiffusion
@@ -259,6 +275,13 @@ def infer_vae_config(
 
 def clip_config(state: Mapping[str, LazyTensor], hidden_act: str) -> dict:
     """transformers CLIPTextConfig fields from HF-named text-encoder shapes (64-wide heads)."""
+    try:
+        return _clip_config(state, hidden_act)
+    except (KeyError, IndexError) as e:
+        raise UserError(f"the text encoder is not a CLIP text model (no {e})") from None
+
+
+def _clip_config(state: Mapping[str, LazyTensor], hidden_act: str) -> dict:
     emb = state["text_model.embeddings.token_embedding.weight"].shape
     hidden = emb[1]
     if hidden % 64 and hidden > 64:
@@ -291,14 +314,15 @@ def canonical_clip_names(state: Mapping[str, torch.Tensor | LazyTensor]) -> dict
     return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
-def openclip_to_hf(state: Mapping[str, LazyTensor]) -> LazyState:
+def openclip_to_hf(state: Mapping[str, LazyTensor], drop_last: bool = True) -> LazyState:
     """SD 2.x OpenCLIP text tower (un-prefixed) -> HF CLIPTextModel names.
 
     SD 2.x conditions on the penultimate layer (then ln_final), so the last resblock is dropped:
-    the HF model's last_hidden_state is then exactly SD 2.x's context.
+    the HF model's last_hidden_state is then exactly SD 2.x's context. Our own exports have
+    dropped it already (drop_last=False).
     """
     blocks = _indices(state, r"transformer\.resblocks\.(\d+)\.")
-    last = blocks[-1] if blocks else -1
+    last = blocks[-1] if blocks and drop_last else -1
     out: LazyState = {}
     for key, t in state.items():
         if key.startswith(f"transformer.resblocks.{last}.") or _TEXT_BUFFERS.search(key):
@@ -377,9 +401,11 @@ def split_checkpoint(state: Mapping[str, LazyTensor]) -> dict[str, LazyState]:
             unknown.append(key)
     if unknown:
         more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise UserError(f"unexpected keys in the checkpoint: {', '.join(unknown[:5])}{more}")
+        raise UserError(
+            f"unexpected keys in the checkpoint: {', '.join(unknown[:5])}{more}; {EXPECTED}"
+        )
     if not parts["unet"]:
-        raise UserError(f"no U-Net weights ({UNET_PREFIX}*): not a Stable Diffusion checkpoint")
+        raise UserError(f"no U-Net weights: not a Stable Diffusion checkpoint; {EXPECTED}")
     return parts
 
 
@@ -415,12 +441,28 @@ def to_ldm(
 # --------------------------------------------------------------------------- import / export
 
 
+def _inferred(infer: Callable, shapes: Mapping, what: str, check: Callable, *args):
+    """infer(shapes, *args), checked: shapes no SD network has are one line naming the gap."""
+    try:
+        config = infer(shapes, *args)
+    except UserError as e:
+        raise UserError(f"not a Stable Diffusion single file: {e}") from None
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise UserError(
+            f"not a Stable Diffusion single file: cannot infer the {what} layout "
+            f"({type(e).__name__}: {str(e)[:80]}); {EXPECTED}"
+        ) from None
+    check(config, f"not a Stable Diffusion single file: the {what} inferred from it")
+    return config
+
+
 def unet_from_checkpoint(
     parts: Mapping[str, LazyState], num_heads: int | tuple[int, ...] | None = None
 ) -> tuple[UNetConfig, LazyState]:
     """(inferred config, native-named lazy state) of a split checkpoint's U-Net."""
     unet = parts["unet"]
-    config = infer_unet_config({k: v.shape for k, v in unet.items()}, num_heads)
+    shapes = {k: v.shape for k, v in unet.items()}
+    config = _inferred(infer_unet_config, shapes, "U-Net", check_unet_config, num_heads)
     return config, rename(unet, unet_ldm_names(config), _meta_shapes(lambda: UNet(config)))
 
 
@@ -430,7 +472,8 @@ def vae_from_checkpoint(
     if not parts.get("vae"):
         raise UserError(f"no VAE weights ({VAE_PREFIX}*) in the checkpoint")
     vae = parts["vae"]
-    config = infer_vae_config({k: v.shape for k, v in vae.items()}, scaling_factor)
+    shapes = {k: v.shape for k, v in vae.items()}
+    config = _inferred(infer_vae_config, shapes, "VAE", check_vae_config, scaling_factor)
     return config, rename(vae, vae_ldm_names(config), _meta_shapes(lambda: AutoencoderKL(config)))
 
 
@@ -457,7 +500,7 @@ def _check_schedule(bookkeeping: LazyState, spec: dict) -> None:
     """LDM checkpoints store alphas_cumprod: it must be the schedule we are about to use."""
     if "alphas_cumprod" not in bookkeeping:
         return
-    stored = bookkeeping["alphas_cumprod"].load(torch.float64)
+    stored = bookkeeping["alphas_cumprod"].load().double().flatten()
     betas = get_betas(
         spec["beta_schedule"], len(stored), beta_start=spec["beta_start"], beta_end=spec["beta_end"]
     )
@@ -468,17 +511,54 @@ def _check_schedule(bookkeeping: LazyState, spec: dict) -> None:
         )
 
 
+def _hints(meta: Mapping[str, str], src: Path) -> dict:
+    """Import settings from a single file's metadata (our exports write them); {} for none."""
+    out: dict = {}
+    try:
+        if HINT_PREDICTION in meta:
+            out["prediction"] = {"epsilon": "eps", "v": "v"}[meta[HINT_PREDICTION]]
+        if HINT_RESOLUTION in meta:
+            w, h = (int(v) for v in meta[HINT_RESOLUTION].split("x"))
+            out["image_size"] = w if w == h else None
+        if HINT_HEADS in meta:
+            heads = tuple(int(v) for v in meta[HINT_HEADS].split(","))
+            out["num_heads"] = heads[0] if len(set(heads)) == 1 else heads
+        if HINT_SCALING in meta:
+            out["scaling_factor"] = float(meta[HINT_SCALING])
+        if HINT_SAMPLING in meta:
+            out["sampling"] = json.loads(meta[HINT_SAMPLING])
+            if not isinstance(out["sampling"], dict):
+                raise ValueError("sampling")
+    except (KeyError, ValueError, RecursionError):
+        raise UserError(
+            f"{src}: unreadable import hints in its metadata ({sorted(meta)})"
+        ) from None
+    out["openclip_cut"] = meta.get(HINT_OPENCLIP_CUT) == "true"
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def read_single_file(src: Path, work: Path, opts: dict) -> dict:
-    """A single-file checkpoint -> the parts `import_model` writes (text encoder into `work`)."""
-    parts = split_checkpoint(open_weights(src, allow_pickle=opts["allow_pickle"]))
+    """A single-file checkpoint -> the parts `import_model` writes (text encoder into `work`).
+
+    Flags (`opts`) win over the file's own hints (`_hints`), which win over SD's conventions."""
+    if src.suffix in PICKLE_SUFFIXES:
+        state, hints = open_weights(src, allow_pickle=opts["allow_pickle"]), {}
+    else:
+        state, metadata = open_safetensors(src)
+        hints = _hints(metadata, src)
+    opts = {**hints, **{k: v for k, v in opts.items() if v is not None}}
+    parts = split_checkpoint(state)
     unet_config, unet_state = unet_from_checkpoint(parts, opts.get("num_heads"))
-    vae_config, vae_state = vae_from_checkpoint(parts)
+    vae_config, vae_state = vae_from_checkpoint(parts, opts.get("scaling_factor", 0.18215))
     with torch.device("meta"):
         check_strict(UNet(unet_config), unet_state, f"U-Net from {src}")
         check_strict(AutoencoderKL(vae_config), vae_state, f"VAE from {src}")
     sd2 = unet_config.cross_attention_dim == 1024  # OpenCLIP-H context: SD 2.x
     prediction = opts.get("prediction") or ("v" if sd2 else "eps")
     image_size = opts.get("image_size") or (768 if sd2 else 512)
+    if image_size % vae_config.downsample_factor:
+        raise UserError(f"image size {image_size} is not a multiple of the VAE's factor "
+                        f"{vae_config.downsample_factor}")  # fmt: skip
     spec = {
         "type": "vp",
         "prediction": prediction,
@@ -490,10 +570,12 @@ def read_single_file(src: Path, work: Path, opts: dict) -> dict:
         "clip_denoised": None,
     }
     _check_schedule(parts["bookkeeping"], spec)
-    notes = [
-        f"single file: assumed {prediction}-prediction at {image_size}px "
-        "(override with --prediction / --image-size)"
-    ]
+    notes = []
+    if not {"prediction", "image_size"} <= set(hints):
+        notes.append(
+            f"single file: assumed {prediction}-prediction at {image_size}px "
+            "(override with --prediction / --image-size)"
+        )
     if any(k.startswith("model_ema.") for k in parts["bookkeeping"]):
         notes.append(
             "the checkpoint also holds EMA weights (model_ema.*): the plain ones were used"
@@ -503,7 +585,7 @@ def read_single_file(src: Path, work: Path, opts: dict) -> dict:
         if "clip" in parts:  # SD 1.x: CLIP ViT-L/14 in HF layout
             state, act = canonical_clip_names(parts["clip"]), "quick_gelu"
         else:  # SD 2.x: OpenCLIP ViT-H/14, penultimate layer
-            state, act = openclip_to_hf(parts["openclip"]), "gelu"
+            state, act = openclip_to_hf(parts["openclip"], not opts.get("openclip_cut")), "gelu"
         _write_clip(state, act, work / "text_encoder", opts.get("dtype"))
         text = {"type": "clip", "path": "text_encoder", "tokenizer": "tokenizer", "clip_skip": 1}
         if opts.get("tokenizer"):
@@ -519,10 +601,62 @@ def read_single_file(src: Path, work: Path, opts: dict) -> dict:
         "spec": spec,
         "sample_size": image_size // vae_config.downsample_factor,
         "spacing": "leading",
+        "sampling": opts.get("sampling"),
         "text": text,
         "notes": notes,
         "format": "single-file",
     }
+
+
+def single_file_blockers(meta: ModelMeta, vae: ModelMeta | None) -> list[str]:
+    """What of a native model an SD single file cannot hold (import infers SD's conventions
+    from tensor shapes): each a short phrase; [] when export + import give the model back."""
+    out = []
+    if vae is None:
+        out.append("it has no VAE, where a single file holds a latent model")
+    if meta.task != "generate":
+        out.append(f"its U-Net takes concatenated images (task {meta.task})")
+    text = meta.text_encoder or {}
+    if text and text.get("type") != "clip":
+        out.append(f"a {text.get('type')} text encoder, where single files hold CLIP")
+    if text.get("clip_skip", 1) != 1 or text.get("use_mask"):
+        out.append("clip_skip or use_mask settings, which a single file does not record")
+    p = meta.parameterization or {}
+    schedule = {k: p.get(k, SD_SCHEDULE[k]) for k in SD_SCHEDULE}
+    if p.get("type", "vp") != "vp" or schedule != SD_SCHEDULE or p.get("zero_terminal_snr"):
+        out.append(
+            f"a {p.get('beta_schedule', p.get('type'))} schedule, where a single file implies "
+            "SD's scaled_linear 0.00085..0.012 over 1000 steps"
+        )
+    if p.get("prediction", "eps") not in ("eps", "v"):
+        out.append(f"{p.get('prediction')}-prediction, where single files are eps or v")
+    c = UNetConfig.from_dict(meta.unet)
+    groups = {c.norm_groups} | ({VAEConfig.from_dict(vae.vae).norm_groups} if vae else set())
+    if groups != {32}:
+        out.append(f"group norms of {min(groups)} groups, where import assumes SD's 32")
+    if c.position_embedding or c.context_refiner:
+        out.append("a learned position map or a context refiner, which have no LDM names")
+    if (c.flip_sin_to_cos, c.freq_shift) != (True, 0):
+        out.append("a timestep embedding other than SD's")
+    return out
+
+
+def single_file_hints(meta: ModelMeta, text_dir: Path | None) -> dict[str, str]:
+    """The metadata `_hints` reads back: what SD's conventions would otherwise guess."""
+    c = UNetConfig.from_dict(meta.unet)
+    size = meta.latent.image_resolution
+    hints = {
+        HINT_PREDICTION: {"eps": "epsilon", "v": "v"}[
+            meta.parameterization.get("prediction", "eps")
+        ],
+        HINT_RESOLUTION: f"{size}x{size}",
+        HINT_HEADS: ",".join(str(c.heads_at(i)) for i in range(len(c.block_out_channels))),
+        HINT_SCALING: repr(meta.latent.scaling_factor),
+        HINT_SAMPLING: json.dumps(meta.defaults.to_json()),
+    }
+    if text_dir is not None:
+        hints[HINT_OPENCLIP_CUT] = "true"
+    return hints
 
 
 def write_single_file(
@@ -532,10 +666,9 @@ def write_single_file(
     vae_config: VAEConfig | None,
     vae: Mapping[str, torch.Tensor] | None,
     text_dir: Path | None,
+    hints: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Native parts -> one LDM-named .safetensors; returns notes for the user."""
-    import json
-
+    """Native parts -> one LDM-named .safetensors (`hints` into its metadata); returns notes."""
     text, openclip, notes = None, False, []
     if text_dir is not None:
         act = json.loads((text_dir / "config.json").read_text()).get("hidden_act", "quick_gelu")
@@ -548,5 +681,5 @@ def write_single_file(
                 "text encoder written in OpenCLIP layout without SD 2.x's unused last resblock"
             )
     out = to_ldm(unet_config, unet, vae_config, vae, text, openclip=openclip)
-    save_tensors_atomic(dst, out, {"format": "pt"})
+    save_tensors_atomic(dst, out, {"format": "pt", **(hints or {})})
     return notes

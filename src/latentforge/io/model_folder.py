@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,21 @@ def default_model_dir() -> Path:
 
 
 # ----- validation helpers ------------------------------------------------------------------------
+# Limits a model.json is held to before anything is built: a folder past them is damaged or
+# hostile (a resolution of 100000 would allocate tens of GB before the first step).
+MAX_RESOLUTION = 4096  # pixels (or latents) on a side
+MAX_CHANNELS = 256  # image, latent and concatenated channels
+MAX_WIDTH = 8192  # a network level's channels, a context or refiner width
+MAX_LEVELS = 8  # U-Net / VAE resolution levels
+MAX_DEPTH = 64  # resnets per level, transformer depth, refiner layers, clip_skip
+MAX_CLASSES = 1_000_000
+MAX_STEPS = 10_000  # default sampling steps
+MAX_TIMESTEPS = 100_000  # a discrete schedule's training timesteps
+MAX_TOKENS = 512  # a text encoder's max_length (MiniLM's position table)
+MAX_GUIDANCE = 100.0
+MAX_ACTIVATION = 2**31  # numbers in the U-Net's first feature map for one image (8 GiB fp32)
+
+
 def _section(d: Mapping, key: str, where: str, *, required: bool = False) -> dict | None:
     value = d.get(key)
     if value is None:
@@ -100,25 +116,65 @@ def _section(d: Mapping, key: str, where: str, *, required: bool = False) -> dic
 
 
 def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", bool: "a boolean"}.get(type(value), repr(value))
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), repr(value)
+    )
 
 
-def _int(d: Mapping, key: str, where: str, default: int | None = None, minimum: int = 0) -> Any:
+def _int(
+    d: Mapping, key: str, where: str, default: int | None = None, minimum: int = 0,
+    maximum: int | None = None,
+) -> Any:  # fmt: skip
     value = d.get(key, default)
     if value is None and default is None and key not in d:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        span = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise UserError(f"{where}: {key} must be an integer {span}, got {value!r}")
     return value
 
 
-def _number(d: Mapping, key: str, where: str, default: float | None = None) -> Any:
+def _number(
+    d: Mapping, key: str, where: str, default: float | None = None, *,
+    minimum: float | None = None, maximum: float | None = None, positive: bool = False,
+) -> Any:  # fmt: skip
+    """A finite number (None where absent and no default), optionally ranged."""
     value = d.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}: {key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
+    if (
+        (positive and value <= 0)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        lo = "> 0" if positive else f">= {minimum:g}" if minimum is not None else ""
+        hi = f"<= {maximum:g}" if maximum is not None else ""
+        raise UserError(f"{where}: {key} must be {' and '.join(s for s in (lo, hi) if s)}, "
+                        f"got {value!r}")  # fmt: skip
     return value
+
+
+def _bool(d: Mapping, key: str, where: str) -> None:
+    if key in d and d[key] is not None and not isinstance(d[key], bool):
+        raise UserError(f"{where}: {key} must be true or false, got {d[key]!r}")
+
+
+def _ints(d: Mapping, key: str, where: str, maximum: int) -> tuple[int, ...]:
+    """A non-empty list of at most MAX_LEVELS integers in [1, maximum]."""
+    value = d.get(key)
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_LEVELS:
+        raise UserError(f"{where}: {key} must be a list of 1 to {MAX_LEVELS} integers, got "
+                        f"{value!r}")  # fmt: skip
+    for v in value:
+        _int({key: v}, key, where, minimum=1, maximum=maximum)
+    return tuple(value)
 
 
 def _str(d: Mapping, key: str, where: str, default: str | None = None) -> Any:
@@ -128,12 +184,138 @@ def _str(d: Mapping, key: str, where: str, default: str | None = None) -> Any:
     return value
 
 
+def _subfolder(d: Mapping, key: str, where: str, default: str) -> str:
+    value = _str(d, key, where, default)
+    if not value or Path(value).is_absolute() or ".." in Path(value).parts:
+        raise UserError(f"{where}.{key} must be a sub-folder name, got {value!r}")
+    return value
+
+
 def _extra(d: Mapping, known: tuple[str, ...]) -> dict:
     return {k: copy.deepcopy(v) for k, v in d.items() if k not in known}
 
 
 def _drop_none(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
+
+
+# ----- network configs and the other free-form sections ------------------------------------------
+def _check_groups(chans: tuple[int, ...], groups: Any, where: str) -> None:
+    _int({"norm_groups": groups}, "norm_groups", where, minimum=1, maximum=MAX_WIDTH)
+    if any(ch % groups for ch in chans):
+        raise UserError(f"{where}: block_out_channels {list(chans)} are not all multiples of "
+                        f"norm_groups {groups}")  # fmt: skip
+
+
+def check_unet_config(config: Any, where: str) -> None:
+    """Every field of a `UNetConfig` typed, in range and consistent with the others, so that
+    building the network cannot fail or grow past the limits afterwards."""
+    d, w = dataclasses.asdict(config), f"{where}: unet"
+    for key in ("in_channels", "out_channels"):
+        _int(d, key, w, minimum=1, maximum=MAX_CHANNELS)
+    chans = _ints(d, "block_out_channels", w, MAX_WIDTH)
+    levels = d["attention_levels"]
+    if (
+        not isinstance(levels, (list, tuple))
+        or len(levels) != len(chans)
+        or not all(isinstance(a, bool) for a in levels)
+    ):
+        raise UserError(f"{w}: attention_levels must be {len(chans)} true/false flags (one per "
+                        f"block_out_channels entry), got {levels!r}")  # fmt: skip
+    _int(d, "layers_per_block", w, minimum=1, maximum=MAX_DEPTH)
+    _int(d, "transformer_depth", w, minimum=1, maximum=MAX_DEPTH)
+    if d["cross_attention_dim"] is not None:
+        _int(d, "cross_attention_dim", w, minimum=1, maximum=MAX_WIDTH)
+    _int(d, "num_classes", w, maximum=MAX_CLASSES)
+    for key in ("linear_projection", "mid_attention", "flip_sin_to_cos"):
+        _bool(d, key, w)
+    _check_groups(chans, d["norm_groups"], w)
+    _number(d, "dropout", w, minimum=0.0, maximum=0.99)
+    if chans[0] % 2:
+        raise UserError(f"{w}: block_out_channels[0] must be even (the timestep embedding)")
+    _number(d, "freq_shift", w, minimum=0.0, maximum=chans[0] // 2 - 1)
+    heads = d["num_heads"]
+    per_level = heads if isinstance(heads, (list, tuple)) else [heads] * len(chans)
+    if len(per_level) != len(chans):
+        raise UserError(f"{w}: num_heads must be one integer or one per level, got {heads!r}")
+    attended = [i for i, a in enumerate(levels) if a] + (
+        [len(chans) - 1] if d["mid_attention"] else []
+    )
+    for i in attended:
+        n = _int({"num_heads": per_level[i]}, "num_heads", w, minimum=1, maximum=MAX_WIDTH)
+        if chans[i] % n:
+            raise UserError(f"{w}: {chans[i]} channels at level {i} do not split into {n} heads")
+    _int(d, "position_embedding", w, maximum=MAX_RESOLUTION)
+    if _int(d, "context_refiner", w, maximum=MAX_DEPTH):
+        if d["cross_attention_dim"] is None:
+            raise UserError(f"{w}: context_refiner needs cross_attention_dim (a text model)")
+        width = _int(d, "context_refiner_width", w, minimum=4, maximum=MAX_WIDTH)
+        if width % 8:  # 4 heads, and an even sinusoidal position embedding per head
+            raise UserError(f"{w}: context_refiner_width must be a multiple of 8, got {width}")
+
+
+def check_vae_config(config: Any, where: str) -> None:
+    """A `VAEConfig`'s fields typed, in range and consistent (see `check_unet_config`)."""
+    d, w = dataclasses.asdict(config), f"{where}: vae"
+    for key in ("in_channels", "out_channels", "latent_channels"):
+        _int(d, key, w, minimum=1, maximum=MAX_CHANNELS)
+    chans = _ints(d, "block_out_channels", w, MAX_WIDTH)
+    _int(d, "layers_per_block", w, minimum=1, maximum=MAX_DEPTH)
+    _check_groups(chans, d["norm_groups"], w)
+    _bool(d, "mid_attention", w)
+    _number(d, "scaling_factor", w, positive=True)
+
+
+def _config(cls: Any, d: Any, name: str, check: Any, where: str = "model.json") -> Any:
+    try:
+        config = cls.from_dict(d)
+    except UserError as e:
+        raise UserError(f"{where}: {name}: {e}") from None
+    check(config, where)
+    return config
+
+
+def _check_parameterization(p: Mapping, where: str) -> None:
+    from ..denoisers import PREDICTIONS
+    from ..schedules import BETA_SCHEDULES
+
+    w = f"{where}: parameterization"
+    kind = _str(p, "type", w, "vp")
+    _number(p, "clip_denoised", w, positive=True)
+    if kind == "edm":
+        for key in ("sigma_data", "sigma_min", "sigma_max", "p_std"):
+            _number(p, key, w, positive=True)
+        _number(p, "p_mean", w)
+        if p.get("sigma_min", 0.002) >= p.get("sigma_max", 80.0):
+            raise UserError(f"{w}: sigma_min must be below sigma_max")
+        return
+    if kind != "vp":
+        raise UserError(f"{w}.type {kind!r} is not one of vp, edm")
+    for key, allowed in (("prediction", PREDICTIONS), ("beta_schedule", BETA_SCHEDULES)):
+        if key in p and p[key] not in allowed:
+            raise UserError(f"{w}.{key} {p[key]!r} is not one of {', '.join(allowed)}")
+    _int(p, "num_timesteps", w, minimum=2, maximum=MAX_TIMESTEPS)
+    start = _number(p, "beta_start", w, positive=True, maximum=0.999)
+    end = _number(p, "beta_end", w, positive=True, maximum=0.999)
+    if start is not None and end is not None and start > end:
+        raise UserError(f"{w}: beta_start {start} is above beta_end {end}")
+    _bool(p, "zero_terminal_snr", w)
+    _number(p, "min_snr_gamma", w, positive=True)
+
+
+def _check_text_encoder(t: Mapping, where: str) -> None:
+    w = f"{where}: text_encoder"
+    if t.get("type") == "minilm":
+        _int(t, "max_length", w, minimum=1, maximum=MAX_TOKENS)
+        _int(t, "phrases", w, maximum=MAX_DEPTH)
+        _bool(t, "phrase_only", w)
+    elif t.get("type") == "clip":
+        _subfolder(t, "path", w, "text_encoder")
+        _subfolder(t, "tokenizer", w, "tokenizer")
+        _int(t, "clip_skip", w, minimum=1, maximum=MAX_DEPTH)
+        _bool(t, "use_mask", w)
+    else:
+        raise UserError(f"{w}.type {t.get('type')!r} is not one of minilm, clip")
 
 
 # ----- sections ----------------------------------------------------------------------------------
@@ -158,11 +340,14 @@ class DataInfo:
             isinstance(names, list) and all(isinstance(n, str) for n in names)
         ):
             raise UserError(f"{where}: data.class_names must be a list of strings")
+        w = f"{where}: data"
         return cls(
-            resolution=_int(d, "resolution", f"{where}: data", minimum=1),
-            channels=_int(d, "channels", f"{where}: data", minimum=1),
+            resolution=_int(d, "resolution", w, minimum=1, maximum=MAX_RESOLUTION),
+            channels=_int(d, "channels", w, minimum=1, maximum=MAX_CHANNELS),
             spec=_str(d, "spec", where),
-            num_classes=_int(d, "num_classes", f"{where}: data") if "num_classes" in d else None,
+            num_classes=_int(d, "num_classes", w, maximum=MAX_CLASSES)
+            if "num_classes" in d
+            else None,
             class_names=None if names is None else tuple(names),
             extra=_extra(d, cls._KEYS),
         )
@@ -192,18 +377,25 @@ class SamplingDefaults:
 
     @classmethod
     def from_json(cls, d: Mapping, where: str) -> SamplingDefaults:
+        from ..guidance import parse_interval
+
         w = f"{where}: sampling"
         interval = d.get("guidance_interval")
-        if interval is not None and not (isinstance(interval, list) and len(interval) == 2):
-            raise UserError(f"{w}.guidance_interval must be [lo, hi], got {interval!r}")
+        if interval is not None:
+            if not (isinstance(interval, list) and len(interval) == 2):
+                raise UserError(f"{w}.guidance_interval must be [lo, hi], got {interval!r}")
+            try:
+                parse_interval(interval)
+            except UserError as e:
+                raise UserError(f"{w}.guidance_interval: {e}") from None
         return cls(
             sampler=_str(d, "sampler", w, "ddim"),
-            steps=_int(d, "steps", w, 20, minimum=1),
+            steps=_int(d, "steps", w, 20, minimum=1, maximum=MAX_STEPS),
             spacing=_str(d, "spacing", w),
-            guidance=_number(d, "guidance", w, 1.0),
+            guidance=_number(d, "guidance", w, 1.0, minimum=0.0, maximum=MAX_GUIDANCE),
             guidance_interval=None if interval is None else tuple(interval),
             layout=_str(d, "layout", w),
-            noise_level=_number(d, "noise_level", w),
+            noise_level=_number(d, "noise_level", w, minimum=0.0, maximum=1.0),
             extra=_extra(d, cls._KEYS),
         )
 
@@ -230,14 +422,11 @@ class LatentInfo:
     @classmethod
     def from_json(cls, d: Mapping, where: str) -> LatentInfo:
         w = f"{where}: latent"
-        vae = _str(d, "vae", w, "vae")
-        if Path(vae).is_absolute() or ".." in Path(vae).parts:
-            raise UserError(f"{w}.vae must be a sub-folder name, got {vae!r}")
         return cls(
-            image_resolution=_int(d, "image_resolution", w, minimum=1),
-            scaling_factor=_number(d, "scaling_factor", w, 1.0),
-            vae=vae,
-            image_channels=_int(d, "image_channels", w, 3, minimum=1),
+            image_resolution=_int(d, "image_resolution", w, minimum=1, maximum=MAX_RESOLUTION),
+            scaling_factor=_number(d, "scaling_factor", w, 1.0, positive=True),
+            vae=_subfolder(d, "vae", w, "vae"),
+            image_channels=_int(d, "image_channels", w, 3, minimum=1, maximum=MAX_CHANNELS),
             extra=_extra(d, cls._KEYS),
         )
 
@@ -245,6 +434,70 @@ class LatentInfo:
         return {"vae": self.vae, "scaling_factor": self.scaling_factor,
                 "image_resolution": self.image_resolution, "image_channels": self.image_channels,
                 **copy.deepcopy(self.extra)}  # fmt: skip
+
+
+def _check_depth(d: Any, where: str, limit: int = 64) -> None:
+    """Nesting past `limit` levels (no model.json needs 10) would overflow the recursion of the
+    deep copies below: refused, iteratively."""
+    stack = [(d, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise UserError(f"{where}: model.json is nested more than {limit} levels deep")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
+def _check_networks(meta: ModelMeta, where: str) -> None:
+    """The network config against the data it runs on: channels in and out, a resolution the
+    U-Net can halve, a latent size the VAE's power-of-two factor reaches, a text encoder for
+    cross-attention, a preview map per latent channel."""
+    from ..models.presets import UNetConfig
+    from ..models.vae import VAEConfig
+
+    data = meta.data
+    if meta.kind == "vae":
+        config = _config(VAEConfig, meta.vae, "vae", check_vae_config, where)
+        if data.resolution % config.downsample_factor:
+            raise UserError(f"{where}: data.resolution {data.resolution} is not a multiple of the "
+                            f"VAE's downsampling factor {config.downsample_factor}")  # fmt: skip
+        rows = meta.latent_rgb
+        width = config.latent_channels + 1
+        if rows is not None and not (
+            len(rows) == 3
+            and all(isinstance(r, list) and len(r) == width for r in rows)
+            and all(_number({"v": v}, "v", where) is not None for r in rows for v in r)
+        ):
+            raise UserError(f"{where}: latent_rgb must be 3 rows of {width} numbers")
+        return
+    config = _config(UNetConfig, meta.unet, "unet", check_unet_config, where)
+    concat = (meta.concat_channels or 0) if meta.task != "generate" else 0
+    if config.out_channels != data.channels or config.in_channels != data.channels + concat:
+        extra = f" + {concat} concatenated" if concat else ""
+        raise UserError(
+            f"{where}: the U-Net takes {config.in_channels} channels and gives "
+            f"{config.out_channels}, but data.channels is {data.channels}{extra}"
+        )
+    m = 2 ** (len(config.block_out_channels) - 1)
+    if data.resolution % m:
+        raise UserError(f"{where}: data.resolution {data.resolution} is not a multiple of {m}, "
+                        "the U-Net's downsampling factor")  # fmt: skip
+    numbers = config.block_out_channels[0] * data.resolution**2
+    if numbers > MAX_ACTIVATION:  # the guard on activations; the weights' is their header
+        raise UserError(
+            f"{where}: {config.block_out_channels[0]} channels at {data.resolution}x"
+            f"{data.resolution} are {numbers * 4 / 2**30:.0f} GiB per image in the U-Net's "
+            f"first level, over the {MAX_ACTIVATION * 4 / 2**30:.0f} GiB limit"
+        )
+    if meta.text_encoder and config.cross_attention_dim is None:
+        raise UserError(f"{where}: a text encoder, but the U-Net has no cross_attention_dim")
+    if meta.latent is not None:
+        f, rem = divmod(meta.latent.image_resolution, data.resolution)
+        if rem or f & (f - 1):
+            raise UserError(
+                f"{where}: latent.image_resolution {meta.latent.image_resolution} is not "
+                f"data.resolution {data.resolution} times a power of two (the VAE's factor)"
+            )
 
 
 # ----- model.json --------------------------------------------------------------------------------
@@ -291,9 +544,11 @@ class ModelMeta:
     # ----- JSON --------------------------------------------------------------------------------
     @classmethod
     def from_json(cls, d: Any, where: str = "model.json") -> ModelMeta:
-        """Validate a parsed model.json; UserError naming the first fault."""
+        """Validate a parsed model.json as a whole (every section typed and ranged, the sections
+        against each other); UserError naming the first fault. Runs before any tensor exists."""
         if not isinstance(d, dict):
             raise UserError(f"{where}: model.json must be an object, got {_kind(d)}")
+        _check_depth(d, where)
         kind = d.get("kind")
         if kind not in KINDS:
             raise UserError(f"{where}: model kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -303,21 +558,25 @@ class ModelMeta:
         diffusion = kind == "diffusion"
         unet = _section(d, "unet", where, required=diffusion)
         param = _section(d, "parameterization", where, required=diffusion)
-        if param is not None and not isinstance(param.get("type"), str):
-            raise UserError(f"{where}: parameterization.type must be a string")
+        if param is not None:
+            if not isinstance(param.get("type"), str):
+                raise UserError(f"{where}: parameterization.type must be a string")
+            _check_parameterization(param, where)
         vae = _section(d, "vae", where, required=not diffusion)
         data = _section(d, "data", where, required=True)
         sampling = _section(d, "sampling", where)
         latent = _section(d, "latent", where)
         text = _section(d, "text_encoder", where)
-        if text is not None and not isinstance(text.get("type"), str):
-            raise UserError(f"{where}: text_encoder.type must be a string")
+        if text is not None:
+            if not isinstance(text.get("type"), str):
+                raise UserError(f"{where}: text_encoder.type must be a string")
+            _check_text_encoder(text, where)
         if task != "generate" and diffusion:
-            _int(d, "concat_channels", where, minimum=1)
+            _int(d, "concat_channels", where, minimum=1, maximum=MAX_CHANNELS)
         rgb = d.get("latent_rgb")
         if rgb is not None and not isinstance(rgb, list):
             raise UserError(f"{where}: latent_rgb must be a list")
-        return cls(
+        meta = cls(
             kind=kind,
             data=DataInfo.from_json(data, where),  # type: ignore[arg-type]
             unet=copy.deepcopy(unet),
@@ -328,9 +587,11 @@ class ModelMeta:
             sampling=None if sampling is None else SamplingDefaults.from_json(sampling, where),
             latent=None if latent is None else LatentInfo.from_json(latent, where),
             text_encoder=copy.deepcopy(text),
-            scale=_int(d, "scale", where, minimum=1) if "scale" in d else None,
-            concat_channels=_int(d, "concat_channels", where) if "concat_channels" in d else None,
-            scaling_factor=_number(d, "scaling_factor", where),
+            scale=_int(d, "scale", where, minimum=1, maximum=64) if "scale" in d else None,
+            concat_channels=_int(d, "concat_channels", where, maximum=MAX_CHANNELS)
+            if "concat_channels" in d
+            else None,
+            scaling_factor=_number(d, "scaling_factor", where, positive=True),
             latent_rgb=copy.deepcopy(rgb),
             source=copy.deepcopy(_section(d, "source", where)),
             init_from=copy.deepcopy(_section(d, "init_from", where)),
@@ -340,6 +601,8 @@ class ModelMeta:
             version=_int(d, "version", where, 1),
             extra=_extra(d, _TOP_KEYS),
         )
+        _check_networks(meta, where)
+        return meta
 
     def to_json(self) -> dict:
         """The model.json dict (sections in the order the writers have always used)."""
@@ -402,7 +665,13 @@ class ModelMeta:
 def read_model_meta(folder: str | Path) -> ModelMeta:
     """A folder's model.json, parsed and validated; UserError naming the fault."""
     folder = Path(folder)
-    return ModelMeta.from_json(read_json_file(folder), str(folder))
+    try:
+        raw = read_json_file(folder)
+    except UserError:
+        raise
+    except ValueError as e:  # json's own limits, e.g. an integer of more than 4300 digits
+        raise UserError(f"{folder / MODEL_JSON}: invalid JSON ({str(e).split(':')[0]})") from None
+    return ModelMeta.from_json(raw, str(folder))
 
 
 def save_model_folder(
@@ -567,18 +836,41 @@ def load_vae(
 ) -> tuple[nn.Module, ModelMeta]:
     """A VAE model folder (kind "vae") -> (AutoencoderKL in eval mode on `device`, its
     ModelMeta). dtype: the weights' (None: as stored, fp32)."""
-    from ..models.vae import AutoencoderKL, VAEConfig
-    from .lazy import build_module, open_safetensors
-
     meta = read_model_meta(path)
     if meta.kind != "vae":
         raise UserError(f"{path}: model kind {meta.kind!r} is not a VAE")
-    state, _ = open_safetensors(Path(path) / MODEL_WEIGHTS)
+    return _build_vae(Path(path), meta, device, dtype), meta
+
+
+def _build_vae(
+    path: Path, meta: ModelMeta, device: torch.device | str, dtype: torch.dtype | None
+) -> nn.Module:
+    from ..models.vae import AutoencoderKL, VAEConfig
+    from .lazy import build_module, open_safetensors
+
+    state, _ = open_safetensors(path / MODEL_WEIGHTS)
     config = VAEConfig.from_dict(meta.vae)
     vae = build_module(lambda: AutoencoderKL(config), state, "VAE", dtype=dtype, device=device)
     if meta.latent_rgb:
         vae.latent_rgb = torch.tensor(meta.latent_rgb, device=device)
-    return channels_last(vae.eval().requires_grad_(False)), meta
+    return channels_last(vae.eval().requires_grad_(False))
+
+
+def _check_vae_fits(meta: ModelMeta, vae: ModelMeta, where: Path) -> None:
+    """A latent model's VAE folder against the latents model.json describes."""
+    from ..models.vae import VAEConfig
+
+    if vae.kind != "vae":
+        raise UserError(f"{where}: model kind {vae.kind!r} is not a VAE")
+    c, latent = VAEConfig.from_dict(vae.vae), meta.latent
+    want = (meta.data.channels, latent.image_resolution // meta.data.resolution,
+            latent.image_channels)  # fmt: skip
+    got = (c.latent_channels, c.downsample_factor, c.out_channels)
+    if want != got:
+        raise UserError(
+            f"{where}: this VAE has {got[0]} latent channels, factor {got[1]} and {got[2]} image "
+            f"channels; the model's model.json needs {want[0]}, {want[1]} and {want[2]}"
+        )
 
 
 def channels_last(module: nn.Module) -> nn.Module:
@@ -599,27 +891,42 @@ def load_diffusion_model(
     CUDA, else MPS, else CPU; see `resolve_device`) with weights in `dtype` (fp32, bf16, or fp16
     on a GPU: the VAE then stays fp32, as SD's overflows in fp16; the text encoder stays fp32).
     Weights stream from the file onto the device, tensor by tensor."""
-    from .lazy import open_safetensors
+    from .lazy import check_float_weights, open_safetensors
 
     folder = default_model_dir() if path is None else Path(path)
     view = ModelFolder.read(folder)
+    meta = view.meta
     device = resolve_device(device)
     weights = check_dtype(dtype, device)
     low = None if dtype == "fp32" else weights
+    vae_meta = None
+    if meta.latent is not None:  # every description first, then the weights
+        vae_meta = read_model_meta(folder / meta.latent.vae)
+        _check_vae_fits(meta, vae_meta, folder / meta.latent.vae)
+    text = meta.text_encoder or {}
+    if text.get("type") == "clip":
+        for f in sorted((folder / text.get("path", "text_encoder")).glob("*.safetensors")):
+            check_float_weights(open_safetensors(f)[0], f"text encoder {f}")
     state, _ = open_safetensors(folder / MODEL_WEIGHTS)
     model = LoadedModel(
-        view.meta,
+        meta,
         folder,
-        denoiser=channels_last(build_denoiser(view.meta, state, dtype=low, device=device)),
+        denoiser=channels_last(build_denoiser(meta, state, dtype=low, device=device)),
         sha256=file_digest(folder / MODEL_WEIGHTS),
         dtype=dtype,
     )
-    if view.meta.latent is not None:
+    if vae_meta is not None:
         vae_dtype = None if dtype == "fp16" else low
-        model.vae, _ = load_vae(folder / view.meta.latent.vae, device=device, dtype=vae_dtype)
-    if view.meta.text_encoder:
+        model.vae = _build_vae(folder / meta.latent.vae, vae_meta, device, vae_dtype)
+    if text:
         from ..models.text import build_text_encoder
 
         # fp32 whatever the dtype: its states are the cond every step reuses (one encode a call)
-        model.text_encoder = build_text_encoder(view.meta.text_encoder, folder).to(device)
+        model.text_encoder = build_text_encoder(text, folder).to(device)
+        context = meta.unet.get("cross_attention_dim")
+        if model.text_encoder.dim != context:
+            raise UserError(
+                f"{folder}: the text encoder gives {model.text_encoder.dim}-wide states, but "
+                f"the U-Net's cross_attention_dim is {context}"
+            )
     return model
