@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import click
 
-from .options import quiet_option, seed_option
+from .options import quiet_option, seed_option, stack
 
 oversample_option = click.option(
     "--oversample", metavar="WORDS=FACTOR", multiple=True,
     help="shapes data: draw images holding such an object FACTOR times as often, e.g. "
          "'small star=3' (size, colour and/or shape words, optionally 'on COLOUR' for the "
          "background: 'blue star on gray=4'; repeatable; draws with replacement)",
+)  # fmt: skip
+
+
+resume_option = stack(
+    click.option("--resume", is_flag=True, help="continue from the newest complete checkpoint "
+                 "in --out (a corrupt or partial one is skipped with a warning)"),
+    click.option("--resume-override", metavar="KEY", multiple=True,
+                 help="with --resume: let this setting differ from the checkpoint's, e.g. "
+                      "'lr' or 'batch-size' (repeatable); --max-steps, --ckpt-every, "
+                      "--sample-every, --lr-schedule, --quiet and the caches may change "
+                      "without it"),
 )  # fmt: skip
 
 
@@ -84,9 +95,9 @@ def train() -> None:
               help="shapes data, --cond text: caption this share of the two-object images as "
                    "one of their objects alone (the prompt regional prompting gives its box) "
                    "and leave the other object's box out of the loss")  # fmt: skip
-@click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
+@resume_option
 @quiet_option
-def train_diffusion_cmd(resume: bool, **kw) -> int:
+def train_diffusion_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
     """Train a diffusion U-Net, in pixel space or (with --vae) in a VAE's latent space."""
     from ..training import TrainConfig, train_diffusion
 
@@ -94,7 +105,7 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
         # Latents have no fixed range to clip x0 estimates to, and an eps model's x0 estimate at
         # high noise is its eps error times sigma: v-prediction stays bounded there.
         kw["prediction"] = "v" if kw["vae"] else "eps"
-    return train_diffusion(TrainConfig(**kw), resume=resume)
+    return train_diffusion(TrainConfig(**kw), resume=resume, resume_override=resume_override)
 
 
 @train.command("vae")
@@ -139,10 +150,10 @@ def train_diffusion_cmd(resume: bool, **kw) -> int:
 @click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
 @oversample_option
-@click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")
+@resume_option
 @quiet_option
-def train_vae_cmd(resume: bool, **kw) -> int:
+def train_vae_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
     """Train a KL autoencoder; its scaling factor and PSNR go into model.json."""
     from ..training.vae_train import VAETrainConfig, train_vae
 
-    return train_vae(VAETrainConfig(**kw), resume=resume)
+    return train_vae(VAETrainConfig(**kw), resume=resume, resume_override=resume_override)

@@ -11,6 +11,7 @@ import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -23,9 +24,14 @@ from .loop import Trainer, render_dataset, to_device
 @dataclass
 class TrainConfig:
     """The settings of one diffusion training run (`train diffusion`'s options). Checkpoints and
-    model.json record all of them; `DiffusionTrainer.resume_keys` (and the task trainers') name
-    those a resumed run must keep."""
+    model.json record all of them. A `--resume` keeps every one but RESUME_FREE, the settings
+    that change neither the model nor what it learns from (how long, how often it saves or
+    samples, the lr decay after warm-up, caches), unless `--resume-override KEY` names it."""
 
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({
+        "out", "max_steps", "ckpt_every", "sample_every", "keep_checkpoints", "quiet",
+        "lr_schedule", "cache_latents", "cache_text", "cache_dir",
+    })  # fmt: skip
     data: str
     out: str
     preset: str = "tiny"
@@ -72,10 +78,6 @@ class DiffusionTrainer(Trainer):
     network inputs of their task through `task_cond`."""
 
     cfg: TrainConfig
-    resume_keys = (
-        "data", "preset", "cond", "prediction", "beta_schedule", "vae", "text_phrases",
-        "text_phrase_only",
-    )  # fmt: skip
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)

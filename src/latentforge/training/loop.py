@@ -8,6 +8,13 @@ training modules import one another in one direction only (tests/test_training.p
 Randomness is derived from (seed, step, micro-batch, rank) at every step rather than carried
 in generator state, so `--resume` continues bit-exactly and each rank draws its own shard.
 
+`--resume` takes the newest complete checkpoint, validated whole before anything is loaded
+(a corrupt or partial one is skipped with a warning), and refuses a run whose settings differ
+from the checkpoint's unless each change is named with `--resume-override KEY`; the settings
+free to change are the config's `RESUME_FREE`. A failed write (disk full, read-only folder)
+ends training with one line, the last complete checkpoint intact; what a killed run left
+half-written is removed when the next run starts.
+
 Training runs on CUDA when it is available (`LATENTFORGE_DEVICE=cpu|cuda|cuda:N` overrides):
 model, EMA, in-memory dataset caches and the per-step generators live on that device, and
 `--bf16` autocasts on it. On CPU nothing changes: same generators, same numbers.
@@ -24,9 +31,11 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
@@ -36,7 +45,22 @@ from tqdm import tqdm
 from .. import __version__
 from ..data import load_dataset
 from ..errors import UserError
-from ..io.checkpoint import load_tensors, replace_dir_atomic, save_tensors_atomic, write_json_atomic
+from ..io.checkpoint import (
+    CheckpointError,
+    WriteError,
+    check_state,
+    checked_optimizer_state,
+    checkpoint_dirs,
+    checkpoint_step,
+    flatten_optimizer,
+    load_tensors,
+    read_checkpoint_state,
+    remove_stale_temps,
+    replace_dir_atomic,
+    save_tensors_atomic,
+    write_error,
+    write_json_atomic,
+)
 from ..io.model_folder import DEVICE_ENV, resolve_device, save_model_folder
 
 CHECKPOINTS = "checkpoints"
@@ -52,11 +76,13 @@ _DRAW_STREAM = 1 << 40  # --oversample draws: step generators apart from the noi
 class LoopConfig(Protocol):
     """The settings `Trainer` itself reads; a trainer's config (a dataclass: checkpoints store
     `dataclasses.asdict` of it, and `resume` reads its fields' defaults) has at least these.
-    `diffusion.TrainConfig` and `vae_train.VAETrainConfig` are two."""
+    `diffusion.TrainConfig` and `vae_train.VAETrainConfig` are two. RESUME_FREE names the
+    fields a `--resume` may change without `--resume-override`."""
 
+    RESUME_FREE: ClassVar[frozenset[str]]
     data: str
     out: str
-    preset: str  # in the default resume_keys
+    preset: str
     max_steps: int
     batch_size: int
     grad_accum: int
@@ -123,8 +149,6 @@ class Trainer:
     DistributedDataParallel wrapper under torchrun, since only a forward through the wrapper
     readies the reducer that all-reduces the gradients during backward.
     """
-
-    resume_keys: tuple[str, ...] = ("data", "preset")
 
     def __init__(self, cfg: LoopConfig) -> None:
         self.cfg = cfg
@@ -263,7 +287,14 @@ class Trainer:
     def save_samples(self) -> None:
         from ..io.images import save_grid
 
-        save_grid(self.sample_images(), self.out / "samples" / f"step-{self.step:07d}.png")
+        images = self.sample_images()
+        path = self.out / "samples" / f"step-{self.step:07d}.png"
+        try:
+            save_grid(images, path)
+        except OSError as e:  # written in place (a sample is no checkpoint): drop a partial one
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            raise write_error(path, e) from None
 
     # ----- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -272,20 +303,32 @@ class Trainer:
         ckdir = self.out / CHECKPOINTS
         final = ckdir / f"step-{self.step:07d}"
         tmp = ckdir / f".tmp-step-{self.step:07d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        opt_meta = {}
-        for name, obj in self.checkpointed().items():
-            if isinstance(obj, torch.optim.Optimizer):
-                tensors, opt_meta[name] = _flatten_optimizer(obj.state_dict())
-            else:
-                tensors = _cpu(obj.state_dict())
-            save_tensors_atomic(tmp / f"{name}.safetensors", tensors)
-        state = {"step": self.step, "optimizers": opt_meta, "config": dataclasses.asdict(self.cfg)}
-        write_json_atomic(tmp / "state.json", state)
-        replace_dir_atomic(tmp, final)
-        for old in sorted(ckdir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise write_error(tmp, e) from None
+        try:
+            opt_meta = {}
+            for name, obj in self.checkpointed().items():
+                if isinstance(obj, torch.optim.Optimizer):
+                    tensors, opt_meta[name] = flatten_optimizer(obj.state_dict())
+                else:
+                    tensors = _cpu(obj.state_dict())
+                # one fsync per file; replace_dir_atomic syncs the folder once
+                save_tensors_atomic(tmp / f"{name}.safetensors", tensors, sync_dir=False)
+            config = dataclasses.asdict(self.cfg)
+            state = {"step": self.step, "optimizers": opt_meta, "config": config}
+            write_json_atomic(tmp / "state.json", state, sync_dir=False)
+            replace_dir_atomic(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # keep the newest; a folder past this step (left by a corrupt checkpoint that --resume
+        # skipped) is replaced when training gets there
+        kept = [p for p in checkpoint_dirs(ckdir) if checkpoint_step(p) <= self.step]
+        for old in kept[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         self.save_model()
 
@@ -307,38 +350,103 @@ class Trainer:
             "latentforge": __version__,
         }
 
-    def resume(self) -> bool:
-        """Load the newest checkpoint under out/checkpoints; False when there is none."""
+    def resume(self, override: Iterable[str] = ()) -> bool:
+        """Load the newest usable checkpoint under out/checkpoints; False when there is none.
+
+        Checkpoints are tried newest first; one that is partial or corrupt (state.json, a
+        weights file, shapes that do not fit the model) is skipped with a warning. The first
+        readable one's settings must equal this run's but for RESUME_FREE and `override`; all
+        its files are validated before anything is loaded."""
         ckdir = self.out / CHECKPOINTS
-        found = sorted(ckdir.glob("step-*")) if ckdir.is_dir() else []
+        found = checkpoint_dirs(ckdir)
         if not found:
             return False
-        last = found[-1]
-        state = json.loads((last / "state.json").read_text())
-        # a key newer than the checkpoint had its default then
-        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
-        old = {**defaults, **state["config"]}
-        for key in self.resume_keys:
-            if old.get(key) != getattr(self.cfg, key):
-                raise UserError(
-                    f"cannot resume: --{key.replace('_', '-')} was {old.get(key)!r} in {last}, "
-                    f"now {getattr(self.cfg, key)!r}"
-                )
-        opt_meta = state.get("optimizers") or {"optimizer": state["optimizer"]}
-        for name, obj in self.checkpointed().items():
-            tensors = load_tensors(last / f"{name}.safetensors")
-            if isinstance(obj, torch.optim.Optimizer):
-                obj.load_state_dict(_unflatten_optimizer(tensors, opt_meta[name]))
+        skipped = []
+        for path in reversed(found):
+            try:
+                state = read_checkpoint_state(path)
+                self._check_settings(state["config"], path, override)
+                loaded = self._read_checkpoint(path, state)
+            except CheckpointError as e:
+                skipped.append((path, str(e)))
+                continue
+            if self.rank == 0:  # said only when a checkpoint is used; else the error says it
+                for bad, why in skipped:
+                    tqdm.write(f"--resume: skipping {bad}: {why}", file=sys.stderr)
+            for name, obj in self.checkpointed().items():
+                if isinstance(obj, torch.optim.Optimizer):
+                    # the state is the checkpoint's; lr, betas, weight decay ... this run's
+                    settings = [{k: v for k, v in g.items() if k != "params"}
+                                for g in obj.param_groups]  # fmt: skip
+                    obj.load_state_dict(loaded[name])
+                    for group, own in zip(obj.param_groups, settings, strict=True):
+                        group.update(own)
+                else:
+                    obj.load_state_dict(loaded[name])
+            self.step = state["step"]
+            return True
+        why = "; ".join(f"{bad.name} ({why})" for bad, why in skipped)
+        raise UserError(f"--resume: no usable checkpoint under {ckdir}: {why}")
+
+    def _check_settings(self, saved: dict, path: Path, override: Iterable[str]) -> None:
+        """UserError listing every setting that differs from the checkpoint's, unless it is in
+        the config's RESUME_FREE or in `override`. A setting newer than the checkpoint had its
+        default then."""
+        free = type(self.cfg).RESUME_FREE | set(override)
+        now = _as_json(dataclasses.asdict(self.cfg))  # tuples as lists, as state.json has them
+        changes = []
+        for f in dataclasses.fields(self.cfg):
+            if f.name in free:
+                continue
+            if f.name in saved:
+                was = saved[f.name]
+            elif f.default is not dataclasses.MISSING:
+                was = _as_json(f.default)
             else:
-                obj.load_state_dict(tensors)
-        self.step = state["step"]
-        return True
+                continue
+            if was != now[f.name]:
+                changes.append(f"--{_flag(f.name)} was {was!r}, now {now[f.name]!r}")
+        if changes:
+            raise UserError(
+                f"cannot resume from {path}: {'; '.join(changes)} (name each deliberate change "
+                "with --resume-override KEY, e.g. --resume-override "
+                f"{changes[0].split()[0].removeprefix('--')})"
+            )
+
+    def _read_checkpoint(self, path: Path, state: dict) -> dict:
+        """Every file of the checkpoint at `path`, read and checked against this run's modules
+        and optimizers (names, shapes, parameter groups): {name: state_dict}."""
+        opt_meta = state.get("optimizers") or {"optimizer": state.get("optimizer")}
+        loaded = {}
+        for name, obj in self.checkpointed().items():
+            file = path / f"{name}.safetensors"
+            if not file.is_file():
+                raise CheckpointError(f"{file.name} is missing")
+            try:
+                tensors = load_tensors(file)
+            except UserError as e:
+                raise CheckpointError(f"{file.name}: {str(e).removeprefix(f'{file}: ')}") from None
+            if isinstance(obj, torch.optim.Optimizer):
+                loaded[name] = checked_optimizer_state(obj, tensors, opt_meta.get(name), name)
+            else:
+                try:
+                    check_state(obj.state_dict(), tensors, file.name)
+                except UserError as e:
+                    raise CheckpointError(str(e)) from None
+                loaded[name] = tensors
+        return loaded
 
     # ----- the loop --------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> int:
-        """Train to max_steps. Returns 0, or 130 after saving when SIGTERM/SIGINT arrived."""
+    def fit(self, resume: bool = False, override: Iterable[str] = ()) -> int:
+        """Train to max_steps. Returns 0, or 130 after saving when SIGTERM/SIGINT arrived.
+        `override`: settings a resume may change (`--resume-override`, see `resume`)."""
         cfg = self.cfg
-        if resume and not self.resume() and self.rank == 0:
+        if self.rank == 0:  # what a killed run left half-written, before anything is read
+            self._written(lambda: remove_stale_temps(self.out))
+            self._written(lambda: remove_stale_temps(self.out / CHECKPOINTS, ".tmp-step-*"))
+        if self.world > 1:
+            dist.barrier()
+        if resume and not self.resume(override) and self.rank == 0:
             tqdm.write(f"no checkpoint under {self.out / CHECKPOINTS}; starting from step 0")
         if (
             not resume
@@ -346,7 +454,7 @@ class Trainer:
             and any((self.out / CHECKPOINTS).glob("step-*"))
         ):
             raise UserError(f"{self.out} already holds checkpoints; pass --resume or a new --out")
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._written(lambda: self.out.mkdir(parents=True, exist_ok=True))
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._request_stop)
@@ -368,9 +476,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{self.lr_at(self.step):.1e}")
                 stop = self._agree_stop()
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or stop:
-                    self.save_checkpoint()
+                    self._written(self.save_checkpoint)
                 if self.rank == 0 and cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.save_samples()
+                    self._written(self.save_samples)
                 if stop:
                     return INTERRUPTED
         finally:
@@ -382,6 +490,18 @@ class Trainer:
                 f"trained {self.step} steps in {time.perf_counter() - t0:.0f} s -> {self.out}"
             )
         return 0
+
+    def _written(self, write: Callable[[], object]) -> None:
+        """Run `write`; a failure (disk full, read-only folder) ends training with one line: the
+        path, the cause and the checkpoint a --resume continues from (complete checkpoints are
+        only ever renamed into place, so the last one is intact)."""
+        try:
+            write()
+        except (OSError, WriteError) as e:
+            err = e if isinstance(e, WriteError) else write_error(e.filename or self.out, e)
+            found = checkpoint_dirs(self.out / CHECKPOINTS)
+            last = f"; --resume continues from {found[-1].name}" if found else ""
+            raise WriteError(f"{err} (at step {self.step}{last})") from None
 
     def _request_stop(self, signum, frame) -> None:
         self._stop = True
@@ -403,24 +523,30 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state -> (tensors for safetensors, JSON for the rest)."""
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+def _as_json(value: object) -> object:
+    """`value` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for flat, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, k = flat.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
+def _flag(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def resume_overrides(cfg: LoopConfig, keys: Iterable[str], resume: bool) -> frozenset[str]:
+    """`--resume-override` keys ("lr", "batch-size", "--seed") as config field names; a
+    UserError for an unknown one, or for any without --resume."""
+    keys = list(keys)
+    if keys and not resume:
+        raise UserError("--resume-override needs --resume")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    names = frozenset(k.lstrip("-").replace("-", "_") for k in keys)
+    unknown = [k for k in keys if k.lstrip("-").replace("-", "_") not in fields]
+    if unknown:
+        raise UserError(
+            f"--resume-override {unknown[0]!r}: no such setting; choose from "
+            f"{', '.join(sorted(_flag(f) for f in fields))}"
+        )
+    return names
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -473,13 +599,20 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
-def run_training(trainer_cls: type[Trainer], cfg: LoopConfig, resume: bool = False) -> int:
+def run_training(
+    trainer_cls: type[Trainer],
+    cfg: LoopConfig,
+    resume: bool = False,
+    resume_override: Iterable[str] = (),
+) -> int:
     """Build `trainer_cls(cfg)` and fit it; the process group (torchrun) is torn down however
     training ends. The callers (`tasks.train_diffusion`, `vae_train.train_vae`) pick the class,
-    so this loop needs no knowledge of what it trains."""
+    so this loop needs no knowledge of what it trains. `resume_override`: the settings a
+    resume may change (`Trainer.resume`), checked before anything is built."""
+    override = resume_overrides(cfg, resume_override, resume)
     trainer = trainer_cls(cfg)
     try:
-        return trainer.fit(resume)
+        return trainer.fit(resume, override)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

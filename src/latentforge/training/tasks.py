@@ -42,10 +42,13 @@ MASK_KINDS = ("rect", "strokes", "full", "none")
 MASK_PROBS = (0.4, 0.4, 0.1, 0.1)
 
 
-def train_diffusion(cfg: TrainConfig, resume: bool = False) -> int:
+def train_diffusion(
+    cfg: TrainConfig, resume: bool = False, resume_override: tuple[str, ...] = ()
+) -> int:
     """Train the diffusion model `cfg` describes with the trainer of its `--task`; 0, or 130
-    after saving when SIGTERM / SIGINT arrived (`Trainer.fit`)."""
-    return run_training(trainer_for(cfg.task), cfg, resume)
+    after saving when SIGTERM / SIGINT arrived (`Trainer.fit`). `resume_override`: settings
+    a resume may change (`--resume-override`)."""
+    return run_training(trainer_for(cfg.task), cfg, resume, resume_override)
 
 
 def trainer_for(task: str) -> type[DiffusionTrainer]:
@@ -63,7 +66,6 @@ def trainer_for(task: str) -> type[DiffusionTrainer]:
 class _ConcatTrainer(DiffusionTrainer):
     """A DiffusionTrainer whose U-Net also sees `concat_channels()` conditioning channels."""
 
-    resume_keys = (*DiffusionTrainer.resume_keys, "task", "scale")
     task = ""
 
     def setup(self) -> None:
@@ -129,7 +131,6 @@ class _ConcatTrainer(DiffusionTrainer):
 
 class SuperResTrainer(_ConcatTrainer):
     task = "superres"
-    resume_keys = (*_ConcatTrainer.resume_keys, "crop")
 
     def setup(self) -> None:
         cfg = self.cfg

@@ -7,6 +7,7 @@ on held-out images are measured at every save and stored in model.json.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,15 @@ from .loop import Trainer, run_training
 
 @dataclass
 class VAETrainConfig:
+    """The settings of one VAE training run (`train vae`'s options), recorded in checkpoints and
+    model.json. A `--resume` keeps every one but RESUME_FREE (how long, how often it saves or
+    samples, the lr decay after warm-up, how many held-out images measure it), unless
+    `--resume-override KEY` names it."""
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({
+        "out", "max_steps", "ckpt_every", "sample_every", "keep_checkpoints", "quiet",
+        "lr_schedule", "eval_images",
+    })  # fmt: skip
     data: str
     out: str
     preset: str = "f4-tiny"
@@ -52,7 +62,6 @@ class VAETrainConfig:
 
 class VAETrainer(Trainer):
     cfg: VAETrainConfig
-    resume_keys = ("data", "preset", "loss", "edge_weight", "crop", "init_from", "decoder_only")
 
     def setup(self) -> None:
         from ..models.vae import AutoencoderKL, VAEConfig, vae_preset
@@ -237,5 +246,9 @@ def _load_source(folder: str, channels: int) -> tuple[ModelMeta, dict[str, torch
     return meta, state
 
 
-def train_vae(cfg: VAETrainConfig, resume: bool = False) -> int:
-    return run_training(VAETrainer, cfg, resume)
+def train_vae(
+    cfg: VAETrainConfig, resume: bool = False, resume_override: tuple[str, ...] = ()
+) -> int:
+    """Train the VAE `cfg` describes; 0, or 130 after saving when SIGTERM / SIGINT arrived.
+    `resume_override`: settings a resume may change (`--resume-override`)."""
+    return run_training(VAETrainer, cfg, resume, resume_override)
