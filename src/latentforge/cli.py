@@ -12,6 +12,7 @@ from .commands.bench import bench
 from .commands.edit import img2img, inpaint, interpolate
 from .commands.eval import eval_group
 from .commands.generate import generate, sample
+from .commands.report import report_group
 from .commands.sd import export, import_cmd
 from .commands.serve import serve
 from .commands.train import train
@@ -26,7 +27,7 @@ def cli() -> None:
 
 
 for _command in (train, sample, generate, img2img, inpaint, interpolate, upscale, eval_group,
-                 bench, serve, import_cmd, export):  # fmt: skip
+                 report_group, bench, serve, import_cmd, export):  # fmt: skip
     cli.add_command(_command)
 
 

@@ -5,7 +5,8 @@ root group and is the entry point. Nothing here imports `latentforge.cli`.
     generate.py  generate, sample
     edit.py      img2img, inpaint, interpolate
     upscale.py   upscale
-    eval.py      eval prompts | digits | superres | vae | inversion | inpaint
+    eval.py      eval prompts | digits | superres | fid | vae | inversion | inpaint
+    report.py    report trilemma
     bench.py     bench samplers | latent-vs-pixel | unet | generate (defined in benchmarks/)
     sd.py        import, export
     serve.py     serve

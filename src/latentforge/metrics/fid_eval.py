@@ -116,7 +116,7 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(-1, 1)
 
 
-def _features_batched(images: torch.Tensor, fn: Features, batch: int) -> np.ndarray:
+def features_of(images: torch.Tensor, fn: Features, batch: int) -> np.ndarray:
     """Features of (n, C, H, W) images, grey ones as RGB (as FID's networks take them)."""
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
@@ -151,7 +151,7 @@ def reference_features(
                     return feats, captions, labels, True
             except (OSError, ValueError):
                 pass  # a damaged cache entry is recomputed and replaced
-    feats = _features_batched(_resize(images, size), feature_network(features, resize), batch)
+    feats = features_of(_resize(images, size), feature_network(features, resize), batch)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -161,7 +161,7 @@ def reference_features(
     return feats, captions, labels, False
 
 
-def _conditioning(model: LoadedModel, captions: list, labels: list) -> dict[str, list]:
+def reference_conditioning(model: LoadedModel, captions: list, labels: list) -> dict[str, list]:
     if model.conditioning == "text":
         return {"prompts": [c or "" for c in captions]}
     if model.conditioning == "class":
@@ -207,7 +207,7 @@ def evaluate_fid(
         s = (settings or SampleSettings()).replace(num=n).resolve(model)
         images, seconds = generate_batched(
             model, s, batch=batch, progress=progress, desc="sampling",
-            **_conditioning(model, captions, labels),
+            **reference_conditioning(model, captions, labels),
         )  # fmt: skip
         out["gen"] = str(model.path)
         out["settings"] = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
@@ -218,7 +218,7 @@ def evaluate_fid(
         gen = as_spec(gen)
         images = reference_items(gen, n, 0)[0]
         out["gen"] = gen
-    fake = _features_batched(images, network, batch)
+    fake = features_of(images, network, batch)
     if fake.shape[1] != real.shape[1]:
         raise UserError(f"the two sets' features differ in size ({real.shape[1]} and "
                         f"{fake.shape[1]}): give images of one size")  # fmt: skip
