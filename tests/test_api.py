@@ -34,7 +34,7 @@ def test_a_prompt_list_is_one_image_per_prompt_seeded_per_image(pipe):
     alone = pipe("a blue star", seed=6, steps=3, output_type="pt")
     assert both.shape[0] == 2
     # image i uses seed + i, whatever the batch; GEMMs blocked by batch size differ in float32
-    # rounding (8e-5 on an AVX-512 Xeon), far below one 8-bit level (7.8e-3)
+    # rounding (8e-5 on an AVX-512 AMD EPYC), far below one 8-bit level (7.8e-3)
     assert torch.allclose(both[1:], alone, atol=5e-4)
 
 

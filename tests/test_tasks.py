@@ -446,7 +446,7 @@ print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 def test_upscale_peak_memory_does_not_grow_with_the_image(tmp_path):
     """x4 upscales of 128 and 256 px inputs with the embedded upscaler, each in its own process:
     the 256 px one (4x the tiles, a 1024 px result) peaks within 64 MB of the 128 px one and
-    under 1 GiB (468 MB both on an AVX-512 Xeon, 2 threads; the 1000 px upscale that was
+    under 1 GiB (468 MB both on an AVX-512 AMD EPYC, 2 threads; the 1000 px upscale that was
     killed at 21 GB now peaks at 2.0 GB, most of it the result and its blend weights)."""
     peaks = {}
     for side in (128, 256):
