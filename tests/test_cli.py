@@ -32,6 +32,9 @@ def _one_line_error(capsys, argv, *needles):
         ["generate", "--help"],
         ["bench", "--help"],
         ["bench", "samplers", "--help"],
+        ["eval", "fid", "--help"],
+        ["report", "trilemma", "--help"],
+        ["features", "train-shapes", "--help"],
     ],
 )
 def test_help_everywhere(argv, capsys):
@@ -44,7 +47,7 @@ def test_every_command_is_on_the_root_group():
 
     assert set(cli.commands) == {
         "train", "sample", "generate", "img2img", "inpaint", "interpolate", "upscale", "eval",
-        "bench", "serve", "import", "export",
+        "report", "features", "bench", "serve", "import", "export",
     }  # fmt: skip
 
 
@@ -145,6 +148,8 @@ def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path, capsys):
     (corrupt / "model.json").write_text('{"kind": "diffusion"}')  # model.json is read first
     _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "'unet'")
     shutil.copy(default_model_dir() / "model.json", corrupt / "model.json")
+    _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "vae")
+    shutil.copytree(default_model_dir() / "vae", corrupt / "vae")  # checked before the weights
     (corrupt / "model.safetensors").write_bytes(b"not safetensors at all")
     _one_line_error(capsys, ["sample", "--model", str(corrupt), "--out", "x.png"], "safetensors")
 

@@ -11,6 +11,7 @@ import click
 from .commands.bench import bench
 from .commands.edit import img2img, inpaint, interpolate
 from .commands.eval import eval_group
+from .commands.features import features_group
 from .commands.generate import generate, sample
 from .commands.report import report_group
 from .commands.sd import export, import_cmd
@@ -27,7 +28,7 @@ def cli() -> None:
 
 
 for _command in (train, sample, generate, img2img, inpaint, interpolate, upscale, eval_group,
-                 report_group, bench, serve, import_cmd, export):  # fmt: skip
+                 report_group, bench, serve, import_cmd, export, features_group):  # fmt: skip
     cli.add_command(_command)
 
 

@@ -7,6 +7,7 @@ root group and is the entry point. Nothing here imports `latentforge.cli`.
     upscale.py   upscale
     eval.py      eval prompts | digits | superres | fid | vae | inversion | inpaint
     report.py    report trilemma
+    features.py  features train-shapes | validate
     bench.py     bench samplers | latent-vs-pixel | unet | generate (defined in benchmarks/)
     sd.py        import, export
     serve.py     serve

@@ -204,8 +204,9 @@ def superres_cmd(n, data, data_seed, steps, noise_level, sampler, model_dir, see
               "(default: the model's training data, held-out stream)")  # fmt: skip
 @click.option("--gen", default=None, help="generated set: a data spec or folder (or --model)")
 @click.option("--features", default="pixels", show_default=True,
-              help="feature network: pixels, or inception:FILE (FID's Inception-v3 weights of "
-              "pytorch-fid or torch-fidelity, a local file)")  # fmt: skip
+              help="feature network: pixels, shapes (the shapes / digits encoder that ships), "
+              "or inception:FILE (FID's Inception-v3 weights of pytorch-fid or torch-fidelity, "
+              "a local file)")  # fmt: skip
 @click.option("--resize", type=click.Choice(["clean", "tf", "torch"]), default="clean",
               show_default=True,
               help="inception: resize to 299 as clean-fid (PIL bicubic), TF / torch-fidelity "

@@ -11,6 +11,7 @@ whenever latentforge is.
 
 from ..data import register_data_kind
 from ..pipelines.layout import register_layout
+from . import features as _features  # noqa: F401  (registers `--features shapes`)
 from .dataset import SHAPES_KIND
 from .layout import shapes_layout
 
