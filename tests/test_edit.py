@@ -52,8 +52,8 @@ class CorrelatedGaussian(nn.Module):
 def analytic_model(res: int = 8, steps: int = 10) -> LoadedModel:
     meta = {
         "kind": "diffusion",
-        "parameterization": {"type": "analytic"},
-        "unet": {"num_classes": 0},
+        "parameterization": {"type": "edm"},  # the denoiser is injected: an exact Gaussian
+        "unet": {"num_classes": 0, "in_channels": 1, "out_channels": 1},
         "data": {"channels": 1, "resolution": res},
         "sampling": {"sampler": "ddim", "steps": steps, "spacing": "karras", "guidance": 1.0},
     }

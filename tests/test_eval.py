@@ -195,7 +195,7 @@ def test_load_prompts_errors(tmp_path):
 def _stub_meta(spec: str = "shapes:64", res: int = 64) -> dict:
     """model.json of a text model with no weights (the stubs below never run a network)."""
     return {
-        "kind": "diffusion", "cond": "text", "unet": {"num_classes": 0},
+        "kind": "diffusion", "cond": "text", "unet": {"num_classes": 0, "cross_attention_dim": 384},
         "parameterization": {"type": "vp"}, "sampling": {},
         "data": {"spec": spec, "resolution": res, "channels": 3},
         "text_encoder": {"type": "minilm"},
