@@ -1,3 +1,11 @@
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -120,3 +128,37 @@ def native(sd_folder, tmp_path_factory) -> Path:
     info = import_model(sd_folder, dst)
     assert info["format"] == "diffusers" and info["text_encoder"]
     return dst
+
+
+@contextlib.contextmanager
+def live_serve(args: list[str], log: Path, timeout: float = 90.0):
+    """`latentforge serve ARGS` on a free loopback port in its own process (one thread), its
+    output in `log`; yields (process, url) once /health answers, and stops it after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "latentforge.cli", "serve", *args, "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if json.load(r)["status"] == "ok":
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"serve did not answer in {timeout:g} s:\n{log.read_text()}")
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

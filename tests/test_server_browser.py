@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -29,15 +23,9 @@ if not os.path.exists(CHROMIUM):
 pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 pytest.importorskip("fastapi", reason="the server needs the serve extra (fastapi)")
 
+from conftest import live_serve  # noqa: E402
 from PIL import Image  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
-
-from latentforge import cli  # noqa: E402
-
-# `latentforge serve` once cli.py registers it; until then the same click command via its module
-SERVE = ["-m", "latentforge.cli", "serve"]
-if "serve" not in cli.cli.commands:
-    SERVE = ["-m", "latentforge.commands.serve"]
 
 # Records every value the progress bars take, and every live preview shown, from page load on.
 RECORDER = """
@@ -52,41 +40,11 @@ new MutationObserver((records) => {
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_digits_model, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *SERVE, "--model", str(tiny_digits_model), "--port", str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if json.load(r)["status"] == "ok":
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"serve did not answer in 90 s:\n{log.read_text()}")
-                time.sleep(0.2)
+    with live_serve(["--model", str(tiny_digits_model)], log) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,9 @@ import base64
 import io
 import json
 import logging
-import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -29,8 +26,10 @@ pytest.importorskip("uvicorn", reason="the server needs the serve extra (uvicorn
 httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
+from conftest import live_serve  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
+from test_server import make_client  # noqa: E402
 
 from latentforge.server import ServerConfig, create_app, tasks  # noqa: E402
 from latentforge.server.app import serve_in_thread  # noqa: E402
@@ -99,11 +98,6 @@ def models_dir(tiny_digits_model, tmp_path_factory):
     make_superres_model(tiny_digits_model, root / "sr2")
     add_broken_models(root)
     return root
-
-
-def make_client(models_dir, **kw) -> TestClient:
-    kw = {"models_dir": models_dir, "preview_interval": 0.0, "preload": False, **kw}
-    return TestClient(create_app(ServerConfig(**kw)))
 
 
 @pytest.fixture(scope="module")
@@ -385,36 +379,10 @@ def vm_kb(pid: int, field: str) -> int:
 def serve_process(models_dir, tmp_path_factory):
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to read the server's memory")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("serve-hardening") / "serve.log"
-    cmd = [sys.executable, "-m", "latentforge.cli", "serve", "--models-dir", str(models_dir),
-           "--port", str(port), "--max-queue", "16", "--workers", "1", "--quiet"]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if json.load(r)["status"] == "ok":
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"serve did not answer in 90 s:\n{log.read_text()}")
-                time.sleep(0.2)
+    args = ["--models-dir", str(models_dir), "--max-queue", "16", "--workers", "1", "--quiet"]
+    with live_serve(args, log) as (proc, url):
         yield proc, url, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def peak_growth_mb(pid: int, action) -> float:
