@@ -13,7 +13,6 @@ import shutil
 import socket
 import struct
 import threading
-import time
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +28,11 @@ import torch  # noqa: E402
 from conftest import live_serve  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_server import make_client  # noqa: E402
+from test_server import field_of, make_client, wait  # noqa: E402
 
 from latentforge.server import ServerConfig, create_app, tasks  # noqa: E402
 from latentforge.server.app import serve_in_thread  # noqa: E402
 
-FINAL = ("done", "failed", "cancelled")
 BROKEN = {  # model.json contents that must not load, and never break anything else
     "list": b"[]",
     "nested": b"[" * 100_000 + b"]" * 100_000,
@@ -62,21 +60,6 @@ def png_header_only(width: int, height: int) -> str:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
     return base64.b64encode(raw + chunk(b"IEND", b"")).decode()
-
-
-def wait(client, job_id: str, timeout: float = 60.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in FINAL:
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
-
-
-def fields(response) -> list[str]:
-    assert response.status_code == 422, response.text
-    return [e["loc"][-1] for e in response.json()["detail"]]
 
 
 def add_broken_models(root: Path) -> None:
@@ -250,14 +233,14 @@ def test_jobs_over_the_work_budget_are_422_naming_steps(models_dir):
     with make_client(models_dir, workers=0, max_job_work=10_000) as c:
         assert c.post("/v1/txt2img", json={"steps": 39, "num": 1}).status_code == 202  # 9984
         r = c.post("/v1/txt2img", json={"steps": 10, "num": 4})  # 4 x 256 pixels x 10 steps
-        assert fields(r) == ["steps"]
+        assert field_of(r) == ["steps"]
         msg = r.json()["detail"][0]["msg"]
         assert "10,240 pixel-steps (10 steps x 4 images of 16x16" in msg and "10,000" in msg
         r = c.post("/v1/upscale", json={"image": png_b64((8, 8)), "steps": 50})  # 1 tile of 16x16
-        assert fields(r) == ["steps"] and "1 tiles of 16x16" in r.json()["detail"][0]["msg"]
+        assert field_of(r) == ["steps"] and "1 tiles of 16x16" in r.json()["detail"][0]["msg"]
         walk = {"seed_a": 0, "seed_b": 1, "frames": 8, "steps": 4}
         assert c.post("/v1/interpolate", json=walk).status_code == 202  # 8 x 256 x 4
-        assert fields(c.post("/v1/interpolate", json={**walk, "frames": 10})) == ["steps"]
+        assert field_of(c.post("/v1/interpolate", json={**walk, "frames": 10})) == ["steps"]
 
 
 def test_default_budget_lets_ui_requests_through_and_refuses_a_big_upscale():
@@ -269,7 +252,7 @@ def test_default_budget_lets_ui_requests_through_and_refuses_a_big_upscale():
         rgb = {"size": (128, 128), "mode": "RGB"}
         assert c.post("/v1/upscale", json={"image": png_b64(**rgb)}).status_code == 202
         big = c.post("/v1/upscale", json={"image": png_b64((256, 256), "RGB")})
-        assert fields(big) == ["steps"] and "441 tiles of 64x64" in big.json()["detail"][0]["msg"]
+        assert field_of(big) == ["steps"] and "441 tiles of 64x64" in big.json()["detail"][0]["msg"]
 
 
 def test_a_job_past_the_timeout_fails_with_the_reason(models_dir):
@@ -295,7 +278,7 @@ def test_a_job_past_the_timeout_fails_with_the_reason(models_dir):
 )
 def test_non_finite_or_out_of_range_knobs_are_422(client, endpoint, text, field, named):
     r = client.post(f"/v1/{endpoint}", content=text, headers={"content-type": "application/json"})
-    assert fields(r) == [field]
+    assert field_of(r) == [field]
     assert named in r.json()["detail"][0]["msg"]
 
 
@@ -317,7 +300,7 @@ def test_broken_model_folders_are_listed_and_refused_alone(client, models_dir, c
         assert listed[name]["status"] == "broken" and not listed[name]["default"]
         assert str(models_dir) not in listed[name]["error"]  # no server paths
         r = client.post("/v1/txt2img", json={"model": name, "steps": 2})
-        assert fields(r) == ["model"] and "does not load" in r.json()["detail"][0]["msg"]
+        assert field_of(r) == ["model"] and "does not load" in r.json()["detail"][0]["msg"]
     assert "must be an object" in listed["list"]["error"] and "unet" in listed["kind"]["error"]
     # the others are unaffected, named or not
     for body in ({"steps": 2}, {"model": "digits", "steps": 2}):
