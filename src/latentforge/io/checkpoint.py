@@ -165,6 +165,8 @@ def read_json_file(folder: str | Path) -> Any:
         raise UserError(f"{path}: JSON nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: unreadable ({type(e).__name__})") from None
+    except ValueError as e:  # json's own limits, e.g. an integer of more than 4300 digits
+        raise UserError(f"{path}: invalid JSON ({str(e).split(':')[0]})") from None
 
 
 def check_state(

@@ -665,13 +665,7 @@ class ModelMeta:
 def read_model_meta(folder: str | Path) -> ModelMeta:
     """A folder's model.json, parsed and validated; UserError naming the fault."""
     folder = Path(folder)
-    try:
-        raw = read_json_file(folder)
-    except UserError:
-        raise
-    except ValueError as e:  # json's own limits, e.g. an integer of more than 4300 digits
-        raise UserError(f"{folder / MODEL_JSON}: invalid JSON ({str(e).split(':')[0]})") from None
-    return ModelMeta.from_json(raw, str(folder))
+    return ModelMeta.from_json(read_json_file(folder), str(folder))
 
 
 def save_model_folder(
