@@ -82,6 +82,17 @@ def as_spec(source: str) -> str:
     return f"folder:{source}" if Path(source).is_dir() else source
 
 
+def reference_spec(ref: str | None, model: LoadedModel | None) -> str:
+    """The reference set's data spec: `ref` (a spec or a folder), else `model`'s training data."""
+    if ref is None:
+        if model is None:
+            raise UserError("--gen needs a reference set (--ref)")
+        ref = model.meta.data.spec
+        if not ref:
+            raise UserError(f"{model.path} records no training data; give --ref")
+    return as_spec(ref)
+
+
 def reference_items(spec: str, n: int, data_seed: int) -> tuple[torch.Tensor, list, list]:
     """The first n items of stream `data_seed` of `spec`: images, captions, labels."""
     ds = load_dataset(spec, seed=data_seed)
@@ -189,13 +200,7 @@ def evaluate_fid(
     folder) or of `model`'s samples under `settings`, against `ref`."""
     if (gen is None) == (model is None):
         raise UserError("give a generated set (--gen) or a model (--model), not both")
-    if ref is None:
-        if model is None:
-            raise UserError("--gen needs a reference set (--ref)")
-        ref = model.meta.data.spec
-        if not ref:
-            raise UserError(f"{model.path} records no training data; give --ref")
-    ref = as_spec(ref)
+    ref = reference_spec(ref, model)
     network = feature_network(features, resize)  # an unknown name fails before any work
     size = None if model is None else tuple(model.output_shape[-2:])
     t0 = time.perf_counter()

@@ -36,11 +36,11 @@ from ..pipelines.settings import SampleSettings
 from .batching import generate_batched
 from .distribution import distribution_metrics
 from .fid_eval import (
-    as_spec,
     feature_network,
     features_of,
     reference_conditioning,
     reference_features,
+    reference_spec,
 )
 
 DEFAULT_SAMPLERS = ("ddim", "euler_ancestral", "heun", "dpmpp_2m", "unipc")
@@ -125,9 +125,7 @@ def trilemma(
                          **reference_conditioning(model, ["a"] * 2, [0] * 2))  # fmt: skip
     references: dict[tuple, tuple] = {}
     for model, sampler, nfe in tqdm(cells, desc="trilemma", unit="cell", disable=not progress):
-        spec = as_spec(ref or model.meta.data.spec or "")
-        if not spec:
-            raise UserError(f"{model.path} records no training data; give --ref")
+        spec = reference_spec(ref, model)
         size = tuple(model.output_shape[-2:])
         if (spec, size) not in references:
             references[(spec, size)] = reference_features(
