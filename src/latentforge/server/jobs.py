@@ -232,10 +232,9 @@ class JobQueue:
 
     # ----- client side -------------------------------------------------------------------------
     def submit(self, task: Task) -> Job:
-        with self._cond:
-            if len(self._waiting) + self._reserved >= self.max_queue or self._stopping:
-                raise QueueFull(self.retry_after())
-            return self._enqueue(task)
+        """Queue `task` now; QueueFull when no place is free."""
+        with self.reserve() as enqueue:
+            return enqueue(task)
 
     @contextlib.contextmanager
     def reserve(self) -> Iterator[Callable[[Task], Job]]:
