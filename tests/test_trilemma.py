@@ -3,7 +3,12 @@
 import json
 
 from latentforge.cli import main
-from latentforge.metrics.trilemma import ROW_KEYS, markdown_table, steps_for
+from latentforge.metrics.trilemma import ROW_KEYS, markdown_table
+from latentforge.sampling import calls_per_step, steps_for_nfe
+
+
+def steps_for(sampler: str, nfe: int) -> int:
+    return steps_for_nfe(nfe, calls_per_step(sampler))
 
 
 def test_steps_for_two_call_samplers():

@@ -484,6 +484,19 @@ SAMPLERS: dict[str, Callable] = {
 # solvers unless a knob such as ddim's eta or heun's s_churn asks for noise).
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
 
+# Samplers that call the denoiser twice a step (once on their last step, to sigma = 0).
+TWO_CALL = {"heun", "dpm2", "dpmpp_2s_ancestral"}
+
+
+def calls_per_step(name: str) -> int:
+    return 2 if name in TWO_CALL else 1
+
+
+def steps_for_nfe(nfe: int, calls_per_step: int) -> int:
+    """The steps that spend at most `nfe` denoiser calls at `calls_per_step` calls a step: a
+    two-call sampler's (nfe + 1) // 2 steps make 2 * steps - 1 calls."""
+    return nfe if calls_per_step == 1 else (nfe + 1) // 2
+
 
 # The numeric knobs' ranges (lo, hi, inclusive): finite everywhere except s_tmax, whose default
 # is +inf (no upper level for churn). Wider than the values that make sense (A1111's eta slider

@@ -113,10 +113,6 @@ class _Counted:
         return self.oracle(x, sigma)
 
 
-def lf_steps(nfe: int, calls_per_step: int) -> int:
-    return nfe if calls_per_step == 1 else (nfe + 1) // 2
-
-
 def lf_sigmas(spacing: str, steps: int, knots=None) -> torch.Tensor:
     train = sd_train_sigmas()
     if spacing == "optimized" and knots is not None:
@@ -130,7 +126,7 @@ def lf_output(problem: Problem, run, spacing: str, nfe: int, knots=None):
     """(result, denoiser calls) of one latentforge run, float32 like a real model's."""
     _, name, knobs, per_step = run
     den = _Counted(problem.oracle)
-    sigmas = lf_sigmas(spacing, lf_steps(nfe, per_step), knots)
+    sigmas = lf_sigmas(spacing, sampling.steps_for_nfe(nfe, per_step), knots)
     out = sampling.sample(name, den, problem.x_T.float(), sigmas, **knobs)
     return out, den.calls
 
@@ -231,7 +227,7 @@ def _start_noise(scheduler, x_T: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def diffusers_output(problem: Problem, factory, spacing_kw, per_step, nfe):
-    steps = lf_steps(nfe, per_step)
+    steps = sampling.steps_for_nfe(nfe, per_step)
     z = _start_noise(factory(**spacing_kw), problem.x_T, steps).float()
     model = _EpsModel(problem.oracle)
     out = run_diffusers_loop(factory(**spacing_kw), model, z, steps)
@@ -262,7 +258,7 @@ def lf_overhead_us(run) -> float:
     """Schedule + `sampling.sample` time per step around a zero-cost denoiser (like diffusers'
     set_timesteps + loop below)."""
     _, name, knobs, per_step = run
-    steps = lf_steps(OVERHEAD_STEPS, per_step)
+    steps = sampling.steps_for_nfe(OVERHEAD_STEPS, per_step)
     x = torch.randn(OVERHEAD_SHAPE)
     train = sd_train_sigmas()
 
@@ -280,7 +276,7 @@ def lf_overhead_us(run) -> float:
 
 
 def diffusers_overhead_us(factory, per_step: int, spacing_kw: dict) -> float:
-    steps = lf_steps(OVERHEAD_STEPS, per_step)
+    steps = sampling.steps_for_nfe(OVERHEAD_STEPS, per_step)
     z = torch.randn(OVERHEAD_SHAPE)
 
     def zero(x, t):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import sampling
 from ..errors import UserError
 from ..io.model_folder import LoadedModel
 from ..pipelines.settings import SampleSettings
@@ -45,13 +46,8 @@ from .fid_eval import (
 
 DEFAULT_SAMPLERS = ("ddim", "euler_ancestral", "heun", "dpmpp_2m", "unipc")
 DEFAULT_NFE = (1, 2, 4, 8, 16, 32)
-TWO_CALL = {"heun", "dpm2", "dpmpp_2s_ancestral"}
 ROW_KEYS = ("model", "sampler", "nfe", "steps", "fid", "kid", "kid_std", "precision", "recall",
             "density", "coverage", "diversity", "seconds_per_image", "images_per_s")  # fmt: skip
-
-
-def steps_for(sampler: str, nfe: int) -> int:
-    return max(1, (nfe + 1) // 2) if sampler in TWO_CALL else nfe
 
 
 class _CallCounter:
@@ -133,7 +129,7 @@ def trilemma(
                 cache_dir=cache_dir,
             )  # fmt: skip
         real, captions, labels, _ = references[(spec, size)]
-        steps = steps_for(sampler, nfe)
+        steps = sampling.steps_for_nfe(nfe, sampling.calls_per_step(sampler))
         settings = SampleSettings.build(sampler=sampler, steps=steps, guidance=guidance,
                                         seed=seed, num=n).resolve(model)  # fmt: skip
         cond = reference_conditioning(model, captions, labels)
