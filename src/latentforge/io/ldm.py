@@ -559,16 +559,8 @@ def read_single_file(src: Path, work: Path, opts: dict) -> dict:
     if image_size % vae_config.downsample_factor:
         raise UserError(f"image size {image_size} is not a multiple of the VAE's factor "
                         f"{vae_config.downsample_factor}")  # fmt: skip
-    spec = {
-        "type": "vp",
-        "prediction": prediction,
-        "beta_schedule": "scaled_linear",
-        "num_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "zero_terminal_snr": False,
-        "clip_denoised": None,
-    }
+    spec = {"type": "vp", "prediction": prediction, **SD_SCHEDULE, "zero_terminal_snr": False,
+            "clip_denoised": None}  # fmt: skip
     _check_schedule(parts["bookkeeping"], spec)
     notes = []
     if not {"prediction", "image_size"} <= set(hints):
