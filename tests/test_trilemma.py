@@ -35,3 +35,33 @@ def test_report_trilemma_writes_rows_table_and_figures(tiny_digits_model, tmp_pa
         assert (out / f"{name}.png").stat().st_size > 1000
     assert main([*argv[:6], "--samplers", "ddim,nope", "--out", str(out)]) == 2
     assert "unknown sampler(s) ['nope']" in capsys.readouterr().err
+
+
+def test_shapes_prompt_scorer_reads_captions_of_the_dataset():
+    """The shapes wing's scorer (registered for `shapes` reference sets): the dataset's own
+    images against their captions score near 1, against another image's captions far lower."""
+    import torch
+
+    from latentforge.data import load_dataset
+    from latentforge.metrics.fid_eval import prompt_accuracy
+
+    ds = load_dataset("shapes:64", seed=3)
+    items = [ds[i] for i in range(24)]
+    images = torch.stack([it["image"] for it in items])
+    captions = [it["caption"] for it in items]
+    own = prompt_accuracy("shapes:64", images, captions)
+    shifted = prompt_accuracy("shapes:64", images, captions[1:] + captions[:1])
+    assert own >= 0.9 and shifted <= 0.3
+    # no scorer for the data kind, or no captions: no column value rather than a made-up one
+    assert prompt_accuracy("digits", images, captions) is None
+    assert prompt_accuracy("shapes:64", images, [None] * 24) is None
+
+
+def test_prompt_accuracy_column_only_for_text_models(tiny_digits_model, tmp_path, capsys):
+    argv = ["report", "trilemma", "--model", str(tiny_digits_model), "--ref", "digits",
+            "--samplers", "ddim", "--nfe", "1", "--n", "8", "--per-prompt", "0",
+            "--out", str(tmp_path), "--json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["prompt_accuracy"] is None
+    assert "| - | " in markdown_table([row])

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,31 @@ def reference_features(
             np.save(f, feats, allow_pickle=False)
         os.replace(tmp, path)
     return feats, captions, labels, False
+
+
+# Prompt scorers: a dataset wing's reader of its own images, registered under its data kind
+# (`shapes`): for images generated from that kind's captions, whether each shows what its
+# caption states (None where a caption states nothing the reader checks).
+PromptScorer = Callable[[torch.Tensor, Sequence[str]], list]
+_PROMPT_SCORERS: dict[str, PromptScorer] = {}
+
+
+def register_prompt_scorer(kind: str, scorer: PromptScorer) -> None:
+    """Register the prompt scorer for reference sets of data kind `kind` (`report trilemma`'s
+    prompt_accuracy column)."""
+    _PROMPT_SCORERS[kind] = scorer
+
+
+def prompt_accuracy(
+    spec: str, images: torch.Tensor, captions: Sequence[str | None]
+) -> float | None:
+    """The fraction of images that show what their caption states, by the scorer registered for
+    the reference set's data kind; None without a scorer or without checkable captions."""
+    scorer = _PROMPT_SCORERS.get(spec.split(":", 1)[0])
+    if scorer is None or not any(captions):
+        return None
+    hits = [h for h in scorer(images, [c or "" for c in captions]) if h is not None]
+    return float(np.mean(hits)) if hits else None
 
 
 def reference_conditioning(model: LoadedModel, captions: list, labels: list) -> dict[str, list]:

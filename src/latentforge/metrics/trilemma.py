@@ -5,7 +5,9 @@ DDGAN and StyleGAN in one table of FID, recall, NFE and seconds).
 For each model, sampler and budget of network evaluations (NFE) the report generates n images
 conditioned on n reference items (captions or labels, as `eval fid`), and measures:
 
-- quality: FID (and KID) against the reference set, precision;
+- quality: FID (and KID) against the reference set, precision; for a reference set whose
+  dataset wing registered a prompt scorer (`fid_eval.register_prompt_scorer`: shapes), the
+  prompt accuracy, the fraction of images showing what their caption states;
 - diversity: recall and coverage against the reference set, and for conditional models the
   per-prompt diversity, the mean pairwise feature distance among images of one prompt
   (`per_prompt` images for each of the first `prompts` reference prompts);
@@ -39,6 +41,7 @@ from .distribution import distribution_metrics
 from .fid_eval import (
     feature_network,
     features_of,
+    prompt_accuracy,
     reference_conditioning,
     reference_features,
     reference_spec,
@@ -47,7 +50,8 @@ from .fid_eval import (
 DEFAULT_SAMPLERS = ("ddim", "euler_ancestral", "heun", "dpmpp_2m", "unipc")
 DEFAULT_NFE = (1, 2, 4, 8, 16, 32)
 ROW_KEYS = ("model", "sampler", "nfe", "steps", "fid", "kid", "kid_std", "precision", "recall",
-            "density", "coverage", "diversity", "seconds_per_image", "images_per_s")  # fmt: skip
+            "density", "coverage", "diversity", "prompt_accuracy", "seconds_per_image",
+            "images_per_s")  # fmt: skip
 
 
 class _CallCounter:
@@ -145,6 +149,8 @@ def trilemma(
             **{k: round(float(m[k]), 6) for k in
                ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage")},
             "diversity": _diversity(model, settings, first, network, per_prompt, batch),
+            "prompt_accuracy": (prompt_accuracy(spec, images, captions)
+                                if model.conditioning == "text" else None),
             "seconds_per_image": round(seconds / n, 5), "images_per_s": round(n / seconds, 3),
             "n": n, "features": features,
         })  # fmt: skip
@@ -155,14 +161,18 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """DDGAN's layout: one line per configuration, quality, diversity and speed side by side."""
     lines = [
         "| model | sampler | NFE | FID ↓ | precision ↑ | recall ↑ | coverage ↑ | diversity "
-        "| s / image ↓ | images / s ↑ |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| prompt acc. ↑ | s / image ↓ | images / s ↑ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def opt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for r in rows:
-        div = "-" if r["diversity"] is None else f"{r['diversity']:.3f}"
         lines.append(
             f"| {r['model']} | {r['sampler']} | {r['nfe']:g} | {r['fid']:.3f} | "
-            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['coverage']:.3f} | {div} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['coverage']:.3f} | "
+            f"{opt(r['diversity'])} | {opt(r.get('prompt_accuracy'))} | "
             f"{r['seconds_per_image']:.4f} | {r['images_per_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"

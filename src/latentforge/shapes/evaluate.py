@@ -296,6 +296,16 @@ def matches(
     return out
 
 
+def prompt_hits(images: torch.Tensor, captions: Sequence[str]) -> list[bool | None]:
+    """For each image, whether it shows every attribute its caption states (``matches``);
+    None where the caption states nothing checkable. The trilemma's prompt scorer."""
+    hits: list[bool | None] = []
+    for image, caption in zip(images, captions, strict=True):
+        want = parse_prompt(caption)
+        hits.append(all(matches(want, analyse(image)).values()) if states_anything(want) else None)
+    return hits
+
+
 def states_anything(parsed: dict[str, Any]) -> bool:
     """True if a parsed prompt states something ``matches`` can check."""
     return bool(parsed.get("background") or any(parsed.get("objects") or []))
