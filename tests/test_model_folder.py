@@ -183,3 +183,35 @@ def _reproduce(tmp_path, png: str, model: str | None) -> None:
     assert main(args) == 0
     diff = np.abs(_pixels(out).astype(int) - _pixels(PNG_BEFORE / png).astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).sum())
+
+
+def test_file_digest_cache_hits_misses_and_survives_a_bad_cache(tmp_path, monkeypatch):
+    """Large files' digests come from the cache while size and mtime hold; a changed file is
+    hashed again; an unreadable or unwritable cache only costs the hashing."""
+    import hashlib
+    import os
+
+    from latentforge.io import checkpoint
+
+    monkeypatch.setenv("LATENTFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint, "DIGEST_CACHE_MIN_BYTES", 0)
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 1000)
+    truth = hashlib.sha256(b"a" * 1000).hexdigest()[:16]
+    assert checkpoint.file_digest(f) == truth
+    assert (
+        json.loads((tmp_path / "cache" / "digests.json").read_text())[str(f.resolve())][-1] == truth
+    )
+
+    calls = []
+    real = checkpoint._sha256_prefix
+    monkeypatch.setattr(checkpoint, "_sha256_prefix", lambda p: calls.append(p) or real(p))
+    assert checkpoint.file_digest(f) == truth and calls == []  # a hit: no hashing
+    f.write_bytes(b"b" * 1000)  # same size: the modification time tells
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert checkpoint.file_digest(f) == hashlib.sha256(b"b" * 1000).hexdigest()[:16]
+    assert len(calls) == 1
+    (tmp_path / "cache" / "digests.json").write_text("[not json")
+    assert checkpoint.file_digest(f) == hashlib.sha256(b"b" * 1000).hexdigest()[:16]
+    monkeypatch.setenv("LATENTFORGE_CACHE", str(f))  # a file where the folder should be
+    assert checkpoint.file_digest(f) == hashlib.sha256(b"b" * 1000).hexdigest()[:16]

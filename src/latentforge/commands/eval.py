@@ -229,8 +229,9 @@ def fid_cmd(ref, gen, features, resize, n, data_seed, steps, spacing, cache_dir,
     against a reference set."""
     from pathlib import Path
 
+    from ..io.checkpoint import default_cache_dir
     from ..io.model_folder import load_diffusion_model
-    from ..metrics.fid_eval import default_cache_dir, evaluate_fid
+    from ..metrics.fid_eval import evaluate_fid
     from ..pipelines.settings import SampleSettings
 
     model = None

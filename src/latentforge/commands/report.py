@@ -52,8 +52,8 @@ def trilemma_cmd(models, samplers, nfes, n, ref, features, resize, guidance, per
                  seed, batch, device, dtype, as_json, quiet) -> None:  # fmt: skip
     """Quality (FID, precision), diversity (recall, coverage, per-prompt spread) and speed
     (NFE, seconds per image) of every sampler at every NFE budget."""
+    from ..io.checkpoint import default_cache_dir
     from ..io.model_folder import load_diffusion_model
-    from ..metrics.fid_eval import default_cache_dir
     from ..metrics.trilemma import markdown_table, trilemma, write_report
     from ..sampling import SAMPLERS
 

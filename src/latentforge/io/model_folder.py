@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from ..errors import UserError
 from .checkpoint import (
     MODEL_JSON,
     MODEL_WEIGHTS,
+    file_digest,
     load_tensors,
     read_json_file,
     save_tensors_atomic,
@@ -681,15 +681,6 @@ def save_model_folder(
 def load_model_folder(folder: str | Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
     meta = read_model_meta(folder)
     return meta, load_tensors(Path(folder) / MODEL_WEIGHTS)
-
-
-def file_digest(path: str | Path) -> str:
-    """The first 16 hex digits of a file's SHA-256 (model identity in PNGs and provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 # ----- views and loaded models -------------------------------------------------------------------

@@ -117,10 +117,6 @@ def _set_key(spec: str, n: int, data_seed: int, size: tuple[int, int], features:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LATENTFORGE_CACHE", Path.home() / ".cache" / "latentforge"))
-
-
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(images.shape[-2:]) == size:
         return images
