@@ -12,13 +12,13 @@ SRC = Path(__file__).parents[1] / "src" / "latentforge"
 # lowest first: a module may import its own layer and the ones before it
 LAYERS = [
     ("errors",),
-    ("schedules", "sampling", "analytic", "models"),
+    ("schedules", "sampling", "analytic", "models", "prompt_syntax"),
     ("denoisers", "guidance"),
     ("io",),
     ("data",),
     ("pipelines",),
     ("training", "metrics"),
-    ("shapes",),  # a dataset's wing: above the generic layers, below the commands
+    ("shapes", "photos"),  # dataset wings: above the generic layers, below the commands
     ("api", "server", "benchmarks", "commands"),
     ("cli", "__init__"),
     ("__main__",),  # `python -m latentforge`: the CLI
