@@ -2,6 +2,7 @@
 
     python bench/server.py [--model DIR | --tiny] [--clients 1,8] [--jobs 8] [--steps 20]
                            [--workers 1] [--previews on,off] [--client raw|httpx] [--rows]
+                           [--dialect ours,a1111,openai]
 
 Runs the real app under uvicorn in a thread of this process; the clients run in a separate
 process (so their own work never holds this process's GIL) and drive it over HTTP: each client
@@ -26,6 +27,10 @@ throughput: at N clients, completed jobs/s, client-seen latency p50/p95, the wor
 `--client raw` (default) is a minimal asyncio HTTP/1.1 client (keep-alive, chunked SSE), so
 transport is the server's; `--client httpx` uses httpx (its own cost, ~2 ms a request, shows).
 `--model` defaults to the embedded model; `--tiny` trains a 2-step digits model first (~5 s).
+`--dialect ours,a1111,openai`: instead, the same jobs (1 client, live previews on, as the
+dialects have no switch for them) through latentforge's API (submit + event stream), A1111's
+synchronous POST /sdapi/v1/txt2img and OpenAI's POST /v1/images/generations (b64_json), each
+with its per_job parts as above (`dialects`), to compare their overhead per image.
 """
 
 from __future__ import annotations
@@ -87,6 +92,18 @@ class RawHTTP:
         data = b"".join([c async for c in self.chunks(headers)])
         return status, json.loads(data)
 
+    async def call(self, dialect: str, body: dict) -> tuple[float, float, dict | None]:
+        """One image through `dialect`: (sent, answer parsed, the job or None: the parent
+        finds a synchronous dialect's job in its queue)."""
+        if dialect == "ours":
+            return await self.follow(body)
+        start = time.monotonic()
+        path, body = DIALECTS[dialect](body)
+        status, answer = await self.json("POST", path, body)
+        if status != 200:
+            raise RuntimeError(f"POST {path}: {status} {answer}")
+        return start, time.monotonic(), None
+
     async def follow(self, body: dict) -> tuple[float, float, dict]:
         """Submit a job, read its event stream to the end: (sent, final event parsed, job)."""
         start = time.monotonic()
@@ -123,6 +140,8 @@ class HttpxHTTP:
         r = await self.http.request(method, path, json=body)
         return r.status_code, r.json()
 
+    call = RawHTTP.call
+
     async def follow(self, body: dict) -> tuple[float, float, dict]:
         start = time.monotonic()
         r = await self.http.post("/v1/txt2img", json=body)
@@ -137,6 +156,16 @@ class HttpxHTTP:
         raise RuntimeError("event stream ended without a final event")
 
 
+# a latentforge txt2img body -> (path, body) of the same request in each synchronous dialect
+DIALECTS = {
+    "a1111": lambda b: ("/sdapi/v1/txt2img", {"prompt": b["prompt"], "steps": b["steps"],
+                                              "seed": b["seed"]}),
+    "openai": lambda b: ("/v1/images/generations", {"prompt": b["prompt"], "steps": b["steps"],
+                                                    "seed": b["seed"],
+                                                    "response_format": "b64_json"}),
+}  # fmt: skip
+
+
 def _sse_block(block: bytes) -> tuple[str | None, bytes]:
     event, data = None, b""
     for line in block.split(b"\n"):
@@ -147,7 +176,8 @@ def _sse_block(block: bytes) -> tuple[str | None, bytes]:
     return event, data
 
 
-async def _drive(url, kind, clients: int, jobs: int, body: dict, pipe, step_by_step) -> dict:
+async def _drive(url, kind, clients: int, jobs: int, body: dict, pipe, step_by_step,
+                 dialect: str = "ours") -> dict:  # fmt: skip
     """`clients` clients, `jobs` jobs each, then 1 s of /health; step_by_step: after each job,
     wait for the parent's go-ahead."""
     connect = RawHTTP if kind == "raw" else HttpxHTTP
@@ -159,7 +189,7 @@ async def _drive(url, kind, clients: int, jobs: int, body: dict, pipe, step_by_s
         nonlocal paused
         out = []
         for j in range(jobs):
-            out.append(await conns[c].follow({**body, "seed": c * jobs + j}))
+            out.append(await conns[c].call(dialect, {**body, "seed": c * jobs + j}))
             if step_by_step:  # the parent redraws the job without the server meanwhile
                 start = time.monotonic()
                 pipe.send(("job", out[-1]))
@@ -188,19 +218,19 @@ async def _drive(url, kind, clients: int, jobs: int, body: dict, pipe, step_by_s
     return {"wall": wall, "jobs": [r for rs in results for r in rs], "health_rps": rps}
 
 
-def _client_main(url, kind, clients, jobs, body, pipe, step_by_step) -> None:
-    out = asyncio.run(_drive(url, kind, clients, jobs, body, pipe, step_by_step))
+def _client_main(url, kind, clients, jobs, body, pipe, step_by_step, dialect) -> None:
+    out = asyncio.run(_drive(url, kind, clients, jobs, body, pipe, step_by_step, dialect))
     pipe.send(("result", out))
 
 
 # ----- the parent: server, measurements, report -------------------------------------------------
-def run_clients(url, kind, clients, jobs, body, on_job=None) -> dict:
+def run_clients(url, kind, clients, jobs, body, on_job=None, dialect="ours") -> dict:
     """Run the clients in a spawned process; `on_job(result)` runs here after each job. Adds
     `server_cpu`: CPU seconds this process spent meanwhile (jobs only, not /health) in the
     worker threads and in the rest (`_cpu`), the parent's own redraws left out."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    args = (url, kind, clients, jobs, body, child, on_job is not None)
+    args = (url, kind, clients, jobs, body, child, on_job is not None, dialect)
     proc = ctx.Process(target=_client_main, args=args, daemon=True)
     proc.start()
     cpu0, cpu = _cpu(), {}
@@ -282,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--previews", default="on,off", help="on, off or on,off (request `preview`)")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw")
     ap.add_argument("--rows", action="store_true", help="also every job's parts (seconds)")
+    ap.add_argument("--dialect", default=None, help="compare APIs per image: ours,a1111,openai")
     args = ap.parse_args(argv)
 
     import torch
@@ -319,13 +350,30 @@ def main(argv: list[str] | None = None) -> int:
             task.run(loaded, None)
         return time.monotonic() - start
 
+    def per_job_entry(parts: list[dict]) -> dict:
+        keys = ("client_seen", "sample", "overhead", "submit", "queued", "previews",
+                "encode", "other", "deliver", "transport")  # fmt: skip
+        return {"clients": 1, "jobs": len(parts), **{k: stats(p[k] for p in parts) for k in keys}}
+
     per_job: dict = {}
     rows, raw_rows = [], []
     with serve_in_thread(app) as url:
         base = {"prompt": "7", "steps": args.steps}
         run_clients(url, args.client, 1, 1, base)  # warm-up: loads the model
         bare({**base, "seed": 0})
-        for preview in previews:
+        for dialect in args.dialect.split(",") if args.dialect else ():
+            run_clients(url, args.client, 1, 1, base, dialect=dialect)  # warm-up
+            found: list[dict] = []
+
+            def newest(result, found=found):  # a synchronous dialect's job: the last queued
+                found.append(next(reversed(queue._jobs.values())).snapshot(images=False))
+
+            out = run_clients(url, args.client, 1, args.jobs, base, newest, dialect)
+            results = [(s, e, job or f) for (s, e, job), f in zip(out["jobs"], found, strict=True)]
+            parts = split(results, queue)
+            per_job[dialect] = per_job_entry(parts)
+            raw_rows.append({"dialect": dialect, "jobs": parts})
+        for preview in previews if not args.dialect else ():
             body = base if preview else {**base, "preview": False}
             for n in clients:
                 redraws: list[float] = []
@@ -354,17 +402,14 @@ def main(argv: list[str] | None = None) -> int:
                     "health_requests_per_s": round(out["health_rps"], 1),
                 })  # fmt: skip
                 if n == clients[0]:
-                    keys = ("client_seen", "sample", "overhead", "submit", "queued", "previews",
-                            "encode", "other", "deliver", "transport")  # fmt: skip
-                    entry = {"clients": n, "jobs": len(parts)}
-                    entry.update({k: stats(p[k] for p in parts) for k in keys})
+                    entry = {**per_job_entry(parts), "clients": n}
                     if redraws:
                         entry["bare_sample"] = stats(redraws)
                         slow = [p["sample"] - b for p, b in zip(parts, redraws, strict=True)]
                         entry["sampler_slowdown"] = stats(slow)
                     per_job["previews_on" if preview else "previews_off"] = entry
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    report["per_job"] = per_job
+    report["dialects" if args.dialect else "per_job"] = per_job
     report["throughput"] = rows
     if args.rows:
         report["rows"] = raw_rows

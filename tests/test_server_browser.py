@@ -113,3 +113,27 @@ def test_paint_a_mask_and_inpaint(page):
     done = page.locator("#gallery figure.result").nth(before)
     expect(done).to_be_visible(timeout=60_000)
     expect(page.locator("#gallery figure.result")).to_have_count(before + 1)
+
+
+def test_png_info_reads_an_a1111_png_and_fills_the_form(page, tmp_path):
+    from PIL import PngImagePlugin
+
+    text = (
+        "a handwritten two\nNegative prompt: blurry\n"
+        "Steps: 5, Sampler: Euler a, CFG scale: 2.5, Seed: 42, Size: 16x16, Version: v1.10.1"
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=info)
+    page.click("nav [data-tab=pnginfo]")
+    page.set_input_files("#pnginfo-file", str(path))
+    expect(page.locator("#pnginfo-text")).to_have_text(text)
+    expect(page.locator("#pnginfo-fields")).to_contain_text("v1.10.1")  # A1111's keys kept
+    page.click("#pnginfo-send")
+    expect(page.locator("#form-txt2img")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_value("a handwritten two")
+    expect(page.locator("#negative")).to_have_value("blurry")
+    expect(page.locator("#sampler")).to_have_value("euler_ancestral")
+    for sel, value in (("#steps", "5"), ("#guidance", "2.5"), ("#seed", "42")):
+        expect(page.locator(sel)).to_have_value(value)

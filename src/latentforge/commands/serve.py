@@ -60,12 +60,20 @@ from .options import device_options, model_option
     metavar="NAME",
     help="a Host name to answer besides loopback and --host (repeatable; '*': any)",
 )
+@click.option("--api-auth", default=None, metavar="USER:PASS", envvar="LATENTFORGE_API_AUTH",
+              help="basic auth on /sdapi/v1 (as A1111's --api-auth)")  # fmt: skip
+@click.option("--loras-dir", default=None, type=click.Path(file_okay=False),
+              help="LoRA files for /sdapi/v1/loras (default: loras/ in --models-dir)")  # fmt: skip
+@click.option("--embeddings-dir", default=None, type=click.Path(file_okay=False),
+              help="embeddings listed by /sdapi/v1/embeddings (default: embeddings/ in "
+              "--models-dir)")  # fmt: skip
 @device_options
 @click.option("--quiet", is_flag=True, help="no access log")
 def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_steps, max_num,
-          max_image_pixels, max_job_work, job_timeout, body_timeout, allowed_hosts, device, dtype,
-          quiet) -> None:  # fmt: skip
-    """Serve the HTTP API (/v1/..., schema at /openapi.json) and the web UI (/)."""
+          max_image_pixels, max_job_work, job_timeout, body_timeout, allowed_hosts, api_auth,
+          loras_dir, embeddings_dir, device, dtype, quiet) -> None:  # fmt: skip
+    """Serve the HTTP API (/v1/..., schema at /openapi.json), the web UI (/) and the drop-in
+    A1111 (/sdapi/v1) and OpenAI (/v1/images) APIs (docs/clients.md)."""
     try:
         import uvicorn
 
@@ -85,13 +93,16 @@ def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_st
         api_key=api_key, max_steps=max_steps, max_num=max_num, device=device, dtype=dtype,
         max_image_pixels=max_image_pixels, max_job_work=max_job_work,
         job_timeout=job_timeout or None, body_timeout=body_timeout, host=host,
-        allowed_hosts=allowed_hosts,
+        allowed_hosts=allowed_hosts, api_auth=api_auth, loras_dir=loras_dir,
+        embeddings_dir=embeddings_dir,
     )  # fmt: skip
     app = create_app(config)
     names = app.state.store.names()
     _check_port(host, port)
     if not is_loopback(host) and not api_key:
         click.echo(f"latentforge: warning: listening on {host} without --api-key", err=True)
+        if not api_auth:
+            click.echo("latentforge: warning: ... and /sdapi/v1 without --api-auth", err=True)
     click.echo(
         f"latentforge: serving {len(names)} model(s) {names} on http://{host}:{port}/ "
         f"(queue {max_queue}, {workers} worker(s){', API key required' if api_key else ''})"

@@ -1,8 +1,10 @@
-"""Tensor <-> PIL conversions, image grids and PNG text metadata."""
+"""Tensor <-> PIL conversions, image grids and PNG text metadata (ours and A1111's)."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..errors import UserError
+from . import a1111
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -52,14 +55,24 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> to
     return grid
 
 
+def png_info(metadata: Mapping | None) -> PngImagePlugin.PngInfo:
+    """PNG text chunks for `metadata` (lists as JSON), and beside them A1111's `parameters`
+    chunk when the metadata records a generation (`a1111.format_parameters`)."""
+    info = PngImagePlugin.PngInfo()
+    metadata = metadata or {}
+    for k, v in metadata.items():
+        info.add_text(k, json.dumps(v) if isinstance(v, list) else str(v))
+    parameters = None if "parameters" in metadata else a1111.format_parameters(metadata)
+    if parameters is not None:
+        info.add_text("parameters", parameters)  # tEXt, iTXt where not Latin-1: as A1111
+    return info
+
+
 def save_png(image: torch.Tensor, path: str | Path, metadata: dict | None = None) -> None:
-    """Save (C, H, W) as PNG, parameters as tEXt chunks (read back with `read_png_metadata`)."""
+    """Save (C, H, W) as PNG, parameters as text chunks (read back with `read_png_metadata`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    for k, v in (metadata or {}).items():
-        info.add_text(k, str(v))
-    to_pil(image).save(path, pnginfo=info)
+    to_pil(image).save(path, pnginfo=png_info(metadata))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, **meta) -> None:
@@ -70,14 +83,26 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *
 
 
 def read_png_metadata(path: str | Path) -> dict[str, str]:
+    """A PNG's text chunks; when it holds no latentforge parameters (no `seed`) but A1111's
+    `parameters` chunk, that chunk read as latentforge's keys beside the chunks themselves."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            return dict(getattr(img, "text", {}) or {})
+            text = dict(getattr(img, "text", {}) or {})
     except (UnidentifiedImageError, OSError):
         raise UserError(f"{path}: not a readable PNG") from None
+    return with_a1111(text, str(path))
+
+
+def with_a1111(text: Mapping[str, str], where: str = "PNG") -> dict[str, str]:
+    """`text` (a PNG's chunks), with A1111's `parameters` chunk read into latentforge's keys
+    when the chunks hold no latentforge parameters of their own."""
+    text = dict(text)
+    if "seed" not in text and text.get("parameters"):
+        text.update(a1111.to_png_meta(a1111.parse_parameters(text["parameters"]), where))
+    return text
 
 
 def save_gif(batches: list[torch.Tensor], path: str | Path, ms_per_frame: int = 120) -> None:

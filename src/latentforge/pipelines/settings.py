@@ -21,7 +21,9 @@ from typing import Any
 from .. import sampling
 from ..errors import UserError
 from ..guidance import Region, interval_to_json, parse_interval
+from ..io import a1111
 from ..io.model_folder import ModelFolder
+from ..schedules import SPACINGS
 from .layout import check_layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: GPUs only (checked where the model runs)
@@ -52,6 +54,10 @@ class SampleSettings:
     vae_tiling: "auto" decodes in tiles above `pipelines.common.TILED_DECODE_AREA` times the
     trained area, "on" always (least memory), "off" never (tiles differ slightly from one
     pass: GroupNorm sees one tile).
+    sampler may be an A1111 name ("DPM++ 2M Karras", "Euler a"): `resolve` turns it into
+    latentforge's sampler, spacing (unless set) and knobs (`io.a1111`); spacing may be an A1111
+    schedule type ("Karras"). loras: "NAME:SCALE" strings, recorded here (PNG metadata, A1111's
+    `<lora:NAME:SCALE>`) and applied where the model is loaded.
     """
 
     sampler: str | None = None
@@ -69,10 +75,11 @@ class SampleSettings:
     height: int | None = None
     knobs: Mapping[str, Any] = field(default_factory=dict)
     vae_tiling: str = "auto"
+    loras: tuple[str, ...] = ()
 
     FIELDS = (
         "sampler", "steps", "spacing", "guidance", "guidance_interval", "negative", "layout",
-        "regions", "seed", "num", "precision", "width", "height", "knobs", "vae_tiling",
+        "regions", "seed", "num", "precision", "width", "height", "knobs", "vae_tiling", "loras",
     )  # fmt: skip
 
     # ----- building -----------------------------------------------------------------------
@@ -95,8 +102,9 @@ class SampleSettings:
                     changes[key] = value
             else:
                 knobs[key] = value
-        if "regions" in changes:
-            changes["regions"] = tuple(changes["regions"])
+        for key in ("regions", "loras"):
+            if key in changes:
+                changes[key] = tuple(changes[key])
         if "guidance_interval" in changes:
             changes["guidance_interval"] = tuple(changes["guidance_interval"])
         return dataclasses.replace(base, **changes, knobs=knobs)
@@ -109,11 +117,18 @@ class SampleSettings:
         """Every unset field from the model folder's defaults, everything validated: a
         `SettingsError` naming the field for anything the model or the sampler rejects."""
         d = model.defaults
-        sampler = self.sampler or d.sampler
-        if sampler not in sampling.SAMPLERS:
-            raise SettingsError(
-                "sampler", f"unknown sampler {sampler!r}; choose one of {sorted(sampling.SAMPLERS)}"
-            )
+        sampler, spacing, knobs = self.sampler or d.sampler, self.spacing, dict(self.knobs)
+        if sampler not in sampling.SAMPLERS:  # an A1111 name ("DPM++ 2M Karras")?
+            try:
+                sampler, a_spacing, a_knobs = a1111.sampler_from_a1111(str(sampler))
+            except UserError as e:
+                raise SettingsError("sampler", str(e)) from None
+            spacing, knobs = spacing or a_spacing, {**a_knobs, **knobs}
+        if spacing is not None and spacing not in SPACINGS:  # an A1111 schedule type?
+            try:
+                spacing = a1111.spacing_from_a1111(str(spacing))
+            except UserError as e:
+                raise SettingsError("spacing", str(e)) from None
         steps = d.steps if self.steps is None else self.steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise SettingsError("steps", f"steps must be a positive integer, got {steps}")
@@ -141,9 +156,16 @@ class SampleSettings:
                 f"{self.vae_tiling!r}"
             )  # fmt: skip
         try:
-            sampling.check_knobs(sampler, dict(self.knobs))
+            sampling.check_knobs(sampler, knobs)
         except UserError as e:
             raise SettingsError("knobs", str(e)) from None
+        for spec in self.loras:
+            try:
+                name, _ = a1111.lora_name_and_scale(str(spec))
+            except UserError as e:
+                raise SettingsError("loras", str(e)) from None
+            if not name.strip():
+                raise SettingsError("loras", f"LoRA {spec!r}: give NAME or NAME:SCALE")
         text = model.conditioning == "text"
         if self.regions and not text:
             raise SettingsError("regions", "regions need a text-conditioned model")
@@ -157,9 +179,9 @@ class SampleSettings:
         width, height = _check_size(model, self.width, self.height)
         lo, hi = interval_to_json(interval)
         return dataclasses.replace(
-            self, sampler=sampler, steps=steps, spacing=self.spacing or d.spacing,
+            self, sampler=sampler, steps=steps, spacing=spacing or d.spacing,
             guidance=float(guidance), guidance_interval=(lo, hi), layout=layout, width=width,
-            height=height,
+            height=height, knobs=knobs,
         )  # fmt: skip
 
     @property
@@ -185,6 +207,7 @@ class SampleSettings:
         )
         out["regions"] = [r.to_json() for r in self.regions]
         out["knobs"] = dict(self.knobs)
+        out["loras"] = list(self.loras)
         return out
 
     def to_png_meta(self) -> dict[str, str]:
@@ -203,22 +226,26 @@ class SampleSettings:
             "width": "" if self.width is None else str(self.width),
             "height": "" if self.height is None else str(self.height),
             "vae_tiling": self.vae_tiling,
+            "loras": json.dumps(list(self.loras)) if self.loras else "",
         }  # fmt: skip
 
     @classmethod
     def from_png_meta(cls, text: Mapping[str, str], where: str = "PNG") -> SampleSettings:
         """The settings a PNG's text chunks hold (`to_png_meta`, and the PNGs of every earlier
-        version: no layout is "none", no precision is fp32)."""
+        version: no layout is "none", no precision is fp32; A1111's `parameters` chunk where
+        no latentforge chunks are: `io.images.with_a1111`)."""
         if "seed" not in text or "steps" not in text:
             raise UserError(f"{where} holds no latentforge generate parameters")
         try:
-            interval = text.get("guidance_interval")
+            # "" / "null": settings written unresolved (the model's default)
+            interval = json.loads(text.get("guidance_interval") or "null")
+            guidance = text.get("guidance", "1.0")
             return cls(
                 sampler=text.get("sampler") or None,
                 steps=int(text["steps"]),
                 spacing=text.get("spacing") or None,
-                guidance=float(text.get("guidance", 1.0)),
-                guidance_interval=tuple(json.loads(interval)) if interval else None,
+                guidance=float(guidance) if guidance else None,
+                guidance_interval=None if interval is None else tuple(interval),
                 negative=text.get("negative", ""),
                 # PNGs from before regional prompting: no layout
                 layout=text.get("layout") or "none",
@@ -234,6 +261,7 @@ class SampleSettings:
                 height=int(text["height"]) if text.get("height") else None,
                 knobs=json.loads(text["options"]) if text.get("options") else {},
                 vae_tiling=text.get("vae_tiling") or "auto",
+                loras=tuple(str(x) for x in json.loads(text["loras"])) if text.get("loras") else (),
             )
         except (ValueError, TypeError, KeyError) as e:
             raise UserError(f"{where}: unreadable generate parameters ({e})") from None

@@ -5,11 +5,17 @@ model name or Host header, 401 missing API key, 404 unknown job / model, 408 bod
 body or image too large, 422 a field (named in `detail[].loc`), 429 queue full (with
 Retry-After), 503 too many connections (uvicorn's `limit_concurrency`).
 Failures while a job runs make a failed job, never a 500.
+
+Beside latentforge's own API the app serves two drop-in dialects, each with its own error
+shape: AUTOMATIC1111's /sdapi/v1 (`a1111.py`) and OpenAI's images API (`openai_api.py`). All
+three share one queue, one set of limits and one API key (`dispatch.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import json
 import logging
@@ -33,10 +39,10 @@ from .. import sampling
 from ..errors import UserError
 from ..io.model_folder import ModelFolder
 from ..pipelines.settings import max_side, size_multiple
-from . import schemas, tasks
+from . import a1111, dispatch, openai_api, schemas, tasks
 from .config import ServerConfig, is_loopback
-from .jobs import FINAL, Job, JobQueue, QueueFull
-from .store import BadModelName, ModelNotFound, ModelStore
+from .jobs import FINAL, Job, JobQueue
+from .store import ModelStore
 
 log = logging.getLogger("latentforge.server")
 STATIC = Path(str(resources.files("latentforge.server") / "static"))
@@ -45,6 +51,7 @@ CSP = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 SSE_KEEPALIVE_S = 15.0
+KEYED = ("/v1/", "/openai/", a1111.PREFIX + "/")  # the paths the API key (or --api-auth) guards
 
 
 @functools.cache  # importlib.metadata reads and parses files: most of a /health request
@@ -65,6 +72,15 @@ def field_detail(field: str, message: str) -> list[dict]:
     return [{"loc": ["body", field], "msg": message, "type": "value_error"}]
 
 
+def _error_for(path: str, status: int, detail, headers: dict | None = None) -> Response:
+    """An error in the shape of the API that serves `path`: A1111's, OpenAI's or ours."""
+    if path.startswith(a1111.PREFIX):
+        return a1111.error(status, detail, headers=headers)
+    if openai_api.serves(path):
+        return openai_api.error(status, detail, headers=headers)
+    return _error(status, detail, headers)
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -83,20 +99,22 @@ class _Guard:
     def __init__(self, app, config: ServerConfig):
         self.app, self.max_body, self.body_timeout = app, config.max_body_bytes, config.body_timeout
         self.key = None if config.api_key is None else config.api_key.encode()
+        self.basic = None if config.api_auth is None else config.api_auth.encode()
         self.hosts = config.host_names()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         refusal = self._check_headers(scope)
+        path = scope["path"]
         if refusal is None:
             try:
                 body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
             except _BodyTooLarge:
-                refusal = _refuse(413, f"request body larger than {self.max_body} bytes")
+                refusal = _refuse(path, 413, f"request body larger than {self.max_body} bytes")
             except TimeoutError:
                 refusal = _refuse(
-                    408, f"the request body did not arrive in {self.body_timeout:g} s"
+                    path, 408, f"the request body did not arrive in {self.body_timeout:g} s"
                 )
             except _ClientGone:
                 return None
@@ -129,9 +147,11 @@ class _Guard:
     def _check_headers(self, scope) -> Response | None:
         """The refusal the headers alone earn, if any."""
         headers = dict(scope.get("headers", []))
+        path = scope["path"]
         host = _host_name(headers.get(b"host", b""))
         if host and self.hosts is not None and host not in self.hosts and not is_loopback(host):
             return _refuse(
+                path,
                 400,
                 f"untrusted Host header {host!r} (this server answers to "
                 f"{', '.join(sorted(self.hosts))}): start it with --allowed-host {host} to "
@@ -139,15 +159,27 @@ class _Guard:
             )
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
-            return _refuse(413, f"request body larger than {self.max_body} bytes")
-        v1 = scope["path"].startswith("/v1/")
-        if (
-            v1
-            and self.key is not None
-            and not secrets.compare_digest(_given_key(headers), self.key)
-        ):
-            return _refuse(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+            return _refuse(path, 413, f"request body larger than {self.max_body} bytes")
+        if path.startswith(KEYED) and not self._authorized(path, headers):
+            scheme = 'Basic realm="latentforge"' if path.startswith(a1111.PREFIX) else "Bearer"
+            return _refuse(path, 401, "missing or wrong API key", {"WWW-Authenticate": scheme})
         return None
+
+    def _authorized(self, path: str, headers: dict[bytes, bytes]) -> bool:
+        """The API key (X-API-Key or Bearer) where one is set; on /sdapi/* also (or, with
+        only --api-auth set, only) A1111's basic auth USER:PASS, and without --api-auth basic
+        auth with the API key as password (A1111 clients can send nothing else)."""
+        sdapi = path.startswith(a1111.PREFIX)
+        if self.key is None and (self.basic is None or not sdapi):
+            return True
+        if self.key is not None and secrets.compare_digest(_given_key(headers), self.key):
+            return True
+        if not sdapi:
+            return False
+        given = _basic_credentials(headers)
+        if self.basic is None:
+            return secrets.compare_digest(given.partition(b":")[2], self.key)
+        return secrets.compare_digest(given, self.basic)
 
     async def _read_body(self, receive) -> bytes:
         chunks, size = [], 0
@@ -164,9 +196,9 @@ class _Guard:
                 return b"".join(chunks)  # one chunk: that very object, no copy
 
 
-def _refuse(status: int, detail: str, headers: dict | None = None) -> Response:
+def _refuse(path: str, status: int, detail: str, headers: dict | None = None) -> Response:
     # the connection closes: the rest of the body is never read (nor kept alive for)
-    return _error(status, detail, {**(headers or {}), "Connection": "close"})
+    return _error_for(path, status, detail, {**(headers or {}), "Connection": "close"})
 
 
 def _host_name(value: bytes) -> str:
@@ -185,6 +217,17 @@ def _given_key(headers: dict[bytes, bytes]) -> bytes:
         return headers[b"x-api-key"]
     scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
     return token.strip() if scheme.lower() == b"bearer" else b""
+
+
+def _basic_credentials(headers: dict[bytes, bytes]) -> bytes:
+    """`Authorization: Basic base64(USER:PASS)` -> b"USER:PASS" (b"" when absent)."""
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    if scheme.lower() != b"basic":
+        return b""
+    try:
+        return base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
@@ -221,6 +264,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     _install_error_handlers(app)
     auth = _auth_dependency()
     decoder = tasks.ImageDecoder.for_config(config)
+    ctx = dispatch.Context(queue, store, config, decoder)
+    app.include_router(a1111.make_router(ctx), dependencies=[auth])
+    app.include_router(openai_api.make_router(ctx), dependencies=[auth])
+    app.include_router(openai_api.make_router(ctx, "/openai"), dependencies=[auth])
 
     # ----- open: health, UI --------------------------------------------------------------------
     # Cheap routes are `async def`: they run on the event loop itself. A plain `def` route (or
@@ -251,7 +298,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         tags=["models"],
         dependencies=[auth],
     )
-    def models() -> list[dict]:
+    def models(request: Request) -> list[dict] | Response:
+        """latentforge's model list; OpenAI's for the official OpenAI SDKs (openai_api.py)."""
+        if openai_api.wants_openai(request):
+            return JSONResponse(openai_api.models_list(store.names()))
         out, default = [], _default_or_none(store)
         for name, view in store.entries():
             if isinstance(view, str):  # a folder whose model.json does not load: why
@@ -284,21 +334,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         """Queue a job: a queue place first (429 costs nothing), then the request's checks,
         cheapest first (tasks), images decoded last."""
         try:
-            with queue.reserve() as enqueue:
-                images = {} if kind == "txt2img" else {"images": decoder}
-                job = enqueue(tasks.BUILDERS[kind](req, store, config, **images))
-        except QueueFull as e:
-            return _error(429, str(e), {"Retry-After": str(e.retry_after)})
-        except tasks.FieldError as e:
-            return _error(422, field_detail(e.field, str(e)))
-        except ModelNotFound as e:
-            return _error(404, str(e))
-        except tasks.ImageTooLarge as e:
-            return _error(413, str(e))
-        except (BadModelName, tasks.BadImage) as e:
-            return _error(400, str(e))
-        except UserError as e:
-            return _error(422, str(e))
+            job = dispatch.enqueue(ctx, kind, req)
+        except dispatch.Refused as e:
+            field = e.field if e.status == 422 else None
+            return _error(e.status, field_detail(field, str(e)) if field else str(e), e.headers)
         pos = queue.queue_position(job)
         body = {"id": job.id, "status": job.status, "queue_position": pos}
         return JSONResponse(body, 202, {"Location": f"/v1/jobs/{job.id}"})
@@ -524,15 +563,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
             for e in exc.errors()
         ]
-        return _error(422, detail)
+        return _error_for(request.url.path, 422, detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return _error(exc.status_code, exc.detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return _error_for(request.url.path, exc.status_code, exc.detail, headers)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> Response:
-        return _error(422, str(exc))
+        return _error_for(request.url.path, 422, str(exc))
 
 
 def uvicorn_options(config: ServerConfig) -> dict:

@@ -44,6 +44,9 @@ class ServerConfig:
     max_connections: int = 256  # connections + requests in flight; more get 503
     host: str = "127.0.0.1"  # the address the server is bound to (for the Host check)
     allowed_hosts: tuple[str, ...] = (TEST_CLIENT_HOST,)  # more Host names; "*": any
+    api_auth: str | None = None  # "USER:PASS": HTTP basic auth on /sdapi/* (A1111's --api-auth)
+    loras_dir: str | Path | None = None  # LoRA files listed by /sdapi/v1/loras
+    embeddings_dir: str | Path | None = None  # ... embeddings by /sdapi/v1/embeddings
 
     def __post_init__(self):
         if not 1 <= self.max_steps <= MAX_STEPS:
@@ -54,6 +57,10 @@ class ServerConfig:
             raise UserError("max_queue must be >= 1 and workers >= 0")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("the API key must not be empty")
+        if self.api_auth is not None:
+            user, sep, password = self.api_auth.partition(":")
+            if not sep or not user or not password:
+                raise UserError("--api-auth must be USER:PASS, both non-empty")
         positive = {
             "max_body_bytes": self.max_body_bytes, "max_image_pixels": self.max_image_pixels,
             "max_decodes": self.max_decodes, "max_job_work": self.max_job_work,
@@ -67,6 +74,20 @@ class ServerConfig:
         from ..io.model_folder import check_dtype, resolve_device
 
         check_dtype(self.dtype, resolve_device(self.device))  # a bad one fails at start
+
+    def loras_folder(self) -> Path | None:
+        """Where LoRA files are listed from: `loras_dir`, else `loras/` in `models_dir`."""
+        return self._beside_models(self.loras_dir, "loras")
+
+    def embeddings_folder(self) -> Path | None:
+        """Where embeddings are listed from: `embeddings_dir`, else `embeddings/` in
+        `models_dir`."""
+        return self._beside_models(self.embeddings_dir, "embeddings")
+
+    def _beside_models(self, folder: str | Path | None, name: str) -> Path | None:
+        if folder is not None:
+            return Path(folder)
+        return None if self.models_dir is None else Path(self.models_dir) / name
 
     def host_names(self) -> frozenset[str] | None:
         """The Host header names this server answers to (lower case, no port), or None for any:

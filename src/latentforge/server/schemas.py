@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..pipelines.layout import layout_names
-from ..sampling import KNOB_RANGES, SAMPLERS
+from ..sampling import KNOB_RANGES
 from ..schedules import SPACINGS
 
 MAX_STEPS = 200
@@ -23,7 +23,6 @@ MAX_SEED = 2**53 - 1  # exact in JavaScript numbers
 MAX_UPSCALE_INPUT = 256  # pixels on a side of an image to upscale
 MAX_IMAGE_CHARS = 8_000_000  # one base64 image (about 6 MB of PNG)
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-SAMPLER_NAMES = tuple(sorted(SAMPLERS))  # the registry as it stands when the server starts
 
 
 def _valid_unicode(text: str) -> str:
@@ -58,8 +57,11 @@ class SamplingParams(_Request):
     model: Text | None = Field(
         None, max_length=128, description="model name (see /v1/models); default: the server's"
     )
-    sampler: Literal[SAMPLER_NAMES] | None = Field(
-        None, description="see /v1/samplers; default: the model's"
+    sampler: Text | None = Field(
+        None,
+        max_length=64,
+        description="see /v1/samplers, or an A1111 name ('DPM++ 2M Karras', 'Euler a'); "
+        "default: the model's",
     )
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default: the model's")
     spacing: Literal[SPACINGS] | None = Field(None, description="noise-level spacing")

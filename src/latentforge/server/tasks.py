@@ -16,7 +16,6 @@ import base64
 import binascii
 import contextlib
 import io
-import json
 import math
 import random
 import threading
@@ -25,11 +24,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from .. import sampling
 from ..errors import UserError
-from ..io.images import from_pil, make_grid, to_pil
+from ..io.images import from_pil, make_grid, png_info, to_pil
 from ..io.model_folder import LoadedModel, ModelFolder
 from ..pipelines import generate as p_generate
 from ..pipelines import img2img as p_img2img
@@ -140,13 +139,10 @@ class ImageDecoder:
 
 
 def png_base64(image: torch.Tensor, metadata: dict | None = None, compress_level: int = 6) -> str:
-    """(C, H, W) in [-1, 1] -> base64 PNG with `metadata` as text chunks (as io.images.save_png)."""
-    info = PngImagePlugin.PngInfo()
-    for k, v in (metadata or {}).items():
-        # lists (guidance_interval) as JSON, as `generate --from-png` reads them
-        info.add_text(k, json.dumps(v) if isinstance(v, list) else str(v))
+    """(C, H, W) in [-1, 1] -> base64 PNG with `metadata` as text chunks, A1111's `parameters`
+    beside them (as io.images.save_png)."""
     buf = io.BytesIO()
-    to_pil(image).save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
+    to_pil(image).save(buf, format="PNG", pnginfo=png_info(metadata), compress_level=compress_level)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

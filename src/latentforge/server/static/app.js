@@ -417,6 +417,42 @@ function resultImage(im) {
 }
 
 // ----- wiring --------------------------------------------------------------------------------
+// ----- PNG info ------------------------------------------------------------------------------
+// The server reads the chunks (/sdapi/v1/png-info): A1111's `parameters`, or latentforge's own
+// turned into it, and `latentforge`, the settings in latentforge's keys, which fill the form.
+async function readPngInfo(file) {
+  const data = await fileToDataUrl(file);
+  const r = await api("/sdapi/v1/png-info", { method: "POST", body: JSON.stringify({ image: data }) });
+  const send = $("#pnginfo-send");
+  send.disabled = true;
+  if (!r.ok) { showMessage((r.data && r.data.errors) || `HTTP ${r.status}`); return; }
+  $("#pnginfo-text").textContent = r.data.info || "this PNG holds no generation parameters";
+  const fields = Object.entries(r.data.parameters || {}).filter(([k]) => k !== "Prompt");
+  $("#pnginfo-fields").replaceChildren(...fields.flatMap(([k, v]) => {
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = v;
+    return [dt, dd];
+  }));
+  state.pngInfo = r.data.latentforge || {};
+  send.disabled = !state.pngInfo.seed;
+}
+
+function sendPngInfo() {
+  const p = state.pngInfo || {};
+  $("#prompt").value = p.prompt || "";
+  $("#negative").value = p.negative || "";
+  if ([...$("#sampler").options].some((o) => o.value === p.sampler)) $("#sampler").value = p.sampler;
+  $("#steps").value = p.steps || "";
+  $("#guidance").value = p.guidance || "";
+  $("#seed").value = p.seed || "";
+  $("#num").value = p.num || 1;
+  const size = `${p.width}x${p.height}`;
+  if ([...$("#size").options].some((o) => o.value === size)) $("#size").value = size;
+  selectTab("txt2img");
+}
+
 function init() {
   const key = $("#api-key");
   key.value = localStorage.getItem("latentforge-api-key") || "";
@@ -428,7 +464,8 @@ function init() {
   });
   for (const b of $$("nav [role=tab]")) b.addEventListener("click", () => selectTab(b.dataset.tab));
   for (const form of $$(".panel")) {
-    form.addEventListener("submit", (e) => { e.preventDefault(); submit(form.dataset.panel, form); });
+    const go = form.dataset.panel === "pnginfo" ? sendPngInfo : () => submit(form.dataset.panel, form);
+    form.addEventListener("submit", (e) => { e.preventDefault(); go(); });
   }
   for (const input of $$(".source-file")) {
     input.addEventListener("change", async () => {
@@ -446,6 +483,13 @@ function init() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("#form-txt2img").requestSubmit();
   });
   $("#model").addEventListener("change", modelChanged);
+  const info = $("#form-pnginfo");
+  $("#pnginfo-file").addEventListener("change", (e) => { if (e.target.files[0]) readPngInfo(e.target.files[0]); });
+  info.addEventListener("dragover", (e) => e.preventDefault());
+  info.addEventListener("drop", (e) => {
+    e.preventDefault();
+    if (e.dataTransfer.files[0]) readPngInfo(e.dataTransfer.files[0]);
+  });
   setupPainting();
   loadModels();
   loadSamplers();
