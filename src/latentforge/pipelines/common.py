@@ -19,6 +19,7 @@ from .. import sampling, schedules
 from ..errors import UserError
 from ..guidance import CFGDenoiser, Region, RegionalDenoiser, parse_interval, region_conditioning
 from ..io.model_folder import LoadedModel, ModelFolder, check_dtype
+from ..prompt_syntax import plain_text
 from .layout import plan_layout
 from .settings import SampleSettings, per_image
 
@@ -90,15 +91,25 @@ def conditioning(
         prompts = per_image(prompts or [""], num, "prompts")
         negatives = per_image([negative] if isinstance(negative, str) else negative or [""],
                                num, "negative prompts")  # fmt: skip
-        context, mask = model.text_encoder.encode(prompts)
+        encoder = model.text_encoder
+        context, mask = encoder.encode_prompts(prompts)  # A1111 syntax, chunked
+        if guidance != 1.0:  # both halves of guidance run in one batch: as many tokens
+            u_context, u_mask = encoder.encode_prompts(negatives)
+            length = max(context.shape[1], u_context.shape[1])
+            context, mask = encoder.pad_context(context, mask, length)
+            u_context, u_mask = encoder.pad_context(u_context, u_mask, length)
         cond = {"context": context, "context_mask": mask}
         if regions and any(regions):
             lists = per_image(list(regions), num, "region lists")
             grid = tuple(model.image_shape[1:]) if grid is None else grid
-            cond.update(region_conditioning(model.text_encoder, lists, grid))
+            region = region_conditioning(encoder, lists, grid)
+            # batched with the prompts' context by RegionalDenoiser: as many tokens
+            region["region_context"], region["region_context_mask"] = encoder.pad_context(
+                region["region_context"], region["region_context_mask"], context.shape[1]
+            )
+            cond.update(region)
             denoiser = RegionalDenoiser(denoiser)
         if guidance != 1.0:
-            u_context, u_mask = model.text_encoder.encode(negatives)
             uncond = {"context": u_context, "context_mask": u_mask}
             # no regions in the unconditional half: zero weights
             uncond.update(
@@ -132,7 +143,10 @@ def plan_regions(
         return [list(settings.regions)] * num
     if settings.layout in (None, "none"):
         return None
-    return [plan_layout(settings.layout, p) for p in per_image(prompts or [""], num, "prompts")]
+    return [
+        plan_layout(settings.layout, plain_text(p))  # the words, without A1111's syntax
+        for p in per_image(prompts or [""], num, "prompts")
+    ]
 
 
 def precision_context(
