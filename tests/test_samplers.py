@@ -175,8 +175,28 @@ def test_stochastic_samplers_match_mixture_modes_and_moments(name, knobs, steps)
     assert torch.allclose(torch.cov(out.T), MIX.cov, atol=0.1), torch.cov(out.T)
 
 
+def _gaussian_consistency(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The exact consistency function of N(MU, COV): the PF-ODE map from sigma to 0."""
+    return analytic.gaussian_ode_solution(MU, COV, x, float(sigma.flatten()[0]), 0.0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_lcm_with_the_exact_consistency_function_samples_the_data(steps):
+    """Multistep consistency sampling over the exact consistency function draws N(MU, COV) at
+    any step count (Song et al. 2023): each step's x0 is an exact sample, the re-noised point
+    an exact draw at the next level."""
+    gen = torch.Generator().manual_seed(steps)
+    sig = _karras(steps)
+    x = torch.randn(4000, 2, generator=gen, dtype=torch.float64) * sig[0]
+    out = sampling.sample("lcm", _gaussian_consistency, x, sig, generator=gen)
+    assert torch.allclose(out.mean(0), MU, atol=0.08), out.mean(0)
+    assert torch.allclose(torch.cov(out.T), COV, atol=0.08), torch.cov(out.T)
+
+
 def test_stochastic_set():
-    expected = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
+    expected = {
+        "ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "lcm",
+    }  # fmt: skip
     assert expected == sampling.STOCHASTIC
     assert set(sampling.STOCHASTIC) <= set(sampling.SAMPLERS)
 

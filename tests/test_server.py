@@ -524,11 +524,11 @@ def test_embedded_upscaler_is_served_beside_the_embedded_model(models_dir, monke
 
     monkeypatch.setattr(superres, "default_upscaler_dir", lambda: models_dir / "sr2")
     store = ModelStore()
-    assert store.names() == ["default", "upscaler"]
+    assert store.names() == ["default", "upscaler", "fast"]
     assert store.resolve("upscaler") == ("upscaler", models_dir / "sr2")
     assert store.default_name == "default"
     # an explicit model or models directory serves exactly what was asked for
     assert "upscaler" not in ModelStore(models_dir=models_dir).names()
     assert ModelStore(model=models_dir / "digits").names() == ["digits"]
     monkeypatch.setattr(superres, "default_upscaler_dir", lambda: models_dir / "missing")
-    assert ModelStore().names() == ["default"]
+    assert ModelStore().names() == ["default", "fast"]

@@ -394,6 +394,17 @@ def sample_dpmpp_2s_ancestral(
     return x
 
 
+@torch.no_grad()
+def sample_lcm(denoiser, x, sigmas, *, cond=None, generator=None, callback=None):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM, Luo et al. 2023): jump to
+    the consistency model's x0, then re-noise it to the next level with fresh noise."""
+    for i, sigma, sigma_next in _levels(sigmas):
+        denoised = _denoise(denoiser, x, sigma, cond)
+        _report(callback, i, sigma, x, denoised)
+        x = _add_noise(denoised, sigma_next, generator)  # the last step (to 0) draws nothing
+    return x
+
+
 def _unipc_rhos(rks: list[float], hh: float, b_h: float, solve_all: bool) -> list[float]:
     """UniPC's weights rho (Zhao et al. 2023, Alg. 2/3): solve R rho = b, R_ij = r_j^(i-1), with
     b_i = i! g_i / B(h), g_1 = (e^hh - 1)/hh - 1, g_(i+1) = g_i/hh - 1/(i+1)! (scaled phi
@@ -478,11 +489,14 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "unipc": sample_unipc,
     "ipndm": sample_ipndm,
+    "lcm": sample_lcm,
 }
 
 # Samplers that draw fresh noise at every step by default (the rest are deterministic ODE
 # solvers unless a knob such as ddim's eta or heun's s_churn asks for noise).
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
+STOCHASTIC = {
+    "ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "lcm",
+}  # fmt: skip
 
 # Samplers that call the denoiser twice a step (once on their last step, to sigma = 0).
 TWO_CALL = {"heun", "dpm2", "dpmpp_2s_ancestral"}

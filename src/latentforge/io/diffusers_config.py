@@ -33,7 +33,6 @@ _UNET_OFF = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
@@ -58,7 +57,6 @@ _VAE_OFF = {
 _HINTS = {
     "addition_embed_type": " (SDXL-style added embeddings)",
     "class_embed_type": " (only plain num_class_embeds maps onto latentforge's class embedding)",
-    "time_cond_proj_dim": " (LCM-style guidance embedding)",
 }
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -270,6 +268,28 @@ def parameterization_from_scheduler(cfg: dict) -> dict:
         spec["beta_start"] = cfg.get("beta_start", 0.0001)
         spec["beta_end"] = cfg.get("beta_end", 0.02)
     return spec
+
+
+# LatentConsistencyModelPipeline's default guidance_scale (embedded, one pass a step)
+LCM_GUIDANCE = 8.5
+
+
+def guidance_embedding_from_diffusers(cfg: dict) -> dict | None:
+    """A U-Net config.json's `time_cond_proj_dim` (LCM) -> model.json's guidance_embedding."""
+    dim = cfg.get("time_cond_proj_dim")
+    if dim is None:
+        return None
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+        raise UserError(f"U-Net: time_cond_proj_dim must be an even integer, got {dim!r}")
+    return {"time_cond_proj_dim": dim, "guidance": LCM_GUIDANCE}
+
+
+def consistency_from_scheduler(cfg: dict) -> dict | None:
+    """An LCMScheduler config -> parameterization.consistency (its boundary-condition scalings);
+    None for other schedulers."""
+    if cfg.get("_class_name") != "LCMScheduler":
+        return None
+    return {"sigma_data": 0.5, "timestep_scaling": float(cfg.get("timestep_scaling", 10.0))}
 
 
 def scheduler_from_parameterization(spec: dict, spacing: str = "leading") -> dict:

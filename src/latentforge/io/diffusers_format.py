@@ -35,7 +35,9 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .diffusers_config import (
+    consistency_from_scheduler,
     diffusers_version,
+    guidance_embedding_from_diffusers,
     parameterization_from_scheduler,
     scheduler_from_parameterization,
     unet_config_from_diffusers,
@@ -143,21 +145,34 @@ def load_unet_lazy(
 ) -> tuple[UNetConfig, LazyState]:
     """U-Net config + strictly checked, not-yet-read native state from a diffusers folder (or its
     unet/), a single-file checkpoint or a native model folder."""
+    config, state, _ = _unet_parts(src, allow_pickle, num_heads)
+    return config, state
+
+
+def _unet_parts(
+    src: str | Path, allow_pickle: bool = False, num_heads=None
+) -> tuple[UNetConfig, LazyState, dict | None]:
+    """`load_unet_lazy`'s (config, state) and the U-Net's guidance embedding, if any (LCM)."""
     src = Path(src)
     if not src.exists():
         raise UserError(f"not found: {src}")
+    embedding = None
     if src.is_file():
         parts = ldm.split_checkpoint(open_weights(src, allow_pickle=allow_pickle))
         config, state = ldm.unet_from_checkpoint(parts, num_heads)
     elif (src / MODEL_JSON).is_file():  # a native model folder
-        config = UNetConfig.from_dict(ModelFolder.read(src).meta.unet)
+        meta = ModelFolder.read(src).meta
+        config, embedding = UNetConfig.from_dict(meta.unet), meta.guidance_embedding
         state = open_weights(src / MODEL_WEIGHTS)
     else:
         folder = _component(src, "unet")
-        config = unet_config_from_diffusers(_read_json(folder / "config.json"), folder)
+        unet_json = _read_json(folder / "config.json")
+        config = unet_config_from_diffusers(unet_json, folder)
+        embedding = guidance_embedding_from_diffusers(unet_json)
         state = _weights(folder, DIFFUSERS_WEIGHTS, allow_pickle)
-    _strict_native(lambda: UNet(config), state, f"U-Net from {src}")
-    return config, state
+    kw = {"time_cond_proj_dim": embedding["time_cond_proj_dim"]} if embedding else {}
+    _strict_native(lambda: UNet(config, **kw), state, f"U-Net from {src}")
+    return config, state, embedding
 
 
 def load_vae_lazy(
@@ -197,8 +212,9 @@ def load_unet_module(
     src: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
 ) -> UNet:
     """A ready U-Net (eval mode), built on the meta device and filled tensor by tensor."""
-    config, state = load_unet_lazy(src, allow_pickle=allow_pickle)
-    unet = build_module(lambda: UNet(config), state, f"U-Net from {src}", dtype=dtype)
+    config, state, embedding = _unet_parts(src, allow_pickle)
+    kw = {"time_cond_proj_dim": embedding["time_cond_proj_dim"]} if embedding else {}
+    unet = build_module(lambda: UNet(config, **kw), state, f"U-Net from {src}", dtype=dtype)
     return unet.eval().requires_grad_(False)
 
 
@@ -235,7 +251,7 @@ def _copy_text_encoder(src: Path, dst: Path, allow_pickle: bool) -> None:
 
 def _from_diffusers(src: Path, work: Path, opts: dict) -> dict:
     allow = opts["allow_pickle"]
-    unet_config, unet_state = load_unet_lazy(src, allow_pickle=allow)
+    unet_config, unet_state, embedding = _unet_parts(src, allow)
     vae_config, vae_state = load_vae_lazy(src, allow_pickle=allow)
     notes = []
     sched = src / "scheduler" / "scheduler_config.json"
@@ -263,10 +279,18 @@ def _from_diffusers(src: Path, work: Path, opts: dict) -> dict:
             notes.append("no tokenizer/ folder: copy a CLIP tokenizer to DST/tokenizer")
     elif unet_config.cross_attention_dim:
         notes.append("no text_encoder/: the model needs one for text prompts")
+    spec = parameterization_from_scheduler(scheduler)
+    consistency = consistency_from_scheduler(scheduler)
+    sampling = None
+    if consistency is not None:  # an LCM: its own sampler, guidance embedded (one pass a step)
+        spec["consistency"] = consistency
+        sampling = {"sampler": "lcm", "steps": 4, "spacing": "trailing", "guidance": 1.0}
     return {
         "unet": (unet_config, unet_state),
         "vae": (vae_config, vae_state),
-        "spec": parameterization_from_scheduler(scheduler),
+        "spec": spec,
+        "guidance_embedding": embedding,
+        "sampling": sampling,
         "sample_size": unet_json.get("sample_size") or 64,
         "spacing": scheduler.get("timestep_spacing", "leading"),
         "text": text,
@@ -346,6 +370,7 @@ def import_model(
             sampling=SamplingDefaults.from_json(
                 got.get("sampling") or {**SD_SAMPLING, "spacing": got["spacing"]}, str(src)
             ),
+            guidance_embedding=got.get("guidance_embedding"),
             source={"imported_from": str(src), "format": got["format"]},
             text_encoder=got["text"] or None,
         )
@@ -422,6 +447,11 @@ def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers"
         raise UserError(f"unknown export format {fmt!r}; use 'diffusers' or 'single-file'")
     native, dst = Path(native_dir), Path(dst)
     meta, config, state, vae = _native_parts(native)
+    if meta.guidance_embedding:
+        raise UserError(
+            f"{native}: {_describe(meta)} embeds its guidance scale (LCM / distilled); it does "
+            "not export yet. Keep the latentforge model folder itself (copy it)"
+        )
     if fmt == "single-file":
         if dst.suffix != ".safetensors":
             raise UserError(f"single-file export writes a .safetensors file, got {dst}")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..guidance import DenoiserWrapper
 from .checkpoint import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -83,9 +84,29 @@ def check_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+EMBEDDED_MODELS = (DEFAULT_MODEL, "fast", "upscaler")  # folders under assets/, by name
+
+
+def assets_dir() -> Path:
+    """The package's assets folder (the embedded models)."""
+    return Path(str(resources.files("latentforge") / "assets"))
+
+
 def default_model_dir() -> Path:
     """The embedded default model that ships inside the package."""
-    return Path(str(resources.files("latentforge") / "assets" / DEFAULT_MODEL))
+    return assets_dir() / DEFAULT_MODEL
+
+
+def model_dir(path: str | Path | None) -> Path:
+    """A --model value -> its folder: None is the embedded default model; the name of an
+    embedded model (`EMBEDDED_MODELS`: default, fast, upscaler) is its folder in the package
+    unless a folder of that name exists here; anything else is the path itself."""
+    if path is None:
+        return default_model_dir()
+    path = Path(path)
+    if str(path) in EMBEDDED_MODELS and not path.exists():
+        return assets_dir() / str(path)
+    return path
 
 
 # ----- validation helpers ------------------------------------------------------------------------
@@ -191,6 +212,16 @@ def _subfolder(d: Mapping, key: str, where: str, default: str) -> str:
     return value
 
 
+def _vae_reference(d: Mapping, where: str) -> str:
+    """latent.vae: a sub-folder, or "../NAME/vae", the VAE of embedded model NAME, which only an
+    embedded model may name (`read_model_meta` checks): `fast` shares the default's VAE."""
+    value = _str(d, "vae", where, "vae")
+    parts = Path(value or "").parts
+    if len(parts) == 3 and parts[0] == ".." and parts[1] in EMBEDDED_MODELS and parts[2] == "vae":
+        return value
+    return _subfolder(d, "vae", where, "vae")
+
+
 def _extra(d: Mapping, known: tuple[str, ...]) -> dict:
     return {k: copy.deepcopy(v) for k, v in d.items() if k not in known}
 
@@ -283,6 +314,8 @@ def _check_parameterization(p: Mapping, where: str) -> None:
     kind = _str(p, "type", w, "vp")
     _number(p, "clip_denoised", w, positive=True)
     if kind == "edm":
+        if "consistency" in p:
+            raise UserError(f"{w}.consistency needs a vp parameterization (discrete timesteps)")
         for key in ("sigma_data", "sigma_min", "sigma_max", "p_std"):
             _number(p, key, w, positive=True)
         _number(p, "p_mean", w)
@@ -291,6 +324,13 @@ def _check_parameterization(p: Mapping, where: str) -> None:
         return
     if kind != "vp":
         raise UserError(f"{w}.type {kind!r} is not one of vp, edm")
+    consistency = _section(p, "consistency", w)
+    if consistency is not None:
+        unknown = set(consistency) - {"sigma_data", "timestep_scaling"}
+        if unknown:
+            raise UserError(f"{w}.consistency: unknown keys {sorted(unknown)}")
+        _number(consistency, "sigma_data", f"{w}.consistency", positive=True)
+        _number(consistency, "timestep_scaling", f"{w}.consistency", positive=True)
     for key, allowed in (("prediction", PREDICTIONS), ("beta_schedule", BETA_SCHEDULES)):
         if key in p and p[key] not in allowed:
             raise UserError(f"{w}.{key} {p[key]!r} is not one of {', '.join(allowed)}")
@@ -316,6 +356,17 @@ def _check_text_encoder(t: Mapping, where: str) -> None:
         _bool(t, "use_mask", w)
     else:
         raise UserError(f"{w}.type {t.get('type')!r} is not one of minilm, clip")
+
+
+def _check_guidance_embedding(g: Mapping, where: str) -> None:
+    w = f"{where}: guidance_embedding"
+    unknown = set(g) - {"time_cond_proj_dim", "guidance"}
+    if unknown:
+        raise UserError(f"{w}: unknown keys {sorted(unknown)}")
+    dim = _int(g, "time_cond_proj_dim", w, minimum=2, maximum=MAX_WIDTH)
+    if dim is None or dim % 2:
+        raise UserError(f"{w}: time_cond_proj_dim must be an even integer, got {dim!r}")
+    _number(g, "guidance", w, 1.0, minimum=0.0, maximum=MAX_GUIDANCE)
 
 
 # ----- sections ----------------------------------------------------------------------------------
@@ -425,7 +476,7 @@ class LatentInfo:
         return cls(
             image_resolution=_int(d, "image_resolution", w, minimum=1, maximum=MAX_RESOLUTION),
             scaling_factor=_number(d, "scaling_factor", w, 1.0, positive=True),
-            vae=_subfolder(d, "vae", w, "vae"),
+            vae=_vae_reference(d, w),
             image_channels=_int(d, "image_channels", w, 3, minimum=1, maximum=MAX_CHANNELS),
             extra=_extra(d, cls._KEYS),
         )
@@ -471,6 +522,8 @@ def _check_networks(meta: ModelMeta, where: str) -> None:
             raise UserError(f"{where}: latent_rgb must be 3 rows of {width} numbers")
         return
     config = _config(UNetConfig, meta.unet, "unet", check_unet_config, where)
+    if meta.guidance_embedding and meta.task != "generate":
+        raise UserError(f"{where}: a guidance_embedding needs task generate, not {meta.task!r}")
     concat = (meta.concat_channels or 0) if meta.task != "generate" else 0
     if config.out_channels != data.channels or config.in_channels != data.channels + concat:
         extra = f" + {concat} concatenated" if concat else ""
@@ -504,7 +557,7 @@ def _check_networks(meta: ModelMeta, where: str) -> None:
 _TOP_KEYS = (
     "format", "version", "kind", "cond", "task", "unet", "vae", "parameterization", "data",
     "sampling", "latent", "text_encoder", "scale", "concat_channels", "scaling_factor",
-    "latent_rgb", "source", "init_from", "eval", "training",
+    "latent_rgb", "source", "init_from", "eval", "training", "guidance_embedding",
 )  # fmt: skip
 
 
@@ -533,6 +586,9 @@ class ModelMeta:
     concat_channels: int | None = None
     scaling_factor: float | None = None  # VAE folders: latents are multiplied by it
     latent_rgb: list | None = None  # VAE folders: the fitted latent -> RGB preview map
+    # {"time_cond_proj_dim": N, "guidance": G}: the U-Net embeds the guidance scale (diffusers'
+    # time_cond_proj_dim; LCM and distilled models), run at G where a call gives none
+    guidance_embedding: dict | None = None
     source: dict | None = None
     init_from: dict | None = None
     eval: dict | None = None
@@ -573,6 +629,9 @@ class ModelMeta:
             _check_text_encoder(text, where)
         if task != "generate" and diffusion:
             _int(d, "concat_channels", where, minimum=1, maximum=MAX_CHANNELS)
+        embedding = _section(d, "guidance_embedding", where)
+        if embedding is not None:
+            _check_guidance_embedding(embedding, where)
         rgb = d.get("latent_rgb")
         if rgb is not None and not isinstance(rgb, list):
             raise UserError(f"{where}: latent_rgb must be a list")
@@ -593,6 +652,7 @@ class ModelMeta:
             else None,
             scaling_factor=_number(d, "scaling_factor", where, positive=True),
             latent_rgb=copy.deepcopy(rgb),
+            guidance_embedding=copy.deepcopy(embedding),
             source=copy.deepcopy(_section(d, "source", where)),
             init_from=copy.deepcopy(_section(d, "init_from", where)),
             eval=copy.deepcopy(_section(d, "eval", where)),
@@ -615,7 +675,8 @@ class ModelMeta:
             "latent": None if self.latent is None else self.latent.to_json(),
             "text_encoder": self.text_encoder, "scale": self.scale,
             "concat_channels": self.concat_channels, "scaling_factor": self.scaling_factor,
-            "latent_rgb": self.latent_rgb, "source": self.source, "init_from": self.init_from,
+            "latent_rgb": self.latent_rgb, "guidance_embedding": self.guidance_embedding,
+            "source": self.source, "init_from": self.init_from,
             "eval": self.eval, "training": self.training,
         }  # fmt: skip
         return copy.deepcopy({**_drop_none(out), **self.extra})
@@ -665,7 +726,12 @@ class ModelMeta:
 def read_model_meta(folder: str | Path) -> ModelMeta:
     """A folder's model.json, parsed and validated; UserError naming the fault."""
     folder = Path(folder)
-    return ModelMeta.from_json(read_json_file(folder), str(folder))
+    meta = ModelMeta.from_json(read_json_file(folder), str(folder))
+    shared = meta.latent is not None and meta.latent.vae.startswith("..")
+    if shared and folder.resolve().parent != assets_dir().resolve():
+        raise UserError(f"{folder}: latent.vae {meta.latent.vae!r} is outside the folder; only "
+                        "the embedded models share a VAE")  # fmt: skip
+    return meta
 
 
 def save_model_folder(
@@ -700,7 +766,9 @@ class ModelFolder:
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelFolder:
-        return cls(read_model_meta(folder), Path(folder))
+        """The folder's view; an embedded model's name (see `model_dir`) reads its folder."""
+        folder = model_dir(folder)
+        return cls(read_model_meta(folder), folder)
 
     @property
     def task(self) -> str:
@@ -806,14 +874,53 @@ def build_denoiser(
             from ..models.conditioned import ConcatUNet
 
             return ConcatUNet(config, meta.concat_channels, noise_level=meta.task == "superres")
-        return UNet(config)
+        return UNet(config, **unet_guidance(meta))
 
     if state is None:
         unet = network()
     else:
         unet = build_module(network, state, "U-Net", dtype=dtype, device=device)
     unet.eval().requires_grad_(False)
-    return make_denoiser(unet, meta.parameterization).to(device)
+    return wrap_consistency(make_denoiser(unet, meta.parameterization), meta).to(device)
+
+
+def wrap_consistency(denoiser: nn.Module, meta: ModelMeta) -> nn.Module:
+    """`denoiser` as the consistency model model.json describes, or as it is."""
+    spec = (meta.parameterization or {}).get("consistency")
+    return denoiser if spec is None else ConsistencyDenoiser(denoiser, **spec)
+
+
+class ConsistencyDenoiser(DenoiserWrapper):
+    """A consistency model's parameterization around a VP denoiser (LCM, Luo et al. 2023, eq. 9;
+    diffusers' `LCMScheduler`): f(x, t) = c_skip(t) x_t + c_out(t) x0_hat(x, t), with x_t the VP
+    sample and t the discrete timestep of sigma, so f(x, sigma_min) = x_t exactly (the boundary
+    condition). model.json: parameterization.consistency = {sigma_data, timestep_scaling}."""
+
+    def __init__(self, inner: nn.Module, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+        super().__init__(inner)
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out) at these sigmas: c_skip = 1, c_out = 0 at timestep 0."""
+        scaled = self.inner.sigma_to_t(sigma.double()) * self.timestep_scaling
+        c_skip = self.sigma_data**2 / (scaled**2 + self.sigma_data**2)
+        return c_skip, scaled / (scaled**2 + self.sigma_data**2).sqrt()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        c_skip, c_out = self.scalings(sigma)
+        c_in = (1 + sigma.double() ** 2).rsqrt()  # x_t = x / sqrt(1 + sigma^2)
+        shape = (-1,) + (1,) * (x.ndim - 1)  # (B, 1, 1, 1)
+        x0 = self.inner(x, sigma, **cond)
+        return (c_skip * c_in).view(shape).to(x.dtype) * x + c_out.view(shape).to(x.dtype) * x0
+
+
+def unet_guidance(meta: ModelMeta) -> dict:
+    """The `UNet` keywords of a model folder's guidance embedding (none without one)."""
+    g = meta.guidance_embedding
+    if not g:
+        return {}
+    return {"time_cond_proj_dim": g["time_cond_proj_dim"], "guidance": g.get("guidance", 1.0)}
 
 
 def load_vae(
@@ -872,13 +979,14 @@ def load_diffusion_model(
     device: str | torch.device | None = "cpu",
     dtype: str = "fp32",
 ) -> LoadedModel:
-    """Load a native model folder (None: the embedded default model) onto `device` ("auto":
+    """Load a native model folder (None: the embedded default model; an embedded model's name,
+    see `model_dir`) onto `device` ("auto":
     CUDA, else MPS, else CPU; see `resolve_device`) with weights in `dtype` (fp32, bf16, or fp16
     on a GPU: the VAE then stays fp32, as SD's overflows in fp16; the text encoder stays fp32).
     Weights stream from the file onto the device, tensor by tensor."""
     from .lazy import check_float_weights, open_safetensors
 
-    folder = default_model_dir() if path is None else Path(path)
+    folder = model_dir(path)
     view = ModelFolder.read(folder)
     meta = view.meta
     device = resolve_device(device)

@@ -32,7 +32,16 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, config: UNetConfig):
+    """`time_cond_proj_dim` > 0 adds diffusers' guidance-scale embedding (LCM, Luo et al. 2023;
+    Meng et al. 2023): w -> Fourier features -> `cond_proj` (no bias), added to the sinusoidal
+    time features before the time MLP, as `UNet2DConditionModel` does with `timestep_cond`.
+    Zero-initialised, so a network given the embedding computes what it did without it.
+    `guidance` is the scale used when a call passes none (a model folder's
+    `guidance_embedding.guidance`), so a pipeline that knows nothing of it runs one pass."""
+
+    def __init__(
+        self, config: UNetConfig, *, time_cond_proj_dim: int | None = None, guidance: float = 1.0
+    ):
         super().__init__()
         self.config = c = config
         chans = c.block_out_channels
@@ -44,6 +53,11 @@ class UNet(nn.Module):
         n = c.position_embedding
         self.position_embedding = nn.Parameter(torch.zeros(1, chans[0], n, n)) if n else None
         self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
+        self.time_cond_proj_dim = time_cond_proj_dim or None
+        self.guidance = guidance
+        if self.time_cond_proj_dim:  # diffusers' time_embedding.cond_proj
+            self.time_embedding.cond_proj = nn.Linear(time_cond_proj_dim, chans[0], bias=False)
+            nn.init.zeros_(self.time_embedding.cond_proj.weight)
         # Class embedding with one extra row: index num_classes is the null (unconditional) class.
         self.class_embedding = nn.Embedding(c.num_classes + 1, temb_dim) if c.num_classes else None
         self.context_refiner = None
@@ -115,16 +129,25 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         extra_emb: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) fractional timesteps; class_labels: (B,), num_classes = null;
         context: (B, tokens, D) text hidden states; context_mask: (B, tokens), True = keep;
-        extra_emb: (B, temb_dim) added to the time embedding (e.g. a noise-augmentation level)."""
+        extra_emb: (B, temb_dim) added to the time embedding (e.g. a noise-augmentation level);
+        guidance: (B,) guidance scales g for a network with `time_cond_proj_dim` (default: its
+        `guidance`); a network without one has no such input and ignores it."""
         c = self.config
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = timestep_embedding(
             t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
         )
+        if self.time_cond_proj_dim:
+            if guidance is None:
+                guidance = torch.full(t.shape, self.guidance, device=t.device)
+            proj = self.time_embedding.cond_proj
+            w_emb = guidance_embedding(guidance.to(t.device), self.time_cond_proj_dim)
+            emb = emb + proj(w_emb.to(proj.weight.dtype)).float()
         temb = self.time_embedding(emb.to(x.dtype))
         if self.class_embedding is not None:
             if class_labels is None:  # no label given: the null class
@@ -192,6 +215,14 @@ class UNet(nn.Module):
         out = self.context_refiner(context, mask)
         self._refined = [*self._refined[-1:], (key, context, mask, out)]
         return out
+
+
+def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' `get_guidance_scale_embedding` of w = g - 1 (LCM's guidance convention):
+    sin-first Fourier features of 1000 w with frequencies 10000^(-i / (dim/2 - 1)), (B,) ->
+    (B, dim)."""
+    w = (guidance.float() - 1) * 1000
+    return timestep_embedding(w, dim, flip_sin_to_cos=False, freq_shift=1.0)
 
 
 def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -83,8 +83,28 @@ def conditioning(
     list for all images, or one per image; see `plan_regions`); images with regions are
     denoised box by box under the region prompts (`RegionalDenoiser`), the unconditional
     branch stays as it is. grid: the denoiser's (height, width) the regions are laid on
-    (default: the model's training size).
+    (default: the model's training size). A model with a guidance embedding (`fast`) takes the
+    scale as a network input instead (cond["guidance"]): one pass, no negative prompt.
     """
+    if model.meta.guidance_embedding:
+        denoiser, cond = _conditioning(model, num, labels, prompts, None, 1.0, None, regions, grid)
+        cond["guidance"] = torch.full((num,), float(guidance), device=model.device)
+        return denoiser, cond
+    return _conditioning(model, num, labels, prompts, negative, guidance, guidance_interval,
+                         regions, grid)  # fmt: skip
+
+
+def _conditioning(
+    model: LoadedModel,
+    num: int,
+    labels: list[int | None] | None,
+    prompts: list[str] | None,
+    negative: str | list[str] | None,
+    guidance: float,
+    guidance_interval: Sequence[float | None] | None,
+    regions: list[list[Region]] | None,
+    grid: tuple[int, int] | None,
+) -> tuple[nn.Module, dict]:
     interval = parse_interval(guidance_interval)
     denoiser, cond = model.denoiser, {}
     if model.text_encoder is not None:

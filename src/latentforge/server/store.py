@@ -19,7 +19,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.checkpoint import MODEL_JSON
-from ..io.model_folder import LoadedModel, ModelFolder, default_model_dir, load_diffusion_model
+from ..io.model_folder import (
+    LoadedModel,
+    ModelFolder,
+    default_model_dir,
+    load_diffusion_model,
+    model_dir,
+)
 
 log = logging.getLogger("latentforge.server")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
@@ -57,11 +63,12 @@ class ModelStore:
             raise UserError(f"models directory not found: {models_dir}")
         self.single: tuple[str, Path] | None = None
         if model is not None or self.models_dir is None:
-            folder = Path(model).resolve() if model is not None else default_model_dir()
+            folder = model_dir(model).resolve() if model is not None else default_model_dir()
             if model is not None:
                 _check_diffusion_folder(folder)
             self.single = (folder.name if model is not None else "default", folder)
-        # Serving the embedded model also serves the embedded upscaler (for /v1/upscale).
+        # Serving the embedded model also serves the embedded upscaler (for /v1/upscale) and
+        # the embedded few-step model, "fast".
         self.embedded: dict[str, Path] = {}
         if model is None and self.models_dir is None:
             from ..pipelines.superres import UPSCALER, default_upscaler_dir
@@ -69,6 +76,8 @@ class ModelStore:
             upscaler = default_upscaler_dir()
             if (upscaler / MODEL_JSON).is_file():
                 self.embedded[UPSCALER] = upscaler
+            if (model_dir("fast") / MODEL_JSON).is_file():
+                self.embedded["fast"] = model_dir("fast")
         self.max_loaded = max(1, max_loaded)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._views: dict[Path, tuple[float, ModelFolder | str]] = {}  # a str: why it is broken
