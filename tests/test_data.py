@@ -74,7 +74,9 @@ def test_bad_specs_raise_user_error(spec):
 
 def test_unknown_spec_message():
     with pytest.raises(
-        UserError, match=r"unknown data spec 'mnist'; use digits\[:RES\], folder:PATH or shapes"
+        UserError,
+        match=r"unknown data spec 'mnist'; use digits\[:RES\], folder:PATH, wds:SHARDS\[:RES\], "
+        r".*shapes",
     ):
         load_dataset("mnist")
 

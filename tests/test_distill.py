@@ -150,7 +150,7 @@ def test_refuses_a_consistency_teacher(tiny_digits_model, tmp_path):
 
 # ----- the embedded few-step model ---------------------------------------------------------------
 def test_fast_is_embedded_and_generates(tmp_path):
-    """`--model fast`: the shipped LCM (lcm, <= 4 steps, guidance 1 with the scale embedded),
+    """`--model fast`: the shipped LCM (lcm, <= 4 steps, guidance 3 as a network input),
     sharing the default's VAE; one U-Net call a step, and --from-png reproduces its image."""
     from PIL import Image
 
@@ -161,7 +161,7 @@ def test_fast_is_embedded_and_generates(tmp_path):
     assert fast == assets_dir() / "fast"
     meta = read_model_meta(fast)
     d = meta.defaults
-    assert (d.sampler, d.guidance) == ("lcm", 1.0) and d.steps <= 4
+    assert (d.sampler, d.guidance) == ("lcm", 3.0) and d.steps <= 4
     assert meta.guidance_embedding["guidance"] == 3.0
     assert meta.latent.vae == "../default/vae" and not (fast / "vae").exists()
     model = load_diffusion_model("fast")

@@ -348,7 +348,10 @@ def test_training_modules_import_without_a_circle():
         edges |= {t.split(".")[len(parts)] for t in imported if t.startswith(package + ".")}
         graph[name] = (edges & set(files)) - {name}
     assert {"diffusion", "loop"} <= graph["tasks"]  # the parser sees the edges there are
-    assert graph["loop"] == set(), f"loop.py imports {graph['loop']}"
+    # the loop imports no trainer: only its own helpers (streams, FSDP), which import none
+    helpers = {"stream", "sharded"}
+    assert graph["loop"] <= helpers, f"loop.py imports {graph['loop'] - helpers}"
+    assert not set().union(*(graph.get(h, set()) for h in helpers)), "a loop helper imports"
     try:
         TopologicalSorter(graph).prepare()
     except CycleError as e:

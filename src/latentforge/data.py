@@ -15,10 +15,19 @@ Specs (``parse_spec`` / ``load_dataset``):
   RGB, centre-cropped and resized to RES (default 64). Captions from ``metadata.jsonl``
   (``file_name`` + ``text``, Hugging Face imagefolder) or ``NAME.txt`` sidecars; labels from
   the first-level sub-folder names when every image lives in a sub-folder.
+- ``wds:SHARDS[:RES][:shuffle=N][:workers=N]`` -- WebDataset tar shards, streamed: a path with
+  brace ranges (``/data/{000000..000099}.tar``), several joined by ``::``, or ``pipe:COMMAND``
+  for an object store; images as for folders (RES default: the size ``data pack`` wrote, else
+  64), caption ``.txt`` / ``.json``, class ``.cls``; class names from the ``shards.json`` that
+  ``latentforge data pack`` writes.
+  ``shuffle``: the shuffle buffer (default 1000 samples), ``workers``: DataLoader worker
+  processes per rank (default 0). Training streams it (``training/stream.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import operator
 import os
@@ -28,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -81,6 +90,8 @@ class ImageDataset(torch.utils.data.Dataset):
     procedural: bool = False
     #: whether each image's record lists its objects (the object rules' hooks below work)
     lists_objects: bool = False
+    #: whether the data is a stream (wds:) that training reads in order, not by index
+    streamed: bool = False
 
     def object_rules(self, rules: tuple[str, ...] | list[str], option: str) -> Any:
         """`--oversample` / `--object-weight` rules, parsed for this data: only data whose
@@ -214,10 +225,11 @@ def _is_readable(path: Path) -> bool:
         return False
 
 
-def _load_rgb(path: Path, resolution: int) -> Image.Image:
-    """Open -> EXIF-rotate -> RGB (alpha over white) -> centre crop -> resize."""
+def _load_rgb(path: Path | IO[bytes], resolution: int, mode: str = "RGB") -> Image.Image:
+    """Open -> EXIF-rotate -> RGB (alpha over white) -> centre crop -> resize; `mode` "L"
+    gives one channel instead (greyscale shards)."""
     with Image.open(path) as img:
-        img.draft("RGB", (resolution, resolution))  # JPEG: decode at reduced size
+        img.draft(mode, (resolution, resolution))  # JPEG: decode at reduced size
         img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale PNGs
         arr = np.asarray(img, dtype=np.float32)
@@ -226,7 +238,7 @@ def _load_rgb(path: Path, resolution: int) -> Image.Image:
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    img = img.convert("RGB")
+    img = img.convert(mode)
     w, h = img.size
     s = min(w, h)
     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
@@ -313,6 +325,138 @@ class FolderDataset(ImageDataset):
         raise UserError(f"no image under {str(self.root)!r} is readable any more")
 
 
+# ---------------------------------------------------------------- wds: WebDataset shards
+
+SHARDS_INFO = "shards.json"  # what `latentforge data pack` writes beside its shards
+CAPTION_KEYS = ("txt", "caption", "text")
+WDS_PREVIEW = 64  # indexing a stream reads (at most) this many of its first samples
+
+
+def _webdataset() -> Any:
+    try:
+        import webdataset
+    except ImportError:
+        raise UserError(
+            "wds: data needs the webdataset package: pip install 'latentforge[wds]'"
+        ) from None
+    return webdataset
+
+
+class ShardDataset(ImageDataset):
+    """WebDataset tar shards (img2dataset's and LAION's format), read as a stream.
+
+    A sample is the files of one key in a tar: an image (png, jpg, jpeg, webp), a caption
+    (``.txt``, or ``.json`` with "caption" / "text") and an optional class (``.cls``, or
+    ``.json``'s "label"). Training streams the shards (`training/stream.py`: split across
+    ranks and DataLoader workers, shuffled through a buffer, resumable); indexing reads only
+    the first WDS_PREVIEW samples in shard order (sample grids, evaluation images), so
+    `len()` is the length of that preview, not of the data.
+    """
+
+    streamed = True
+
+    def __init__(
+        self,
+        urls: str,
+        resolution: int = FOLDER_RESOLUTION,
+        *,
+        shuffle: int = 1000,
+        workers: int = 0,
+        spec: str | None = None,
+    ) -> None:
+        wds = _webdataset()
+        spec = spec or f"wds:{urls}"
+        self.urls = wds.shardlists.expand_urls(urls)
+        self.shuffle, self.workers = shuffle, workers
+        for url in self.urls:  # a missing local shard is a spec error, not a stream fault
+            if not _is_remote(url) and not Path(url).is_file():
+                raise UserError(f"wds: shard {url!r} does not exist (spec {spec!r})")
+        info = _shards_info(self.urls[0])
+        self._preview: list[dict[str, Any]] = []
+        self._mode = {1: "L", 3: "RGB"}.get(info.get("channels", 0))
+        if self._mode is None:  # no shards.json: the first image says
+            first = next(self.raw_samples(self.urls[:1]), None)
+            if first is None:
+                raise UserError(f"wds: no readable sample in {self.urls[0]!r} (spec {spec!r})")
+            with Image.open(io.BytesIO(_image_bytes(first))) as img:
+                self._mode = "L" if img.mode in ("1", "L", "I", "I;16", "LA") else "RGB"
+        super().__init__(
+            spec=spec,
+            resolution=resolution,
+            channels=len(self._mode),
+            class_names=info.get("class_names"),
+        )
+
+    def raw_samples(self, urls: list[str], errors: list | None = None) -> Any:
+        """The undecoded samples ({"__key__", "png": bytes, ...}) of `urls` in order; a shard
+        or tar entry that cannot be read is skipped and appended to `errors`."""
+
+        def skip(e: BaseException) -> bool:
+            if errors is not None:
+                errors.append(f"{type(e).__name__}: {e}")
+            return True
+
+        wds = _webdataset()
+        return wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=skip)
+
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """A raw sample -> {"image", "label", "caption"}; raises on a corrupt one."""
+        image = _load_rgb(io.BytesIO(_image_bytes(sample)), self.resolution, self._mode)
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        caption = next((sample[k].decode("utf-8") for k in CAPTION_KEYS if k in sample), None)
+        if caption is None:
+            caption = str(meta.get("caption", meta.get("text", "")) or "")
+        label = int(sample["cls"]) if "cls" in sample else int(meta.get("label", -1))
+        if self.num_classes and not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} outside the {self.num_classes} classes")
+        return {"image": from_pil(image, self.channels), "label": label, "caption": caption.strip()}
+
+    def _fill_preview(self) -> None:
+        if self._preview:
+            return
+        for sample in self.raw_samples(self.urls):
+            with contextlib.suppress(Exception):  # corrupt samples: skipped here as in training
+                self._preview.append(self.decode(sample))
+            if len(self._preview) == WDS_PREVIEW:
+                break
+        if not self._preview:
+            raise UserError(f"wds: no readable sample in {self.spec!r}")
+
+    def __len__(self) -> int:
+        self._fill_preview()
+        return len(self._preview)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        self._fill_preview()
+        item = self._preview[self._index(i)]
+        return {**item, "image": item["image"].clone()}
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes:
+    for ext in ("png", "jpg", "jpeg", "webp", "bmp"):
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"sample {sample.get('__key__')!r} holds no image")
+
+
+def _shards_info(url: str) -> dict[str, Any]:
+    """The shards.json `data pack` wrote beside a local shard ({} if none or remote)."""
+    path = None if _is_remote(url) else Path(url).parent / SHARDS_INFO
+    if path is None or not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return info
+
+
 # ---------------------------------------------------------------- specs
 
 
@@ -372,6 +516,33 @@ register_data_kind(DataKind(
 ))  # fmt: skip
 
 
+def _parse_wds(rest: str, spec: str) -> tuple[dict[str, Any], bool]:
+    """URLS[:RES][:shuffle=N][:workers=N], the options read from the right (a shard name or a
+    pipe: command does not end in one)."""
+    opts: dict[str, Any] = {"shuffle": 1000, "workers": 0}
+    stated = False
+    while m := re.fullmatch(r"(.+):(?:(shuffle|workers)=)?(\d+)", rest):
+        rest, key, value = m[1], m[2], m[3]
+        if key is None:
+            opts["resolution"], stated = spec_resolution("wds", value, spec), True
+        else:
+            opts[key] = int(value)
+    if not rest:
+        raise UserError(f"bad data spec {spec!r}: give shards, wds:PATH/{{000000..000009}}.tar")
+    if not stated:  # packed shards: the size they were packed at
+        first = _webdataset().shardlists.expand_urls(rest)[0]
+        opts["resolution"] = _shards_info(first).get("resolution", FOLDER_RESOLUTION)
+    return {**opts, "urls": rest}, stated
+
+
+register_data_kind(DataKind(
+    "wds", "wds:SHARDS[:RES]", (8, 4096), _parse_wds,
+    lambda opts, seed, spec: ShardDataset(
+        opts["urls"], opts["resolution"], shuffle=opts["shuffle"], workers=opts["workers"],
+        spec=spec),
+))  # fmt: skip
+
+
 def _parse(spec: str) -> tuple[str, dict[str, Any], bool]:
     """(kind, options, whether the spec stated the resolution)."""
     *first, last = [k.usage for k in DATA_KINDS.values()]
@@ -412,6 +583,15 @@ def load_dataset(spec: str, *, seed: int = 0, resolution: int | None = None) -> 
             )
         opts["resolution"] = spec_resolution(kind, str(resolution), spec)
     return DATA_KINDS[kind].build(opts, seed, spec)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dataset items -> a batch: {"image": (B, C, H, W), "label": (B,), "caption": list}."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+        "caption": [it["caption"] for it in items],
+    }
 
 
 def random_crops(images: torch.Tensor, size: int, step: int, g: torch.Generator) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """The `latentforge` commands, one module per area; `latentforge.cli` assembles them into the
 root group and is the entry point. Nothing here imports `latentforge.cli`.
 
-    train.py     train diffusion | vae
+    train.py     train diffusion | vae | lora
+    data.py      data pack
+    distill.py   distill
+    lora.py      lora merge
     generate.py  generate, sample
     edit.py      img2img, inpaint, interpolate
     upscale.py   upscale

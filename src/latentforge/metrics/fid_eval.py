@@ -32,6 +32,7 @@ from ..data import load_dataset
 from ..errors import UserError
 from ..io.model_folder import LoadedModel
 from ..pipelines.settings import SampleSettings
+from ..prompt_syntax import escape
 from .batching import generate_batched
 from .distribution import distribution_metrics
 from .fd import pooled_pixels
@@ -194,8 +195,8 @@ def prompt_accuracy(
 
 
 def reference_conditioning(model: LoadedModel, captions: list, labels: list) -> dict[str, list]:
-    if model.conditioning == "text":
-        return {"prompts": [c or "" for c in captions]}
+    if model.conditioning == "text":  # captions are plain text, not prompt syntax
+        return {"prompts": [escape(c or "") for c in captions]}
     if model.conditioning == "class":
         if any(label is None or label < 0 for label in labels):
             raise UserError("a class model needs a labelled reference set (digits, shapes)")

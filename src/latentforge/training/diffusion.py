@@ -8,6 +8,7 @@ the entry point, picks among them.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from ..denoisers import make_denoiser
 from ..errors import UserError
 from ..io.model_folder import DataInfo, LatentInfo, ModelMeta, SamplingDefaults
+from ..prompt_syntax import escape
 from .loop import Trainer, render_dataset, to_device
 
 
@@ -30,7 +32,8 @@ class TrainConfig:
 
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset({
         "out", "max_steps", "ckpt_every", "sample_every", "keep_checkpoints", "quiet",
-        "lr_schedule", "cache_latents", "cache_text", "cache_dir",
+        "lr_schedule", "cache_latents", "cache_text", "cache_dir", "fsdp", "grad_checkpoint",
+        "log_every",
     })  # fmt: skip
     data: str
     out: str
@@ -70,6 +73,9 @@ class TrainConfig:
     object_weight: tuple[str, ...] = ()  # shapes data: "WORDS=FACTOR" loss weights on objects
     region_captions: float = 0.0  # shapes text models: share of two-object images captioned as
     # one of their objects alone, the other object's box left out of the loss (data.py)
+    fsdp: bool = False  # under torchrun: shard params, grads, optimizer state (sharded.py)
+    grad_checkpoint: bool = False  # recompute each U-Net block's activations in backward
+    log_every: int = 50  # steps per line of OUT/train_log.jsonl (loss, images/s per rank)
 
 
 class DiffusionTrainer(Trainer):
@@ -197,6 +203,10 @@ class DiffusionTrainer(Trainer):
         )
 
     def _maybe_cache_dataset(self) -> dict | None:
+        cfg = self.cfg
+        if self.dataset.streamed and (cfg.cache_latents or cfg.cache_text):
+            raise UserError(f"--cache-latents and --cache-text need data held in memory; "
+                            f"{cfg.data!r} is a stream")  # fmt: skip
         path = self._cache_file()  # digests the VAE weights: once
         if path is not None and path.is_file():
             # the data table may be absent (a text table only, for data not kept in memory)
@@ -251,7 +261,9 @@ class DiffusionTrainer(Trainer):
 
         from ..io.checkpoint import save_tensors_atomic
 
-        if path is None or self.rank != 0 or path.exists():
+        # one writer per node (its local rank 0): a --cache-dir on node-local disk is filled
+        # on every node; on a shared one, the atomic write lets the last rename win
+        if path is None or int(os.environ.get("LOCAL_RANK", self.rank)) != 0 or path.exists():
             return
         tensors = {f"data.{k}": v for k, v in (cache or {}).items() if torch.is_tensor(v)}
         tensors.update({f"text.{k}": v for k, v in (self._text_table or {}).items()})
@@ -390,8 +402,7 @@ class DiffusionTrainer(Trainer):
 
         # Sampling runs on CPU (the pipeline's seeded noise lives there): copies when training
         # on a GPU.
-        state = {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}
-        den = build_denoiser(self.meta, state)
+        den = build_denoiser(self.meta, self.ema_state())
         model = LoadedModel(self.meta, self.out, denoiser=den)
         model.vae, model.text_encoder = self.vae, self.text_encoder
         if self.device.type != "cpu":
@@ -406,7 +417,8 @@ class DiffusionTrainer(Trainer):
         labels = [i % k for i in range(n)] if k else None
         prompts = None
         if self.text_encoder is not None:
-            prompts = [self.dataset[i]["caption"] for i in range(n)]
+            # captions are plain text, not prompt syntax: a "(" in one is a bracket, not a weight
+            prompts = [escape(self.dataset[i]["caption"]) for i in range(n)]
         return generate(model, labels=labels, prompts=prompts, num=n, seed=0, steps=20)
 
     def save_model(self) -> None:

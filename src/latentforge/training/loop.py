@@ -33,7 +33,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
-from ..data import load_dataset
+from ..data import collate, load_dataset
 from ..errors import UserError
 from ..io.checkpoint import (
     CheckpointError,
@@ -64,6 +64,7 @@ from ..io.checkpoint import (
 from ..io.model_folder import DEVICE_ENV, resolve_device, save_model_folder
 
 CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"  # per logged window: loss, global and per-rank images/s
 INTERRUPTED = 130
 CACHE_ELEMENTS = 64 * 2**20  # datasets up to this many values are cached in memory (CPU)
 CACHE_ELEMENTS_CUDA = 2**31  # ... on a GPU (shapes:64's 100,000 images: 1.2e9 values)
@@ -163,7 +164,19 @@ class Trainer:
             module.requires_grad_(False)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.ddp = self.model
-        if self.world > 1:
+        # --fsdp / --grad-checkpoint (training/sharded.py): fields a config may have
+        self.fsdp = getattr(cfg, "fsdp", False) and self.world > 1
+        self._ema_full: dict | None = None  # the EMA gathered whole (FSDP), for one save
+        if getattr(cfg, "grad_checkpoint", False):
+            from .sharded import checkpoint_blocks
+
+            checkpoint_blocks(self.model)
+        if self.fsdp:
+            from .sharded import shard
+
+            shard(self.model, cfg.bf16)
+            shard(self.ema, False)
+        elif self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         fused = {"fused": True} if self.device.type == "cuda" else {}
@@ -171,6 +184,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.step = 0
         self._stop = False
+        self._stream, self._stream_start, self._last_batch = None, None, None  # wds: data
+        self._data_wait = 0.0  # seconds spent waiting for batches since the last log line
         self._cache = self._maybe_cache_dataset()
         self._weights = self.dataset.sample_weights(cfg.oversample) if cfg.oversample else None
         if self._weights is not None and self.rank == 0 and not cfg.quiet:
@@ -201,7 +216,7 @@ class Trainer:
         CACHE_ELEMENTS_CUDA values too (rendered by worker processes), kept on the device."""
         ds = self.dataset
         limit = CACHE_ELEMENTS_CUDA if self.device.type == "cuda" else CACHE_ELEMENTS
-        if len(ds) * ds.channels * ds.resolution**2 > limit:
+        if ds.streamed or len(ds) * ds.channels * ds.resolution**2 > limit:
             return None
         return to_device(render_dataset(ds), self.device)
 
@@ -226,15 +241,49 @@ class Trainer:
 
     def batch(self, step: int, micro: int) -> dict:
         """{"image": (B, C, H, W), "label": (B,), "caption": list[str], "index": (B,)}."""
+        if self.dataset.streamed:
+            return self._stream_batch(step, micro)
         idx = self._indices(step, micro)
         if self._cache is not None:
             on = idx.to(self.device)
             out = {k: v[on] for k, v in self._cache.items() if torch.is_tensor(v)}
             out["caption"] = [self._cache["caption"][i] for i in idx.tolist()]
         else:
-            out = to_device(_collate([self.dataset[int(i)] for i in idx]), self.device)
+            out = to_device(collate([self.dataset[int(i)] for i in idx]), self.device)
         out["index"] = idx
         return out
+
+    def _stream_batch(self, step: int, micro: int) -> dict:
+        """The next batch of a stream (wds:), read in order; the latest one again when asked
+        twice (the VAE's discriminator step re-reads it)."""
+        from .stream import StreamLoader
+
+        key = (step, micro)
+        if self._last_batch is not None and self._last_batch[0] == key:
+            return self._last_batch[1]
+        consumed = step * self.cfg.grad_accum + micro
+        if self._stream is None:
+            self._stream = StreamLoader(
+                self.dataset, seed=self.cfg.seed, rank=self.rank, world=self.world,
+                batch_size=self.cfg.batch_size, consumed=consumed, start=self._stream_start,
+            )  # fmt: skip
+            self._stream_consumed = consumed
+        if consumed != self._stream_consumed:
+            raise RuntimeError(f"a stream is read in order: batch {key} asked after "
+                               f"{self._stream_consumed} batches")  # fmt: skip
+        batch = to_device(self._stream.next(), self.device)
+        self._stream_consumed += 1
+        self._last_batch = (key, batch)
+        return batch
+
+    def _data_state(self) -> dict | None:
+        """A stream's position on every rank (a collective under torchrun), for state.json."""
+        if not self.dataset.streamed:
+            return None
+        from .stream import gather_positions
+
+        own = self._stream.state() if self._stream is not None else self._stream_start
+        return gather_positions(self.dataset, own, self.world)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over warmup_steps, then constant or (lr_schedule "cosine") a half
@@ -255,10 +304,12 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
+            t0 = time.perf_counter()
             batch = self.batch(self.step, micro)
+            self._data_wait += time.perf_counter() - t0
             g = self.generator(self.step, micro)
             sync = micro == cfg.grad_accum - 1 or self.world == 1
-            ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
+            ctx = self._no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = self.compute_loss(batch, g) / cfg.grad_accum
@@ -270,6 +321,20 @@ class Trainer:
         self._update_ema()
         self.step += 1
         return total
+
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        """Gradients kept on this rank (accumulated micro-batches): DDP's no_sync, FSDP's
+        reduce-scatter switched off."""
+        if not self.fsdp:
+            with self.ddp.no_sync():
+                yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -298,17 +363,15 @@ class Trainer:
 
     # ----- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        data = self._data_state()
+        if self.fsdp:  # every rank writes its shards
+            return self._save_sharded_checkpoint(data)
         if self.rank != 0:
             return
         ckdir = self.out / CHECKPOINTS
         final = ckdir / f"step-{self.step:07d}"
         tmp = ckdir / f".tmp-step-{self.step:07d}"
-        try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            raise write_error(tmp, e) from None
+        self._make_tmp(tmp)
         try:
             opt_meta = {}
             for name, obj in self.checkpointed().items():
@@ -318,16 +381,74 @@ class Trainer:
                     tensors = _cpu(obj.state_dict())
                 # one fsync per file; replace_dir_atomic syncs the folder once
                 save_tensors_atomic(tmp / f"{name}.safetensors", tensors, sync_dir=False)
-            config = dataclasses.asdict(self.cfg)
-            state = {"step": self.step, "optimizers": opt_meta, "config": config}
-            write_json_atomic(tmp / "state.json", state, sync_dir=False)
-            replace_dir_atomic(tmp, final)
+            self._finish_checkpoint(tmp, final, {"optimizers": opt_meta}, data)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self._after_checkpoint()
+
+    def _make_tmp(self, tmp: Path) -> None:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise write_error(tmp, e) from None
+
+    def _save_sharded_checkpoint(self, data: dict | None) -> None:
+        """--fsdp: every rank writes its shards (torch.distributed.checkpoint) into the temp
+        folder, then rank 0 adds state.json, renames it into place and writes the model folder
+        from the EMA gathered whole."""
+        from .sharded import full_state, save_sharded
+
+        ckdir = self.out / CHECKPOINTS
+        final = ckdir / f"step-{self.step:07d}"
+        tmp = ckdir / f".tmp-step-{self.step:07d}"
+        if self.rank == 0:
+            self._make_tmp(tmp)
+        dist.barrier()
+        modules, optimizers = self._sharded_parts()
+        try:
+            save_sharded(tmp, modules, optimizers)
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._ema_full = full_state(self.ema)
+        if self.rank == 0:
+            try:
+                self._finish_checkpoint(tmp, final, {"optimizers": {}, "sharded": True}, data)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self._after_checkpoint()
+        self._ema_full = None
+
+    def _sharded_parts(self) -> tuple[dict, dict]:
+        """checkpointed() as `sharded.save_sharded` takes it: modules, and each optimizer with
+        the module whose parameters it steps (FSDP trains one: self.model)."""
+        parts = self.checkpointed()
+        optimizers = {k: (v, self.model) for k, v in parts.items()
+                      if isinstance(v, torch.optim.Optimizer)}  # fmt: skip
+        if len(optimizers) > 1:
+            raise UserError(f"--fsdp trains one module with one optimizer; "
+                            f"{type(self).__name__} has {len(optimizers)}")  # fmt: skip
+        return {k: v for k, v in parts.items() if k not in optimizers}, optimizers
+
+    def _finish_checkpoint(self, tmp: Path, final: Path, extra: dict, data: dict | None) -> None:
+        """Rank 0: state.json into the written temp folder and its rename into place."""
+        state = {"step": self.step, **extra, "config": dataclasses.asdict(self.cfg)}
+        if data is not None:
+            state["data"] = data
+        write_json_atomic(tmp / "state.json", state, sync_dir=False)
+        replace_dir_atomic(tmp, final)
+
+    def _after_checkpoint(self) -> None:
+        """Rank 0, once a checkpoint is in place: old ones pruned, the model folder refreshed."""
         # keep the newest; a folder past this step (left by a corrupt checkpoint that --resume
         # skipped) is replaced when training gets there
-        kept = [p for p in checkpoint_dirs(ckdir) if checkpoint_step(p) <= self.step]
+        kept = [p for p in checkpoint_dirs(self.out / CHECKPOINTS)
+                if checkpoint_step(p) <= self.step]  # fmt: skip
         for old in kept[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         self.save_model()
@@ -339,7 +460,15 @@ class Trainer:
     def save_model(self) -> None:
         """The usable model folder (EMA weights) beside the checkpoints, refreshed at each save."""
         meta = self.meta.replace(training=self.provenance())
-        save_model_folder(self.out, meta, _cpu(self.ema.state_dict()))
+        save_model_folder(self.out, meta, self.ema_state())
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The EMA weights whole, on the CPU (under --fsdp: as last gathered on every rank)."""
+        if self.fsdp:
+            if self._ema_full is None:
+                raise RuntimeError("the sharded EMA is gathered (sharded.full_state) first")
+            return self._ema_full
+        return _cpu(self.ema.state_dict())
 
     def provenance(self) -> dict:
         """model.json's `training` record: the step, the full config, the world size."""
@@ -373,17 +502,28 @@ class Trainer:
             if self.rank == 0:  # said only when a checkpoint is used; else the error says it
                 for bad, why in skipped:
                     tqdm.write(f"--resume: skipping {bad}: {why}", file=sys.stderr)
-            for name, obj in self.checkpointed().items():
-                if isinstance(obj, torch.optim.Optimizer):
-                    # the state is the checkpoint's; lr, betas, weight decay ... this run's
-                    settings = [{k: v for k, v in g.items() if k != "params"}
-                                for g in obj.param_groups]  # fmt: skip
+            optimizers = [o for o in self.checkpointed().values()
+                          if isinstance(o, torch.optim.Optimizer)]  # fmt: skip
+            # the state is the checkpoint's; lr, betas, weight decay ... this run's
+            settings = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                        for o in optimizers]  # fmt: skip
+            if loaded is None:  # a sharded (--fsdp) checkpoint, onto any world size
+                from .sharded import load_sharded
+
+                load_sharded(path, *self._sharded_parts())
+            else:
+                for name, obj in self.checkpointed().items():
                     obj.load_state_dict(loaded[name])
-                    for group, own in zip(obj.param_groups, settings, strict=True):
-                        group.update(own)
-                else:
-                    obj.load_state_dict(loaded[name])
+            for opt, own in zip(optimizers, settings, strict=True):
+                for group, mine in zip(opt.param_groups, own, strict=True):
+                    group.update(mine)
             self.step = state["step"]
+            if self.dataset.streamed and state.get("data"):
+                from .stream import resume_positions
+
+                self._stream_start = resume_positions(
+                    self.dataset, state["data"], self.rank, self.world
+                )
             return True
         why = "; ".join(f"{bad.name} ({why})" for bad, why in skipped)
         raise UserError(f"--resume: no usable checkpoint under {ckdir}: {why}")
@@ -413,9 +553,18 @@ class Trainer:
                 f"{changes[0].split()[0].removeprefix('--')})"
             )
 
-    def _read_checkpoint(self, path: Path, state: dict) -> dict:
+    def _read_checkpoint(self, path: Path, state: dict) -> dict | None:
         """Every file of the checkpoint at `path`, read and checked against this run's modules
-        and optimizers (names, shapes, parameter groups): {name: state_dict}."""
+        and optimizers (names, shapes, parameter groups): {name: state_dict}. None for a
+        sharded one (--fsdp), whose index is checked here and which `sharded.load_sharded`
+        reads."""
+        if state.get("sharded"):
+            from .sharded import check_sharded
+
+            check_sharded(path, *self._sharded_parts())
+            return None
+        if self.fsdp:
+            raise CheckpointError("written without --fsdp; resume it without --fsdp")
         opt_meta = state.get("optimizers") or {"optimizer": state.get("optimizer")}
         loaded = {}
         for name, obj in self.checkpointed().items():
@@ -466,6 +615,8 @@ class Trainer:
             unit="step",
         )
         t0, smoothed = time.perf_counter(), None
+        log_every = getattr(cfg, "log_every", 50)  # a field a config may have
+        window, t_log = [], t0
         try:
             while self.step < cfg.max_steps:
                 loss = self.train_step()
@@ -475,10 +626,22 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{self.lr_at(self.step):.1e}")
                 stop = self._agree_stop()
+                window.append(loss)
+                if self.step % log_every == 0 or self.step == cfg.max_steps or stop:
+                    self._log_throughput(window, time.perf_counter() - t_log)
+                    window = []
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or stop:
                     self._written(self.save_checkpoint)
-                if self.rank == 0 and cfg.sample_every and self.step % cfg.sample_every == 0:
+                sample = cfg.sample_every and self.step % cfg.sample_every == 0
+                if sample and self.fsdp:  # every rank gathers the EMA for rank 0's grid
+                    from .sharded import full_state
+
+                    self._ema_full = full_state(self.ema)
+                if self.rank == 0 and sample:
                     self._written(self.save_samples)
+                self._ema_full = None
+                if not window:  # the next window times training steps only, not the saves
+                    t_log = time.perf_counter()
                 if stop:
                     return INTERRUPTED
         finally:
@@ -490,6 +653,36 @@ class Trainer:
                 f"trained {self.step} steps in {time.perf_counter() - t0:.0f} s -> {self.out}"
             )
         return 0
+
+    def _log_throughput(self, losses: list[float], seconds: float) -> None:
+        """One line of OUT/train_log.jsonl (rank 0) for the steps since the last: the loss
+        averaged over them and the ranks, the global images/s, each rank's images/s and the
+        share of its time spent waiting for data (a collective under torchrun)."""
+        images = len(losses) * self.cfg.batch_size * self.cfg.grad_accum
+        stats = [sum(losses) / max(1, len(losses)), images / seconds, self._data_wait / seconds]
+        own = torch.tensor(stats, device=self.device)
+        self._data_wait = 0.0
+        ranks = [own]
+        if self.world > 1:
+            ranks = [torch.zeros_like(own) for _ in range(self.world)]
+            dist.all_gather(ranks, own)
+        ranks = torch.stack(ranks).cpu()
+        if self.rank != 0:
+            return
+        line = {
+            "step": self.step,
+            "loss": round(ranks[:, 0].mean().item(), 6),
+            "lr": float(f"{self.lr_at(self.step - 1):.6g}"),
+            "images_per_s": round(ranks[:, 1].sum().item(), 2),
+            "rank_images_per_s": [round(v, 2) for v in ranks[:, 1].tolist()],
+            "data_wait": [round(v, 4) for v in ranks[:, 2].tolist()],
+        }
+
+        def append() -> None:
+            with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+
+        self._written(append)
 
     def _written(self, write: Callable[[], object]) -> None:
         """Run `write`; a failure (disk full, read-only folder) ends training with one line: the
@@ -556,7 +749,7 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _render_chunk(args: tuple) -> tuple:
     """Worker: items start..stop of a dataset, images as uint8 when that is exact."""
     ds, start, stop = args
-    batch = _collate([ds[i] for i in range(start, stop)])
+    batch = collate([ds[i] for i in range(start, stop)])
     images = batch["image"]
     u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     exact = torch.equal(u8.float() / 127.5 - 1, images)
@@ -570,7 +763,7 @@ def render_dataset(ds, workers: int | None = None) -> dict:
     if workers is None:
         workers = min(16, (os.cpu_count() or 1) - 1) if len(ds) >= RENDER_PARALLEL_MIN else 1
     if workers < 2:
-        return _collate([ds[i] for i in range(len(ds))])
+        return collate([ds[i] for i in range(len(ds))])
     import multiprocessing as mp
 
     import numpy as np
@@ -588,14 +781,6 @@ def render_dataset(ds, workers: int | None = None) -> dict:
         "image": images,
         "label": torch.from_numpy(np.concatenate([p[1] for p in parts])),
         "caption": [c for p in parts for c in p[2]],
-    }
-
-
-def _collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items]),
-        "caption": [it["caption"] for it in items],
     }
 
 

@@ -112,7 +112,7 @@ class _ConcatTrainer(DiffusionTrainer):
         """The EMA weights as a LoadedModel, for the sample grids written while training."""
         from ..io.model_folder import LoadedModel, build_denoiser
 
-        den = build_denoiser(self.meta, self.ema.state_dict())
+        den = build_denoiser(self.meta, self.ema_state())
         model = LoadedModel(self.meta, self.out, denoiser=den)
         model.vae, model.text_encoder = self.vae, self.text_encoder
         return model
