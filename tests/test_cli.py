@@ -47,7 +47,7 @@ def test_every_command_is_on_the_root_group():
 
     assert set(cli.commands) == {
         "train", "sample", "generate", "img2img", "inpaint", "interpolate", "upscale", "eval",
-        "report", "features", "bench", "serve", "import", "export",
+        "report", "features", "bench", "serve", "import", "export", "data", "distill", "lora",
     }  # fmt: skip
 
 

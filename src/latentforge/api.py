@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .io.embeddings import load_embeddings
 from .io.images import from_pil, to_pil
-from .io.model_folder import LoadedModel, default_model_dir, load_diffusion_model
+from .io.lora import load_model_with_loras
+from .io.model_folder import LoadedModel, default_model_dir
 from .pipelines.common import describe_conditioning
 from .pipelines.settings import SampleSettings
 
@@ -37,8 +39,9 @@ def _folder(name_or_path: str | Path) -> Path:
 class Pipeline:
     """A loaded model, callable: `pipe(prompt, num=4, seed=0)` -> a list of PIL images."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, loras: list[str] | None = None):
         self.model = model
+        self.loras = loras or []  # the fused LoRAs' NAME:SCALE labels
 
     def __repr__(self) -> str:
         c, h, w = self.model.output_shape
@@ -150,9 +153,22 @@ class Pipeline:
 
 
 def load(
-    name_or_path: str | Path = "default", *, device: str | None = "auto", dtype: str = "fp32"
+    name_or_path: str | Path = "default",
+    *,
+    device: str | None = "auto",
+    dtype: str = "fp32",
+    loras: list[str | Path] | None = None,
+    embeddings: list[str | Path] | None = None,
+    embeddings_dir: str | Path | None = None,
 ) -> Pipeline:
     """A pipeline for an embedded model ("default": text-to-image on shapes scenes; "upscaler":
     x4 super-resolution) or a model folder (trained, or imported with `latentforge import`), on
-    `device` ("auto": CUDA, else MPS, else CPU) with weights in `dtype` (fp32, bf16, fp16)."""
-    return Pipeline(load_diffusion_model(_folder(name_or_path), device=device, dtype=dtype))
+    `device` ("auto": CUDA, else MPS, else CPU) with weights in `dtype` (fp32, bf16, fp16), with
+    `loras` ("FILE[:SCALE]" each, docs/lora.md) fused into its weights, and the textual-inversion
+    `embeddings` ("FILE[:TOKEN]" each) and those in `embeddings_dir` (default: the model's
+    `embeddings/` folder) added to its text encoder (docs/prompts.md)."""
+    model, labels = load_model_with_loras(
+        _folder(name_or_path), loras or (), device=device, dtype=dtype
+    )
+    load_embeddings(model, [str(e) for e in embeddings or ()], embeddings_dir)
+    return Pipeline(model, labels)

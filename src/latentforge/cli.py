@@ -9,10 +9,13 @@ import sys
 import click
 
 from .commands.bench import bench
+from .commands.data import data_group
+from .commands.distill import distill
 from .commands.edit import img2img, inpaint, interpolate
 from .commands.eval import eval_group
 from .commands.features import features_group
 from .commands.generate import generate, sample
+from .commands.lora import lora_group
 from .commands.report import report_group
 from .commands.sd import export, import_cmd
 from .commands.serve import serve
@@ -28,7 +31,8 @@ def cli() -> None:
 
 
 for _command in (train, sample, generate, img2img, inpaint, interpolate, upscale, eval_group,
-                 report_group, bench, serve, import_cmd, export, features_group):  # fmt: skip
+                 report_group, bench, serve, import_cmd, export, features_group,
+                 data_group, distill, lora_group):  # fmt: skip
     cli.add_command(_command)
 
 

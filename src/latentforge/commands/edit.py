@@ -12,10 +12,12 @@ from ..errors import UserError
 from .common import parse_label, progress, resolved_steps, save_images
 from .options import (
     device_options,
+    embedding_options,
     guidance_interval_option,
     guidance_option,
     inpaint_options,
     layout_option,
+    lora_option,
     model_option,
     negative_option,
     num_option,
@@ -43,6 +45,8 @@ _edit_options = stack(
     num_option,
     size_options,
     device_options,
+    lora_option,
+    embedding_options,
     out_option(),
     quiet_option,
 )
@@ -66,13 +70,18 @@ def _load_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _model_and_cond(model_dir, prompt: str, opts: dict):
-    """The model (on --device, in --dtype, both taken out of `opts`), generate's conditioning
-    for the prompt, its words, and the (C, H, W) the input image is resized to (--width /
-    --height, the model's size where unset)."""
-    from ..io.model_folder import load_diffusion_model
+    """The model (on --device, in --dtype, both taken out of `opts`, with the --lora files
+    fused in: `opts["loras"]` becomes their NAME:SCALE labels), generate's conditioning for the
+    prompt, its words, and the (C, H, W) the input image is resized to (--width / --height, the
+    model's size where unset)."""
+    from ..io.embeddings import load_embeddings
+    from ..io.lora import load_model_with_loras
     from ..pipelines.common import describe_conditioning
 
-    model = load_diffusion_model(model_dir, device=opts.pop("device"), dtype=opts.pop("dtype"))
+    model, labels = load_model_with_loras(model_dir, opts["loras"], device=opts.pop("device"),
+                                          dtype=opts.pop("dtype"))  # fmt: skip
+    opts["loras"] = labels or None
+    load_embeddings(model, opts.pop("embeddings"), opts.pop("embeddings_dir"))
     cond, what = describe_conditioning(model, prompt or "")
     c, h, w = model.output_shape
     return model, cond, what, (c, opts["height"] or h, opts["width"] or w)
@@ -164,19 +173,23 @@ def _label_or_prompt(model, label: str | None, prompt: str | None) -> tuple[int 
 @guidance_interval_option
 @click.option("--ms-per-frame", type=click.IntRange(min=10), default=120, show_default=True)
 @device_options
+@lora_option
+@embedding_options
 @out_option(default="walk.gif", help=".gif: an animation; otherwise a PNG strip")
 @quiet_option
 def interpolate(images, seeds, label_a, label_b, prompt_a, prompt_b, frames, model_dir, steps,
-                spacing, guidance, guidance_interval, ms_per_frame, device, dtype, out,
-                quiet) -> None:  # fmt: skip
+                spacing, guidance, guidance_interval, ms_per_frame, device, dtype, loras,
+                embeddings, embeddings_dir, out, quiet) -> None:  # fmt: skip
     """Morph image A into image B (DDIM inversion + slerp), or walk between two --seeds."""
+    from ..io.embeddings import load_embeddings
     from ..io.images import save_gif, save_grid
-    from ..io.model_folder import load_diffusion_model
+    from ..io.lora import load_model_with_loras
     from ..pipelines import interpolate as pipe
 
     if bool(images) == bool(seeds) or len(images) not in (0, 2):
         raise UserError("give two images A B, or --seeds A B (not both)")
-    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
+    model, _ = load_model_with_loras(model_dir, loras, device=device, dtype=dtype)
+    load_embeddings(model, embeddings, embeddings_dir)
     la, pa = _label_or_prompt(model, label_a, prompt_a)
     lb, pb = _label_or_prompt(model, label_b, prompt_b)
     kw = {"frames": frames, "labels_a": la, "labels_b": lb, "prompts_a": pa, "prompts_b": pb,

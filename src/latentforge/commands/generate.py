@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..errors import UserError
 from .common import parse_label, progress
 from .options import (
     device_options,
+    embedding_options,
     guidance_interval_option,
     guidance_option,
     layout_option,
+    lora_option,
     model_option,
     negative_option,
     out_option,
@@ -72,20 +76,28 @@ def sample(model_dir, label, guidance, guidance_interval, width, height, vae_til
 @click.option("--preview", type=click.Path(dir_okay=False), default=None,
               help="GIF of the x0-estimate at every step")  # fmt: skip
 @click.option("--from-png", type=click.Path(dir_okay=False), default=None,
-              help="reproduce a PNG made by generate from its embedded parameters")  # fmt: skip
+              help="reproduce a PNG made by generate (or by A1111: its parameters chunk) from "
+              "its embedded parameters")  # fmt: skip
+@lora_option
+@embedding_options
 @sampling_options
 @quiet_option
 def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, regions, device,
              dtype, out, preview, from_png, quiet, **opts) -> None:  # fmt: skip
     """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
     from ..guidance import Region
+    from ..io.lora import LoraSpec, find_lora_files
     from ..io.model_folder import ModelFolder, default_model_dir
     from ..pipelines.generate import generate_to_png, settings_from_png
     from ..pipelines.settings import SampleSettings
 
+    loras = opts.pop("loras")
+    embeddings, embeddings_dir = opts.pop("embeddings"), opts.pop("embeddings_dir")
     if from_png:  # everything but --model, --out and --preview comes from the PNG
         prompt, settings, png_model = settings_from_png(from_png)
         model_dir = model_dir or png_model
+        # LoRAs are recorded by name: the files next to the PNG, or those of --lora
+        files = find_lora_files(settings.loras, Path(from_png).parent, loras)
     elif prompt is None:
         raise UserError("give a PROMPT (or --from-png FILE)")
     else:
@@ -94,11 +106,13 @@ def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, r
             layout=layout, regions=[Region(r[0], tuple(r[1:])) for r in regions],
             knobs=opts.pop("options"), **opts,
         )  # fmt: skip
+        files = [LoraSpec.parse(spec) for spec in loras]
+    settings = settings.replace(loras=tuple(f.text for f in files))  # applied where it loads
     # the steps as generate_to_png will resolve them, read from model.json before it loads
     folder = ModelFolder.read(default_model_dir() if model_dir is None else model_dir)
     with progress(settings.resolve(folder).steps, "sampling", quiet) as callback:
         info = generate_to_png(
             model_dir, out, prompt=prompt, preview=preview, settings=settings, callback=callback,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, embeddings=embeddings, embeddings_dir=embeddings_dir,
         )  # fmt: skip
     click.echo(f"wrote {info['num']} image(s) ({info['conditioning']}) to {out}")

@@ -85,6 +85,30 @@ def _parse_options(
     return out or None
 
 
+def lora_option(f: F) -> F:
+    """--lora FILE[:SCALE] (repeatable) -> `loras`, a tuple of specs (io/lora.py reads them)."""
+    return click.option(
+        "--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+        help="apply a LoRA (kohya/A1111 or diffusers .safetensors) at SCALE (default 1); "
+        "repeatable (see docs/lora.md)",
+    )(f)  # fmt: skip
+
+
+def embedding_options(f: F) -> F:
+    """--embedding FILE[:TOKEN] (repeatable) -> `embeddings`, --embeddings-dir DIR ->
+    `embeddings_dir`: textual-inversion embeddings (io/embeddings.py reads them)."""
+    f = click.option(
+        "--embeddings-dir", type=click.Path(file_okay=False), default=None,
+        help="load every .safetensors embedding in DIR (default: the model's embeddings/ "
+        "folder, if any)",
+    )(f)  # fmt: skip
+    return click.option(
+        "--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
+        help="a textual-inversion embedding (A1111 or diffusers .safetensors), used in prompts "
+        "by its trigger word (the file name, or TOKEN); repeatable (see docs/prompts.md)",
+    )(f)  # fmt: skip
+
+
 def sampler_knobs_option(f: F) -> F:
     """--opt KEY=VALUE (repeatable) -> `options`, a dict of sampler knobs or None."""
     return click.option(

@@ -24,14 +24,25 @@ resume_option = stack(
                       "without it"),
 )  # fmt: skip
 
+scale_options = stack(
+    click.option("--fsdp", is_flag=True,
+                 help="under torchrun: shard parameters, gradients and optimizer state "
+                      "(FSDP2; checkpoints sharded, loadable on any world size)"),
+    click.option("--grad-checkpoint", is_flag=True,
+                 help="recompute each U-Net block's activations in backward (less memory)"),
+    click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
+                 help="steps per line of OUT/train_log.jsonl (loss, images/s per rank)"),
+)  # fmt: skip
+
 
 @click.group()
 def train() -> None:
-    """Train a model from scratch (diffusion U-Net or VAE)."""
+    """Train a model from scratch (diffusion U-Net or VAE), or a LoRA on one."""
 
 
 @train.command("diffusion")
-@click.option("--data", required=True, help="shapes[:RES], digits[:RES] or folder:PATH")
+@click.option("--data", required=True,
+              help="shapes[:RES], digits[:RES], folder:PATH or wds:SHARDS")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="model folder")
 @click.option(
     "--cond", type=click.Choice(["none", "class", "text"]), default="none", show_default=True
@@ -86,6 +97,7 @@ def train() -> None:
                    "conv_in (--task inpaint / superres) gets zero kernels for the new "
                    "channels")  # fmt: skip
 @oversample_option
+@scale_options
 @click.option("--object-weight", metavar="WORDS=FACTOR", multiple=True,
               help="shapes data: weigh the loss on the pixels of such an object (its box, one "
                    "latent cell wider) FACTOR times, e.g. 'small star=4' (words as --oversample; "
@@ -157,3 +169,50 @@ def train_vae_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
     from ..training.vae_train import VAETrainConfig, train_vae
 
     return train_vae(VAETrainConfig(**kw), resume=resume, resume_override=resume_override)
+
+
+@train.command("lora")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="base model folder (default: the embedded model)")  # fmt: skip
+@click.option("--data", required=True, help="folder:PATH[:RES] (captions: metadata.jsonl or "
+              ".txt sidecars), or any data spec at the model's image size")  # fmt: skip
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="run folder: OUT/lora.safetensors and checkpoints/")  # fmt: skip
+@click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="LoRA alpha (scale alpha / rank) [default: the rank]")  # fmt: skip
+@click.option("--lora-target", type=click.Choice(["attn", "conv"]), default="attn",
+              show_default=True,
+              help="attn: the U-Net's attention projections; conv: convs too (LoCon)")  # fmt: skip
+@click.option("--train-text-encoder", is_flag=True,
+              help="also a LoRA on the text encoder's attention projections")  # fmt: skip
+@click.option("--format", type=click.Choice(["kohya", "diffusers"]), default="kohya",
+              show_default=True, help="keys of the saved file (kohya: A1111, ComfyUI)")  # fmt: skip
+@click.option("--instance-prompt", default=None,
+              help="DreamBooth: caption every training image with this prompt, e.g. "
+                   "'a sks hexagon'")  # fmt: skip
+@click.option("--class-prompt", default=None,
+              help="DreamBooth prior preservation: also train on the base model's own images "
+                   "of this prompt, e.g. 'a hexagon'")  # fmt: skip
+@click.option("--num-class-images", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--prior-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--min-snr-gamma", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="min-SNR loss weighting (Hang et al. 2023)")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True)  # fmt: skip
+@click.option("--bf16/--no-bf16", default=False, help="bf16 autocast for the forward pass")
+@seed_option()
+@click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=100, show_default=True)
+@resume_option
+@quiet_option
+def train_lora_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
+    """Train a LoRA on a model folder (docs/lora.md): the base weights stay frozen."""
+    from ..training.lora_train import LoraTrainConfig, train_lora
+
+    return train_lora(LoraTrainConfig(**kw), resume=resume, resume_override=resume_override)

@@ -5,13 +5,17 @@ encode conditioning -> prior noise -> sampler (any registered one) -> images in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import sampling
-from ..io.model_folder import LoadedModel, load_diffusion_model
+from ..io.embeddings import load_embeddings
+from ..io.lora import load_model_with_loras
+from ..io.model_folder import LoadedModel
+from ..io.model_folder import model_dir as named_model_dir
 from .common import condition, decode, describe_conditioning, make_sigmas, precision_context
 from .settings import SampleSettings
 
@@ -74,19 +78,25 @@ def generate_to_png(
     callback: sampling.Callback = None,
     device: str | None = "cpu",
     dtype: str = "fp32",
+    embeddings: Sequence[str] = (),
+    embeddings_dir: str | Path | None = None,
     **overrides: Any,
 ) -> dict:
     """Generate, write a grid PNG whose text chunks hold the prompt and the resolved settings
     (so `--from-png` reproduces it bit-exactly), and optionally a GIF with, at every step, the
     noisy state (first row) and the x0 estimate (second row), decoded. callback: called at
-    every step after the preview's frame (the CLI's progress bar). overrides: as for
-    `generate`."""
+    every step after the preview's frame (the CLI's progress bar). settings.loras: LoRA files
+    (FILE[:SCALE]) fused into the model, recorded as NAME:SCALE. embeddings / embeddings_dir:
+    textual-inversion files (`io.embeddings.load_embeddings`; the model's embeddings/ folder
+    by default). overrides: as for `generate`."""
     from ..io.images import save_grid
 
-    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
+    s = SampleSettings.build(settings, **overrides)
+    model, labels = load_model_with_loras(model_dir, s.loras, device=device, dtype=dtype)
+    load_embeddings(model, embeddings, embeddings_dir)
     cond_kwargs, what = describe_conditioning(model, prompt or "")
     # stored resolved, so --from-png reproduces it whatever the model's default
-    s = SampleSettings.build(settings, **overrides).resolve(model)
+    s = s.replace(loras=tuple(labels)).resolve(model)
     frames: list[torch.Tensor] = []
 
     def each_step(step, sigma, x, denoised):
@@ -101,7 +111,7 @@ def generate_to_png(
     images = generate(model, s, **cond_kwargs, callback=steps_cb)
     meta = {
         "prompt": prompt or "", **s.to_png_meta(), "model": model.sha256,
-        "model_path": "" if model_dir is None else str(Path(model_dir).resolve()),
+        "model_path": "" if model_dir is None else str(named_model_dir(model_dir).resolve()),
     }  # fmt: skip
     save_grid(images, out, **meta)
     if preview:
