@@ -82,9 +82,8 @@ def test_lcm_matches_diffusers(lcm_folder, steps, guidance):
     timesteps = pipe.scheduler.timesteps.long()
     train = model.denoiser.train_sigmas64
     sigmas = torch.cat([train[timesteps], train.new_zeros(1)])
-    denoiser, cond = conditioning(model, 1, prompts=[PROMPT])
-    if guidance != model.meta.guidance_embedding["guidance"]:
-        cond["guidance"] = torch.full((1,), guidance)
+    denoiser, cond = conditioning(model, 1, prompts=[PROMPT], guidance=guidance)
+    assert denoiser is model.denoiser  # the scale is an input: no CFG pass
     x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)  # VP latents -> VE
     got = sampling.sample(
         "lcm", denoiser, x, sigmas, cond=cond, generator=torch.Generator().manual_seed(9)
