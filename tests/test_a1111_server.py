@@ -192,6 +192,7 @@ def png_b64(size=(16, 16)) -> str:
         ("txt2img", {"seed": -2}, 422, "seed"),
         ("txt2img", {"cfg_scale": 1e308}, 422, "cfg_scale"),
         ("txt2img", {"prompt": "\ud800"}, 422, "prompt"),
+        ("txt2img", {"prompt": "a (red circle"}, 422, "prompt"),
         ("txt2img", {"width": 4000, "height": 16}, 422, "width"),
         ("txt2img", {"width": 7, "height": 16}, 422, "width"),
         ("txt2img", {"batch_size": 16, "n_iter": 16}, 422, "batch_size"),

@@ -290,6 +290,9 @@ def test_unknown_job_is_404(client):
         ({"layout": "boxes"}, "layout"),
         ({"vae_tiling": "sometimes"}, "vae_tiling"),
         ({"stepz": 3}, "stepz"),
+        ({"prompt": "a (red circle"}, "prompt"),  # A1111 syntax: unbalanced bracket
+        ({"negative_prompt": "blurry]"}, "negative_prompt"),
+        ({"prompt": "[cat:dog:0.5]"}, "prompt"),  # prompt editing: not supported
     ],
 )
 def test_limits_are_422_naming_the_field(client, body, field):

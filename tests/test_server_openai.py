@@ -148,6 +148,7 @@ def form(image: bytes | None = None, **fields):
     [
         ("generations", {"json": {"prompt": "3", "steps": 10**6}}, 400, "steps"),
         ("generations", {"json": {"prompt": ""}}, 400, "prompt"),
+        ("generations", {"json": {"prompt": "a (red circle"}}, 400, "prompt"),
         ("generations", {"json": {"prompt": 3}}, 400, "prompt"),
         ("generations", {"json": {"prompt": "3", "size": "4000x4000"}}, 400, "size"),
         ("generations", {"json": {"prompt": "3", "size": "big"}}, 400, "size"),

@@ -69,8 +69,8 @@ class _Request(BaseModel):
     # alwayson_scripts ...): ignored, as A1111 ignores what a script does not read
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: schemas.Text = Field("", max_length=2000)
-    negative_prompt: schemas.Text = Field("", max_length=2000)
+    prompt: schemas.PromptText = Field("", max_length=2000)
+    negative_prompt: schemas.PromptText = Field("", max_length=2000)
     seed: int = Field(-1, ge=-1, le=schemas.MAX_SEED, description="-1: random")
     sampler_name: NAME | None = None
     sampler_index: NAME | None = None  # A1111's older name for sampler_name

@@ -98,7 +98,7 @@ class Generation(BaseModel):
     # output_format ...) are ignored, as docs/clients.md lists
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: schemas.Text = Field(min_length=1, max_length=2000)
+    prompt: schemas.PromptText = Field(min_length=1, max_length=2000)
     model: NAME | None = None
     n: int = Field(1, ge=1, le=schemas.MAX_NUM)
     size: NAME | None = None

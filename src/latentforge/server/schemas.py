@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import UserError
 from ..pipelines.layout import layout_names
+from ..prompt_syntax import parse_prompt
 from ..sampling import KNOB_RANGES
 from ..schedules import SPACINGS
 
@@ -34,7 +36,17 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def _valid_prompt(text: str) -> str:
+    # A1111's weighting syntax is read when the job runs; a malformed prompt is a 422 up front
+    try:
+        parse_prompt(text)
+    except UserError as e:
+        raise ValueError(str(e).removeprefix("prompt: ")) from None
+    return text
+
+
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+PromptText = Annotated[str, AfterValidator(_valid_unicode), AfterValidator(_valid_prompt)]
 Base64Image = Annotated[
     str,
     Field(
@@ -98,8 +110,10 @@ class SamplingParams(_Request):
 
 
 class PromptParams(_Request):
-    prompt: Text = Field("", max_length=2000, description="text, or a class name / digit word")
-    negative_prompt: Text = Field("", max_length=2000)
+    prompt: PromptText = Field(
+        "", max_length=2000, description="text (A1111's weighting syntax), or a class name"
+    )
+    negative_prompt: PromptText = Field("", max_length=2000)
 
 
 class Txt2ImgRequest(SamplingParams, PromptParams):
@@ -159,8 +173,8 @@ class InterpolateRequest(SamplingParams):
     image_b: Base64Image | None = None
     seed_a: int | None = Field(None, ge=0, le=MAX_SEED, description="walk between two seeds")
     seed_b: int | None = Field(None, ge=0, le=MAX_SEED)
-    prompt_a: Text = Field("", max_length=2000)
-    prompt_b: Text = Field("", max_length=2000)
+    prompt_a: PromptText = Field("", max_length=2000)
+    prompt_b: PromptText = Field("", max_length=2000)
     frames: int = Field(8, ge=2, le=MAX_FRAMES)
 
     @model_validator(mode="after")
