@@ -131,6 +131,20 @@ def native(sd_folder, tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
+def limited_client(models_dir: Path):
+    """The app in process with no workers and tight limits (one queued job, 64x64 images,
+    200 kB bodies): what the hostile-input tests of each API dialect post to."""
+    from fastapi.testclient import TestClient
+
+    from latentforge.server import ServerConfig, create_app
+
+    config = ServerConfig(models_dir=models_dir, preload=False, workers=0, max_queue=1,
+                          max_image_pixels=64 * 64, max_body_bytes=200_000)  # fmt: skip
+    with TestClient(create_app(config)) as c:
+        yield c
+
+
+@contextlib.contextmanager
 def live_serve(args: list[str], log: Path, timeout: float = 90.0):
     """`latentforge serve ARGS` on a free loopback port in its own process (one thread), its
     output in `log`; yields (process, url) once /health answers, and stops it after."""

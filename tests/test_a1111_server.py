@@ -14,7 +14,7 @@ from PIL import Image
 
 webuiapi = pytest.importorskip("webuiapi")
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
-from conftest import live_serve  # noqa: E402
+from conftest import limited_client, live_serve  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from test_server import make_superres_model  # noqa: E402
 
@@ -172,9 +172,7 @@ def test_basic_auth_is_required(server):
 # ----- hostile input: 4xx in A1111's shape, never 5xx (in process) --------------------------------
 @pytest.fixture(scope="module")
 def client(models_dir):
-    config = ServerConfig(models_dir=models_dir, preload=False, workers=0, max_queue=1,
-                          max_image_pixels=64 * 64, max_body_bytes=200_000)  # fmt: skip
-    with TestClient(create_app(config)) as c:
+    with limited_client(models_dir) as c:
         yield c
 
 

@@ -13,11 +13,9 @@ from PIL import Image
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
-from conftest import live_serve  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+from conftest import limited_client, live_serve  # noqa: E402
 
 from latentforge.io import a1111  # noqa: E402
-from latentforge.server import ServerConfig, create_app  # noqa: E402
 
 KEY = "s3cret"
 
@@ -132,9 +130,7 @@ def test_models_in_both_shapes(client, server):
 # ----- hostile input: 4xx in OpenAI's shape, never 5xx (in process) -----------------------------
 @pytest.fixture(scope="module")
 def local(models_dir):
-    config = ServerConfig(models_dir=models_dir, preload=False, workers=0, max_queue=1,
-                          max_image_pixels=64 * 64, max_body_bytes=200_000)  # fmt: skip
-    with TestClient(create_app(config)) as c:
+    with limited_client(models_dir) as c:
         yield c
 
 
