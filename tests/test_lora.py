@@ -309,3 +309,21 @@ def test_generate_lora_and_from_png(native, loras, tmp_path, capsys):
     assert cli.main([*again, "--out", str(tmp_path / "d.png")]) == 0
     for name in ("c.png", "d.png"):
         assert np.array_equal(pixels(tmp_path / name), pixels(first))
+
+
+def test_eval_prompts_with_a_lora(native, loras, capsys):
+    """`eval prompts --lora`: the fused model is what is scored, and the JSON records it."""
+    from latentforge import cli
+
+    argv = ["eval", "prompts", "--prompts", "shapes-seen", "--per-prompt", "1", "--steps", "1",
+            "--model", str(native), "--json", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli.main([*argv, "--lora", f"{loras['kohya_a']}:0.8"]) == 0
+    fused = json.loads(capsys.readouterr().out)
+    assert plain["settings"]["loras"] == [] and fused["settings"]["loras"] == ["a_kohya:0.8"]
+    # what the random LoRA does to the tiny random model shows in what the analyser reads
+    found = [r["found"] for r in plain["per_prompt"]], [r["found"] for r in fused["per_prompt"]]
+    assert found[0] != found[1]
+    assert cli.main([*argv, "--lora", "missing.safetensors"]) == 2
+    assert capsys.readouterr().err.startswith("latentforge: error:")

@@ -18,6 +18,7 @@ from .options import (
     inpaint_options,
     json_option,
     layout_option,
+    lora_option,
     model_option,
     quiet_option,
     sampler_option,
@@ -53,7 +54,8 @@ def _settings_line(what: str, settings: dict) -> str:
     return (
         f"{what} (sampler {settings['sampler']}, {settings['steps']} steps, "
         f"guidance {settings['guidance']:g}{_interval_words(settings)}, seed {settings['seed']}"
-        f"{_layout_words(settings)}{', bf16' if settings.get('bf16') else ''})"
+        f"{_layout_words(settings)}{', bf16' if settings.get('bf16') else ''}"
+        f"{''.join(f', LoRA {label}' for label in settings.get('loras') or ())})"
     )
 
 
@@ -88,22 +90,25 @@ def eval_group() -> None:
 @guidance_interval_option
 @layout_option
 @bf16_option(help="sample under bf16 autocast, as generate --bf16")
+@lora_option
 @_common_options
-def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16, model_dir,
-                sampler, guidance, seed, batch, device, dtype, as_json,
+def prompts_cmd(prompt_file, per_prompt, steps, guidance_interval, layout, bf16, loras,
+                model_dir, sampler, guidance, seed, batch, device, dtype, as_json,
                 quiet) -> None:  # fmt: skip
     """Generate for every prompt and check colour, shape, size, position, relation and
-    background of what was drawn (shapes models)."""
-    from ..io.model_folder import load_diffusion_model
+    background of what was drawn (shapes models); with --lora, of the model with the LoRAs
+    fused in."""
+    from ..io.lora import load_model_with_loras
     from ..shapes.evaluate import evaluate_prompts, load_prompts
 
     prompts = load_prompts(prompt_file)
-    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
+    model, labels = load_model_with_loras(model_dir, loras, device=device, dtype=dtype)
     result = evaluate_prompts(
         model, prompts, per_prompt=per_prompt, seed=seed, sampler=sampler, steps=steps,
         guidance=guidance, guidance_interval=guidance_interval, layout=layout, batch=batch,
         progress=not quiet, bf16=bf16,
     )  # fmt: skip
+    result["settings"]["loras"] = labels
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
