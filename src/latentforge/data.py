@@ -491,6 +491,30 @@ def spec_resolution(kind: str, text: str, spec: str) -> int:
     return int(text)
 
 
+def parse_res_length_flag(
+    kind: str, rest: str, spec: str, *, flag: str, resolution: int
+) -> tuple[dict[str, Any], bool]:
+    """The options of a `KIND[:RES][:N][:FLAG]` spec (shapes, photos): {"resolution"
+    (default `resolution`), "length" if N is given, FLAG: True if given}, and whether RES was
+    stated. N must be > 0; anything else is a one-line error naming the grammar."""
+    opts: dict[str, Any] = {"resolution": resolution}
+    ints = 0
+    for part in rest.split(":") if rest else []:
+        if part.lower() == flag:
+            opts[flag] = True
+        elif part.isdigit() and ints == 0:
+            opts["resolution"] = spec_resolution(kind, part, spec)
+            ints = 1
+        elif part.isdigit() and ints == 1 and int(part) > 0:
+            opts["length"] = int(part)
+            ints = 2
+        else:
+            lo, hi = DATA_KINDS[kind].resolution_range
+            raise UserError(f"bad data spec {spec!r}: expected {DATA_KINDS[kind].usage} "
+                            f"(RES in {lo}..{hi}, N > 0)")  # fmt: skip
+    return opts, ints > 0
+
+
 def _parse_digits(rest: str, spec: str) -> tuple[dict[str, Any], bool]:
     if rest:
         return {"resolution": spec_resolution("digits", rest, spec)}, True

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import load_dataset
+from ..data import load_dataset, parse_spec
 from ..errors import UserError
 from ..io.model_folder import LoadedModel
 from ..pipelines.settings import SampleSettings
@@ -187,7 +187,7 @@ def prompt_accuracy(
 ) -> float | None:
     """The fraction of images that show what their caption states, by the scorer registered for
     the reference set's data kind; None without a scorer or without checkable captions."""
-    scorer = _PROMPT_SCORERS.get(spec.split(":", 1)[0])
+    scorer = _PROMPT_SCORERS.get(parse_spec(spec)[0])
     if scorer is None or not any(captions):
         return None
     hits = [h for h in scorer(images, [c or "" for c in captions]) if h is not None]

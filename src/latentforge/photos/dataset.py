@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data import DataKind, ImageDataset, spec_resolution
+from ..data import DataKind, ImageDataset, parse_res_length_flag
 from ..errors import UserError
 from ..io.images import from_pil
 
@@ -163,21 +163,8 @@ _RANGE = (16, 256)  # the smallest training photo is 300 px high
 
 
 def _parse_photos(rest: str, spec: str) -> tuple[dict[str, Any], bool]:
-    opts: dict[str, Any] = {"resolution": DEFAULT_RESOLUTION}
-    ints = 0
-    for part in rest.split(":") if rest else []:
-        if part.lower() == "heldout":
-            opts["heldout"] = True
-        elif part.isdigit() and ints == 0:
-            opts["resolution"] = spec_resolution("photos", part, spec)
-            ints = 1
-        elif part.isdigit() and ints == 1 and int(part) > 0:
-            opts["length"] = int(part)
-            ints = 2
-        else:
-            raise UserError(f"bad data spec {spec!r}: expected {_USAGE} "
-                            f"(RES in {_RANGE[0]}..{_RANGE[1]}, N > 0)")  # fmt: skip
-    return opts, ints > 0
+    return parse_res_length_flag("photos", rest, spec, flag="heldout",
+                                 resolution=DEFAULT_RESOLUTION)  # fmt: skip
 
 
 def _build_photos(opts: dict[str, Any], seed: int, spec: str) -> PhotosDataset:

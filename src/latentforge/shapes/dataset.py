@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data import DataKind, ImageDataset, spec_resolution
+from ..data import DataKind, ImageDataset, parse_res_length_flag
 from ..errors import UserError
 from ..io.images import from_pil
 from .scenes import (
@@ -264,23 +264,8 @@ def region_captions(
 
 # ----- the data spec: shapes[:RES][:N][:holdout] ---------------------------------------------
 def _parse_shapes(rest: str, spec: str) -> tuple[dict[str, Any], bool]:
-    opts: dict[str, Any] = {"resolution": DEFAULT_RESOLUTION}
-    ints = 0
-    for part in rest.split(":") if rest else []:
-        if part.lower() == "holdout":
-            opts["holdout"] = True
-        elif part.isdigit() and ints == 0:
-            opts["resolution"] = spec_resolution("shapes", part, spec)
-            ints = 1
-        elif part.isdigit() and ints == 1 and int(part) > 0:
-            opts["length"] = int(part)
-            ints = 2
-        else:
-            raise UserError(
-                f"bad data spec {spec!r}: expected shapes[:RES][:N][:holdout] "
-                f"(RES in 16..512, N > 0)"
-            )
-    return opts, ints > 0
+    return parse_res_length_flag("shapes", rest, spec, flag="holdout",
+                                 resolution=DEFAULT_RESOLUTION)  # fmt: skip
 
 
 def _build_shapes(opts: dict[str, Any], seed: int, spec: str) -> ShapesDataset:
