@@ -21,6 +21,10 @@ from .layers import (
 )
 from .presets import UNetConfig
 
+# A ControlNet's output: one residual per U-Net skip connection (encoder order), then the mid
+# block's.
+Residuals = tuple[list[torch.Tensor], torch.Tensor]
+
 
 class _Level(nn.Module):
     """One resolution of the encoder or decoder: ResNet blocks, optional attention, resampler."""
@@ -37,10 +41,18 @@ class UNet(nn.Module):
     time features before the time MLP, as `UNet2DConditionModel` does with `timestep_cond`.
     Zero-initialised, so a network given the embedding computes what it did without it.
     `guidance` is the scale used when a call passes none (a model folder's
-    `guidance_embedding.guidance`), so a pipeline that knows nothing of it runs one pass."""
+    `guidance_embedding.guidance`), so a pipeline that knows nothing of it runs one pass.
+
+    `decoder=False` builds the encoder half only (conv_in, embeddings, down blocks, mid block):
+    what a ControlNet copies (`models/controlnet.py`)."""
 
     def __init__(
-        self, config: UNetConfig, *, time_cond_proj_dim: int | None = None, guidance: float = 1.0
+        self,
+        config: UNetConfig,
+        *,
+        time_cond_proj_dim: int | None = None,
+        guidance: float = 1.0,
+        decoder: bool = True,
     ):
         super().__init__()
         self.config = c = config
@@ -103,6 +115,8 @@ class UNet(nn.Module):
         if c.mid_attention:
             self.mid_block.attentions.append(transformer(ch, n_levels - 1))
         self.mid_block.resnets.append(resnet(ch, ch))
+        if not decoder:
+            return
 
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(n_levels)):
@@ -130,12 +144,49 @@ class UNet(nn.Module):
         context_mask: torch.Tensor | None = None,
         extra_emb: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        control: Residuals | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) fractional timesteps; class_labels: (B,), num_classes = null;
         context: (B, tokens, D) text hidden states; context_mask: (B, tokens), True = keep;
         extra_emb: (B, temb_dim) added to the time embedding (e.g. a noise-augmentation level);
         guidance: (B,) guidance scales g for a network with `time_cond_proj_dim` (default: its
-        `guidance`); a network without one has no such input and ignores it."""
+        `guidance`); a network without one has no such input and ignores it; control: a
+        ControlNet's residuals (one per skip connection, then the mid block's), added to the
+        skips and the mid block's output as in Zhang et al. 2023."""
+        temb = self.embed_time(
+            x, t, class_labels=class_labels, extra_emb=extra_emb, guidance=guidance
+        )
+        if context is not None:
+            context = self.refine_context(context, context_mask)
+        h, skips = self.encode(self.stem(x), temb, context, context_mask)
+        if control is not None:
+            down, mid = control
+            if len(down) != len(skips):
+                raise ValueError(f"control has {len(down)} skip residuals, the U-Net {len(skips)}")
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, down, strict=True)]
+            h = h + mid.to(h.dtype)
+        for block in self.up_blocks:
+            for i, res in enumerate(block.resnets):
+                h = res(torch.cat([h, skips.pop()], dim=1), temb)
+                if len(block.attentions):
+                    h = block.attentions[i](h, context, context_mask)
+            if hasattr(block, "upsamplers"):
+                # Match the skip's size so odd resolutions still work.
+                size = skips[-1].shape[-2:] if skips else None
+                h = block.upsamplers[0](h, size)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def embed_time(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        class_labels: torch.Tensor | None = None,
+        extra_emb: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The embedding every ResNet block adds: timestep (+ guidance scale, class, extra)."""
         c = self.config
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -155,15 +206,28 @@ class UNet(nn.Module):
             temb = temb + self.class_embedding(class_labels)
         if extra_emb is not None:
             temb = temb + extra_emb
+        return temb
 
-        if context is not None:
-            context = self.refine_context(context, context_mask)
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_in (and the learned position map, if any)."""
         h = self.conv_in(x)
         if self.position_embedding is not None:
             pos = self.position_embedding
             if pos.shape[-2:] != h.shape[-2:]:
                 pos = F.interpolate(pos, size=h.shape[-2:], mode="bilinear", align_corners=False)
             h = h + pos.to(h.dtype)
+        return h
+
+    def encode(
+        self,
+        h: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down blocks and mid block from the stem's output: (mid output, skip tensors), the
+        skips in the order the decoder's concatenations pop them from the end. `context` is
+        already refined (`refine_context`)."""
         skips = [h]
         for block in self.down_blocks:
             for i, res in enumerate(block.resnets):
@@ -179,18 +243,7 @@ class UNet(nn.Module):
         for attn in self.mid_block.attentions:
             h = attn(h, context, context_mask)
         h = self.mid_block.resnets[1](h, temb)
-
-        for block in self.up_blocks:
-            for i, res in enumerate(block.resnets):
-                h = res(torch.cat([h, skips.pop()], dim=1), temb)
-                if len(block.attentions):
-                    h = block.attentions[i](h, context, context_mask)
-            if hasattr(block, "upsamplers"):
-                # Match the skip's size so odd resolutions still work.
-                size = skips[-1].shape[-2:] if skips else None
-                h = block.upsamplers[0](h, size)
-
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return h, skips
 
     def refine_context(
         self, context: torch.Tensor, mask: torch.Tensor | None = None
