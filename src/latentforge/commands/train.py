@@ -216,3 +216,54 @@ def train_lora_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
     from ..training.lora_train import LoraTrainConfig, train_lora
 
     return train_lora(LoraTrainConfig(**kw), resume=resume, resume_override=resume_override)
+
+
+@train.command("ddgan")
+@click.option("--data", required=True,
+              help="shapes[:RES], digits[:RES], folder:PATH or wds:SHARDS")  # fmt: skip
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="model folder")
+@click.option(
+    "--cond", type=click.Choice(["none", "class", "text"]), default="none", show_default=True
+)
+@click.option("--preset", default="tiny", show_default=True, help="the generator's U-Net preset")
+@click.option("--num-steps", type=click.IntRange(2, 8), default=4, show_default=True,
+              help="T: denoising steps of the model (its sampling steps)")  # fmt: skip
+@click.option("--disc-channels", default="32,64,128", show_default=True,
+              callback=lambda ctx, param, v: _widths(v),
+              help="the discriminator's widths, one per level (each level halves)")  # fmt: skip
+@click.option("--r1-gamma", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="R1 penalty on the discriminator's gradient at real pairs")  # fmt: skip
+@click.option("--beta-schedule", type=click.Choice(["linear", "scaled_linear", "cosine"]),
+              default="cosine", show_default=True)  # fmt: skip
+@click.option("--vae", type=click.Path(), default=None, help="VAE folder: latent DDGAN")
+@click.option("--cache-latents", is_flag=True, help="encode the dataset once (with --vae)")
+@click.option("--cache-text", is_flag=True, help="encode every training caption once")
+@click.option("--label-dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="share of captions / labels dropped (the unconditional model)")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
+@click.option("--bf16/--no-bf16", default=False, help="bf16 autocast for the forward pass")
+@seed_option()
+@click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True)
+@scale_options
+@resume_option
+@quiet_option
+def train_ddgan_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
+    """Train a denoising-diffusion GAN (Xiao et al. 2022; docs/few-step.md): a T-step model
+    whose reverse steps are learned adversarially, sampled by ddpm in T steps."""
+    from ..training.ddgan import DDGANConfig, train_ddgan
+
+    return train_ddgan(DDGANConfig(**kw), resume=resume, resume_override=resume_override)
+
+
+def _widths(value: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give widths like 32,64,128") from None
+    if not widths or min(widths) < 1 or max(widths) > 1024:
+        raise click.BadParameter(f"{value!r}: widths must be in 1..1024")
+    return widths

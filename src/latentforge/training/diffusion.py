@@ -375,7 +375,12 @@ class DiffusionTrainer(Trainer):
             weight = region_weight if weight is None else weight * region_weight
         if weight is not None:
             cond["pixel_weight"] = weight.to(x0.device)
-        return self.denoiser.loss(x0, g, **cond).mean()  # through self.ddp (__init__)
+        return self.diffusion_loss(x0, g, **cond).mean()
+
+    def diffusion_loss(self, x0: torch.Tensor, g: torch.Generator, **cond) -> torch.Tensor:
+        """Per-example loss of the batch's latents under its conditioning: the denoiser's
+        (through self.ddp, see __init__); `training/ddgan.py` puts the GAN's here."""
+        return self.denoiser.loss(x0, g, **cond)
 
     def _region_captions(
         self, batch: dict, drop: torch.Tensor, cond: dict, side: int, g: torch.Generator
