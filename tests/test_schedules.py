@@ -88,3 +88,14 @@ def test_bad_input():
         schedules.get_betas("quadratic")
     with pytest.raises(UserError, match="discrete"):
         schedules.get_sigmas("trailing", 5, sigma_min=0.1, sigma_max=10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 8, 13, 50])
+def test_lcm_spacing_is_diffusers_lcm_scheduler(steps):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.LCMScheduler()
+    ref.set_timesteps(steps)
+    ours = schedules.discrete_timesteps("lcm", steps, 1000)
+    assert ours.long().tolist() == ref.timesteps.tolist()
+    with pytest.raises(UserError, match="at most 50"):
+        schedules.discrete_timesteps("lcm", 51, 1000)

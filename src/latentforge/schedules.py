@@ -24,7 +24,9 @@ SPACINGS = (
     "linspace",
     "leading",
     "trailing",
+    "lcm",
 )
+LCM_ORIGINAL_STEPS = 50  # diffusers' LCMScheduler `original_inference_steps`
 
 # alpha_bar used for the last step of a zero-terminal-SNR schedule, so sigma stays finite
 # (the same trick diffusers' Euler scheduler uses: 2**-24).
@@ -200,9 +202,17 @@ def discrete_timesteps(spacing: str, n: int, num_train_timesteps: int) -> torch.
 
     leading: DDIM's original t = k * (T // n) (+ offset 1 as SD uses via steps_offset);
     trailing: round(T - k * T / n) - 1 (reaches t = T-1, needed for zero-terminal SNR);
-    linspace: n points evenly from T-1 to 0.
+    linspace: n points evenly from T-1 to 0;
+    lcm: diffusers' LCMScheduler: n of the 50 skipping-step timesteps k * T/50 - 1 (LCM's
+    distillation grid), evenly by index from the top (999, 759, 499, 259 for n = 4).
     """
     T = num_train_timesteps
+    if spacing == "lcm":
+        origin = min(LCM_ORIGINAL_STEPS, T)
+        if n > origin:
+            raise UserError(f"spacing 'lcm' takes at most {origin} steps, got {n}")
+        grid = (torch.arange(origin, 0, -1, dtype=torch.float64)) * (T // origin) - 1
+        return grid[(torch.arange(n, dtype=torch.float64) * origin / n).floor().long()]
     if spacing == "linspace":
         return torch.linspace(T - 1, 0, n, dtype=torch.float64)
     if spacing == "leading":
@@ -250,7 +260,7 @@ def get_sigmas(
         return get_sigmas_vp(steps, sigma_min, sigma_max, beta_d, beta_min, device)
     if spacing == "optimized":
         return get_sigmas_optimized(steps, sigma_min, sigma_max, device=device)
-    if spacing in ("linspace", "leading", "trailing"):
+    if spacing in ("linspace", "leading", "trailing", "lcm"):
         if train_sigmas is None:
             raise UserError(f"spacing {spacing!r} needs a discrete-time model")
         t = discrete_timesteps(spacing, steps, len(train_sigmas)).clamp(0, len(train_sigmas) - 1)
