@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from latentforge import cli, sampling
 from latentforge.io.model_folder import load_diffusion_model
 from latentforge.models.ddgan import TimeDiscriminator
+from latentforge.pipelines.common import make_sigmas
 from latentforge.pipelines.generate import generate
 from latentforge.training.ddgan import DDGANConfig, DDGANTrainer, posterior, train_ddgan
 
@@ -79,7 +80,10 @@ def test_resume_is_bit_exact_and_the_folder_is_a_t_step_model(tmp_path):
     assert not any("discriminator" in k for k in a)  # the generator alone
     model = load_diffusion_model(tmp_path / "a")
     assert model.meta.sampling.sampler == "ddpm" and model.meta.sampling.steps == 4
-    assert model.meta.parameterization["num_timesteps"] == 4
+    # the sampler's 4 trailing levels are the ones trained on
+    trainer = DDGANTrainer(_config(tmp_path / "c"))
+    sigmas = make_sigmas(model, 4).double()
+    torch.testing.assert_close(sigmas.flip(0), trainer.levels().double(), rtol=1e-5, atol=0)
     calls = []
     images = generate(model, labels=[3], num=2, seed=0, callback=lambda *a: calls.append(1))
     assert images.shape == (2, 1, 16, 16) and len(calls) == 4
@@ -92,4 +96,4 @@ def test_cli_trains_and_refuses_bad_settings(tmp_path):
             "--disc-channels", "8,16", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
     assert cli.main([*argv[:-7], "--disc-channels", "8,x"]) == 2
-    assert cli.main([*argv[:6], "--num-steps", "1"]) == 2
+    assert cli.main([*argv[:6], "--num-steps", "9"]) == 2

@@ -226,18 +226,28 @@ def train_lora_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
     "--cond", type=click.Choice(["none", "class", "text"]), default="none", show_default=True
 )
 @click.option("--preset", default="tiny", show_default=True, help="the generator's U-Net preset")
-@click.option("--num-steps", type=click.IntRange(2, 8), default=4, show_default=True,
+@click.option("--num-steps", type=click.IntRange(1, 8), default=4, show_default=True,
               help="T: denoising steps of the model (its sampling steps)")  # fmt: skip
 @click.option("--disc-channels", default="32,64,128", show_default=True,
               callback=lambda ctx, param, v: _widths(v),
               help="the discriminator's widths, one per level (each level halves)")  # fmt: skip
 @click.option("--r1-gamma", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="R1 penalty on the discriminator's gradient at real pairs")  # fmt: skip
+@click.option("--recon-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="add this x the x0 regression error to the generator's loss (fine-tuning "
+                   "a diffusion model with --init-from)")  # fmt: skip
 @click.option("--beta-schedule", type=click.Choice(["linear", "scaled_linear", "cosine"]),
               default="cosine", show_default=True)  # fmt: skip
+@click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default="x0",
+              show_default=True,
+              help="what the generator predicts (with --init-from: the model's)")  # fmt: skip
+@click.option("--init-from", type=click.Path(), default=None,
+              help="start the generator from this diffusion model folder's weights")  # fmt: skip
 @click.option("--vae", type=click.Path(), default=None, help="VAE folder: latent DDGAN")
 @click.option("--cache-latents", is_flag=True, help="encode the dataset once (with --vae)")
 @click.option("--cache-text", is_flag=True, help="encode every training caption once")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="keep the --cache-latents / --cache-text tables here, reused")  # fmt: skip
 @click.option("--label-dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="share of captions / labels dropped (the unconditional model)")  # fmt: skip
 @click.option("--max-steps", type=click.IntRange(min=1), default=2000, show_default=True)
@@ -267,3 +277,54 @@ def _widths(value: str) -> tuple[int, ...]:
     if not widths or min(widths) < 1 or max(widths) > 1024:
         raise click.BadParameter(f"{value!r}: widths must be in 1..1024")
     return widths
+
+
+@train.command("controlnet")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="base model folder (default: the embedded model)")  # fmt: skip
+@click.option("--data", required=True,
+              help="any data spec at the model's image size: each item's image (or what its "
+                   "data draws for the preprocessor: shapes draws sketches) is the control "
+                   "source, its caption the prompt")  # fmt: skip
+@click.option("--control", required=True, metavar="KIND",
+              help="the preprocessor that makes control images: canny, scribble, sketch, "
+                   "none")  # fmt: skip
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="the ControlNet model folder (and checkpoints/)")  # fmt: skip
+@click.option("--embedding-channels", default="",
+              callback=lambda ctx, param, v: _widths(v) if v else (),
+              help="widths of the control image's encoder, one per VAE halving + 1 "
+                   "[default: 16,32,...]")  # fmt: skip
+@click.option("--caption-dropout", "label_dropout", type=click.FloatRange(0, 1), default=0.3,
+              show_default=True,
+              help="share of captions replaced by the empty prompt")  # fmt: skip
+@click.option("--min-snr-gamma", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="min-SNR loss weighting (Hang et al. 2023) [default: none, plain MSE: the "
+                   "layout a control sets is decided at high noise levels, which min-SNR "
+                   "weighs down]")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True)  # fmt: skip
+@click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--cache-latents", is_flag=True, help="encode the dataset once (latent models)")
+@click.option("--cache-text", is_flag=True, help="encode every training caption once")
+@click.option("--fp16", is_flag=True, help="save the ControlNet's weights in float16")
+@seed_option()
+@click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="steps per line of OUT/train_log.jsonl")  # fmt: skip
+@resume_option
+@quiet_option
+def train_controlnet_cmd(resume: bool, resume_override: tuple[str, ...], **kw) -> int:
+    """Train a ControlNet on a model folder (docs/controlnet.md): the U-Net and the text
+    encoder stay frozen; the ControlNet starts as a copy of the U-Net's encoder."""
+    from ..training.controlnet_train import ControlNetTrainConfig, train_controlnet
+
+    return train_controlnet(
+        ControlNetTrainConfig(**kw), resume=resume, resume_override=resume_override
+    )

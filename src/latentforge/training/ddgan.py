@@ -1,11 +1,12 @@
 """`latentforge train ddgan`: the denoising-diffusion GAN (Xiao, Kreis and Vahdat 2022).
 
-A diffusion model of T = 2-4 steps whose reverse step is learned adversarially: the generator
-(the project's U-Net, predicting x0) denoises x_t, the posterior q(x_{t-1} | x_t, x0_hat) draws
+A diffusion model of T = 1-4 steps whose reverse step is learned adversarially: the generator
+(the project's U-Net) denoises x_t to x0_hat, the posterior q(x_{t-1} | x_t, x0_hat) draws
 x_{t-1}, and a time-conditional discriminator (`models/ddgan.py`) tells those pairs from real
-ones. The result is an ordinary model folder: a VP model with T timesteps (cosine betas by
-default), x0 prediction, sampled by `ddpm` (exactly that posterior draw) in T steps, so
-`generate`, the server and `eval` run it with no special case.
+ones. The T noise levels are the model's 1000-step schedule at T trailing timesteps (999, 749,
+499, 249 for T = 4), so the result is an ordinary model folder sampled by `ddpm` (exactly that
+posterior draw) in T trailing steps, and a trained diffusion model can be the generator's
+start (`--init-from`, same prediction): `generate`, the server and `eval` need no special case.
 
 Everything but the loss is the diffusion trainer's (pixel or latent data, class or text
 conditioning with caption dropout, EMA, checkpoints, exact resume, torchrun): its
@@ -16,7 +17,11 @@ loss sees the generated pair detached, and the generator's loss reads the discri
 through detached weights (`torch.func.functional_call`), so one backward gives each player the
 gradient of its own loss only. Adam's betas are DDGAN's (0.5, 0.9). The latent z of the
 paper's generator is left out: the posterior's noise is the generator's only randomness (the
-paper's "no latent" ablation), which keeps the sampler the plain `ddpm`.
+paper's "no latent" ablation), which keeps the sampler the plain `ddpm`. `--recon-weight`
+adds the x0 regression error to the generator's loss (0, the paper's method, by default): an
+adversarial term alone pulls a generator started from a diffusion model (`--init-from`) away
+from what it knew before the discriminator has learned anything (measured in
+docs/few-step.md), as adversarial diffusion distillation (Sauer et al. 2023) also found.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 from ..errors import UserError
 from ..io.model_folder import ModelMeta
 from ..models.ddgan import TimeDiscriminator
+from ..schedules import discrete_timesteps
 from .diffusion import DiffusionTrainer, TrainConfig
 from .loop import run_training
 
@@ -41,9 +47,10 @@ class DDGANConfig(TrainConfig):
     """`train ddgan`'s settings: the diffusion trainer's, plus the GAN's."""
 
     RESUME_FREE: ClassVar[frozenset[str]] = TrainConfig.RESUME_FREE
-    num_steps: int = 4  # T: the model's timesteps, and its sampling steps
+    num_steps: int = 4  # T: the noise levels trained on, and the sampling steps
     disc_channels: tuple[int, ...] = (32, 64, 128)
     r1_gamma: float = 0.05  # R1 penalty on the discriminator's gradient at real pairs
+    recon_weight: float = 0.0  # + this x mean squared x0 error in the generator's loss
     prediction: str = "x0"
     lr: float = 2e-4
     warmup_steps: int = 0
@@ -91,15 +98,13 @@ class DDGANTrainer(DiffusionTrainer):
 
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.num_steps < 2 or cfg.num_steps > 8:
-            raise UserError(f"--num-steps must be in 2..8, got {cfg.num_steps}")
-        if cfg.prediction != "x0":
-            raise UserError("a DDGAN generator predicts x0 (--prediction x0)")
+        if not 1 <= cfg.num_steps <= 8:
+            raise UserError(f"--num-steps must be in 1..8, got {cfg.num_steps}")
         if cfg.task != "generate" or cfg.object_weight or cfg.region_captions:
             raise UserError("train ddgan trains plain generation (no --task, --object-weight, "
                             "--region-captions)")  # fmt: skip
-        if cfg.r1_gamma < 0:
-            raise UserError(f"--r1-gamma must be >= 0, got {cfg.r1_gamma}")
+        if cfg.r1_gamma < 0 or cfg.recon_weight < 0:
+            raise UserError("--r1-gamma and --recon-weight must be >= 0")
         super().setup()
         unet = self.model.config
         disc = TimeDiscriminator(
@@ -113,8 +118,7 @@ class DDGANTrainer(DiffusionTrainer):
 
     def build_meta(self) -> ModelMeta:
         meta = super().build_meta()
-        param = {**meta.parameterization, "num_timesteps": self.cfg.num_steps,
-                 "min_snr_gamma": None}  # fmt: skip
+        param = {**meta.parameterization, "min_snr_gamma": None}
         sampling = dataclasses.replace(
             meta.sampling, sampler="ddpm", steps=self.cfg.num_steps, spacing="trailing",
             guidance=1.0,
@@ -134,8 +138,8 @@ class DDGANTrainer(DiffusionTrainer):
         den, disc = self.denoiser, self.model.discriminator
         n, T = x0.shape[0], self.cfg.num_steps
         k = torch.randint(0, T, (n,), generator=g, device=x0.device)
-        sigmas = torch.cat([den.train_sigmas.new_zeros(1), den.train_sigmas])  # level -1 = data
-        s, s_prev = sigmas[k + 1], sigmas[k]
+        levels = self.levels().to(x0.device)
+        s, s_prev = levels[k + 1], levels[k]
         x_prev = x0 + _col(s_prev, x0) * torch.randn(x0.shape, generator=g, device=x0.device)
         step = (s**2 - s_prev**2).sqrt()
         x_t = x_prev + _col(step, x0) * torch.randn(x0.shape, generator=g, device=x0.device)
@@ -161,7 +165,18 @@ class DDGANTrainer(DiffusionTrainer):
         def d_frozen(*args, **kwargs) -> torch.Tensor:
             return torch.func.functional_call(disc, frozen, args, kwargs)
 
-        return loss_d, F.softplus(-d(d_frozen, fake, x_t))
+        loss_g = F.softplus(-d(d_frozen, fake, x_t))
+        if self.cfg.recon_weight:  # keeps a fine-tuned generator near its regression target
+            err = (x0_hat.float() - x0.float()).pow(2).flatten(1).mean(1)
+            loss_g = loss_g + self.cfg.recon_weight * err
+        return loss_d, loss_g
+
+    def levels(self) -> torch.Tensor:
+        """(T + 1,) noise levels, ascending: 0 (the data), then the schedule's sigmas at the
+        timesteps `ddpm` samples with T trailing steps."""
+        den, T = self.denoiser, self.cfg.num_steps
+        t = discrete_timesteps("trailing", T, den.num_timesteps).long().flip(0)
+        return torch.cat([den.train_sigmas.new_zeros(1), den.train_sigmas[t]])
 
     def ema_state(self) -> dict[str, torch.Tensor]:
         """The model folder holds the generator alone (the discriminator is in checkpoints)."""
