@@ -21,7 +21,7 @@ from latentforge.io.model_folder import (
 )
 from latentforge.models.presets import unet_preset
 from latentforge.models.unet import UNet
-from latentforge.pipelines.common import conditioning
+from latentforge.pipelines.common import conditioning, make_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -82,6 +82,9 @@ def test_lcm_matches_diffusers(lcm_folder, steps, guidance):
     timesteps = pipe.scheduler.timesteps.long()
     train = model.denoiser.train_sigmas64
     sigmas = torch.cat([train[timesteps], train.new_zeros(1)])
+    # the imported model's default spacing (`lcm`) gives the scheduler's own levels
+    assert model.meta.defaults.spacing == "lcm"
+    torch.testing.assert_close(make_sigmas(model, steps).double(), sigmas, rtol=1e-6, atol=0)
     denoiser, cond = conditioning(model, 1, prompts=[PROMPT], guidance=guidance)
     assert denoiser is model.denoiser  # the scale is an input: no CFG pass
     x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)  # VP latents -> VE

@@ -6,12 +6,16 @@ fp32, then bf16 (latentforge with bf16 weights; diffusers under bf16 autocast, i
 mode). A warm-up, then the median of N. Also the peak RSS of loading a converted SD-1.5-size
 U-Net folder in a fresh process (lazy, tensor-by-tensor loading), divided by the file size; the
 naive path (load the whole file, build a randomly initialised module, copy) for comparison.
+`--preset sdxl` times SDXL's base U-Net instead (2.6B parameters, 2048-wide context, pooled
+text embedding and size ids), `--latent N` sets the latent side (default 64); `peak_rss_bytes`
+is this process's own high-water mark (both networks share one set of weights).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,9 +71,10 @@ print(json.dumps({"peak": peak, "baseline": base, "seconds": seconds, "params": 
 """
 
 
-def _random_unet(seed: int) -> UNet:
-    """SD 1.5 U-Net with small random weights, filled tensor by tensor (no slow default init)."""
-    config = unet_preset("sd15")
+def _random_unet(seed: int, preset: str = "sd15") -> UNet:
+    """A preset's U-Net with small random weights, filled tensor by tensor (no slow default
+    init)."""
+    config = unet_preset(preset)
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in UNet(config).state_dict().items()}
@@ -105,12 +110,22 @@ def load_rss(folder: Path, mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(*, repeats: int, quick: bool, skip_bf16: bool, skip_load: bool, tmp: str | None) -> dict:
+def run(
+    *,
+    repeats: int,
+    quick: bool,
+    skip_bf16: bool,
+    skip_load: bool,
+    tmp: str | None,
+    preset: str = "sd15",
+    latent: int = 64,
+) -> dict:
     """The benchmark's record (the module docstring); `tmp` holds the temporary checkpoint."""
     torch.manual_seed(0)
     repeats = 1 if quick else repeats
-    result: dict = {"threads": torch.get_num_threads(), "repeats": repeats}
-    unet = _random_unet(0)
+    result: dict = {"preset": preset, "latent": latent, "threads": torch.get_num_threads(),
+                    "repeats": repeats}  # fmt: skip
+    unet = _random_unet(0, preset)
     result["parameters"] = count_parameters(unet)
 
     if not skip_load:
@@ -138,9 +153,16 @@ def run(*, repeats: int, quick: bool, skip_bf16: bool, skip_load: bool, tmp: str
 
     twin = _diffusers_twin(unet)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 64, 64, generator=g)
+    x = torch.randn(2, 4, latent, latent, generator=g)
     t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, generator=g)
+    c = unet.config
+    ctx = torch.randn(2, 77, c.cross_attention_dim, generator=g)
+    added: dict = {}  # SDXL: bigG's pooled embedding (1280) and 6 size / crop ids
+    if c.addition_time_embed_dim:
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        size = float(latent * 8)
+        added = {"text_embeds": torch.randn(2, pooled, generator=g),
+                 "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2)}  # fmt: skip
     outs: dict = {}
 
     def timed(names_fns) -> list[float]:
@@ -159,12 +181,13 @@ def run(*, repeats: int, quick: bool, skip_bf16: bool, skip_load: bool, tmp: str
         return [statistics.median(times[name]) for name, _ in names_fns]
 
     lf, df = timed([
-        ("latentforge_fp32", lambda: unet(x, t, context=ctx)),
-        ("diffusers_fp32", lambda: twin(x, t, encoder_hidden_states=ctx).sample),
+        ("latentforge_fp32", lambda: unet(x, t, context=ctx, **added)),
+        ("diffusers_fp32", lambda: twin(x, t, ctx, added_cond_kwargs=added or None).sample),
     ])  # fmt: skip
     result["fp32_ratio"] = round(lf / df, 3)
     ref = outs["diffusers_fp32"]
     result["fp32_max_abs_diff"] = float((outs["latentforge_fp32"] - ref).abs().max())
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if not skip_bf16:
         state = as_lazy(unet.state_dict())
         unet16 = build_module(lambda: UNet(unet.config), state, "U-Net", dtype=torch.bfloat16)
@@ -197,6 +220,10 @@ def run(*, repeats: int, quick: bool, skip_bf16: bool, skip_load: bool, tmp: str
 @click.option(
     "--tmp", default=None, metavar="DIR", help="folder for the temporary 3.4 GB checkpoint"
 )
+@click.option("--preset", type=click.Choice(["sd15", "sdxl"]), default="sd15", show_default=True,
+              help="which U-Net: SD 1.5's or SDXL's base")  # fmt: skip
+@click.option("--latent", type=click.IntRange(8, 256), default=64, show_default=True,
+              help="latent side (SD 1.5 at 512 px: 64; SDXL at 1024 px: 128)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def command(as_json: bool, **kw) -> int:
     try:

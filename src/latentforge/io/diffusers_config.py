@@ -23,7 +23,7 @@ _UNET_OFF = {
     "only_cross_attention": (False,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),  # text_time: SDXL's (see _added_embedding)
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "resnet_time_scale_shift": ("default",),
@@ -33,7 +33,6 @@ _UNET_OFF = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,),
@@ -44,7 +43,6 @@ _UNET_OFF = {
     "norm_eps": (1e-5,),
     "downsample_padding": (1,),
     "mid_block_scale_factor": (1.0,),
-    "reverse_transformer_layers_per_block": (None,),
 }
 _VAE_OFF = {
     "act_fn": ("silu",),
@@ -55,7 +53,7 @@ _VAE_OFF = {
     "latents_std": (None,),
 }
 _HINTS = {
-    "addition_embed_type": " (SDXL-style added embeddings)",
+    "addition_embed_type": " (only SDXL's 'text_time' added embedding)",
     "class_embed_type": " (only plain num_class_embeds maps onto latentforge's class embedding)",
 }
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -121,6 +119,18 @@ def _unet_from_diffusers(cfg: dict) -> UNetConfig:
             raise UserError(f"attention heads {heads} need one entry per level ({n})")
         heads = tuple(heads) if len(set(heads)) > 1 else heads[0]
     cross = _uniform(cfg.get("cross_attention_dim", 1280), "cross_attention_dim", n)
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if isinstance(depth, list | tuple):
+        if len(depth) != n or any(isinstance(d, list | tuple) for d in depth):
+            raise UserError(f"transformer_layers_per_block {depth} needs one integer per level")
+        depth = tuple(depth) if len(set(depth)) > 1 else depth[0]
+    # the up blocks mirror the down blocks' depths (diffusers' default when this is None)
+    reverse = cfg.get("reverse_transformer_layers_per_block")
+    if reverse is not None and reverse != _levels(depth, n)[::-1]:
+        raise UserError(
+            f"reverse_transformer_layers_per_block={reverse!r} is not supported (only the "
+            "down blocks' depths mirrored)"
+        )
     num_class_embeds = cfg.get("num_class_embeds")
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
@@ -129,9 +139,7 @@ def _unet_from_diffusers(cfg: dict) -> UNetConfig:
         layers_per_block=_uniform(cfg.get("layers_per_block", 2), "layers_per_block", n),
         attention_levels=attention,
         num_heads=heads,
-        transformer_depth=_uniform(
-            cfg.get("transformer_layers_per_block", 1), "transformer_layers_per_block", n
-        ),
+        transformer_depth=depth,
         cross_attention_dim=cross,
         linear_projection=bool(cfg.get("use_linear_projection", False)),
         # diffusers' class embedding has no null row of its own: its last class serves as ours
@@ -141,7 +149,34 @@ def _unet_from_diffusers(cfg: dict) -> UNetConfig:
         mid_attention=True,
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
         freq_shift=cfg.get("freq_shift", 0),
+        **_added_embedding(cfg),
     )
+
+
+def _levels(value, n: int) -> list:
+    return list(value) if isinstance(value, tuple) else [value] * n
+
+
+def _added_embedding(cfg: dict) -> dict:
+    """SDXL's text-time embedding fields (zero for U-Nets without one)."""
+    if cfg.get("addition_embed_type") != "text_time":
+        if cfg.get("projection_class_embeddings_input_dim") is not None:
+            raise UserError(
+                "projection_class_embeddings_input_dim without addition_embed_type 'text_time' "
+                "is not supported"
+            )
+        return {}
+    time_dim, width = (
+        cfg.get("addition_time_embed_dim"),
+        cfg.get("projection_class_embeddings_input_dim"),
+    )
+    for key, value in (("addition_time_embed_dim", time_dim),
+                       ("projection_class_embeddings_input_dim", width)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(
+                f"SDXL's addition_embed_type 'text_time' needs an integer {key}, got {value!r}"
+            )
+    return {"addition_time_embed_dim": time_dim, "projection_class_embeddings_input_dim": width}
 
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
@@ -181,7 +216,11 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "attention_head_dim": heads,  # = number of heads (diffusers' naming, see above)
         "cross_attention_dim": c.cross_attention_dim,
-        "transformer_layers_per_block": c.transformer_depth,
+        "transformer_layers_per_block": (
+            list(c.transformer_depth)
+            if isinstance(c.transformer_depth, tuple)
+            else c.transformer_depth
+        ),
         "use_linear_projection": c.linear_projection,
         "norm_num_groups": c.norm_groups,
         "norm_eps": 1e-5,
@@ -190,6 +229,15 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
         "freq_shift": c.freq_shift,
         "num_class_embeds": c.num_classes + 1 if c.num_classes else None,
         "act_fn": "silu",
+        **(
+            {
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": c.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": c.projection_class_embeddings_input_dim,
+            }
+            if c.addition_time_embed_dim
+            else {}
+        ),
     }
 
 

@@ -67,6 +67,7 @@ from .model_folder import (
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 SD_SAMPLING = {"sampler": "ddim", "steps": 50, "spacing": "leading", "guidance": 7.5}
+SDXL_SAMPLING = {"sampler": "euler", "steps": 50, "spacing": "leading", "guidance": 5.0}
 
 
 # --------------------------------------------------------------------------- reading sources
@@ -269,7 +270,9 @@ def _from_diffusers(src: Path, work: Path, opts: dict) -> dict:
         scheduler["prediction_type"] = {"eps": "epsilon", "v": "v_prediction"}[opts["prediction"]]
     unet_json = _read_json(_component(src, "unet") / "config.json")
     text = None
-    if (src / "text_encoder" / "config.json").is_file():
+    if (src / "text_encoder_2" / "config.json").is_file():
+        text = _sdxl_text_encoders(src, work, allow, notes)
+    elif (src / "text_encoder" / "config.json").is_file():
         _copy_text_encoder(src / "text_encoder", work / "text_encoder", allow)
         text = {"type": "clip", "path": "text_encoder", "tokenizer": "tokenizer", "clip_skip": 1}
         tok = opts.get("tokenizer") or src / "tokenizer"
@@ -279,12 +282,16 @@ def _from_diffusers(src: Path, work: Path, opts: dict) -> dict:
             notes.append("no tokenizer/ folder: copy a CLIP tokenizer to DST/tokenizer")
     elif unet_config.cross_attention_dim:
         notes.append("no text_encoder/: the model needs one for text prompts")
+    if unet_config.addition_time_embed_dim and (text or {}).get("type") != "sdxl":
+        raise UserError(f"{src}: an SDXL U-Net needs text_encoder_2/ (OpenCLIP bigG) beside it")
     spec = parameterization_from_scheduler(scheduler)
     consistency = consistency_from_scheduler(scheduler)
     sampling = None
     if consistency is not None:  # an LCM: its own sampler, guidance embedded (one pass a step)
         spec["consistency"] = consistency
-        sampling = {"sampler": "lcm", "steps": 4, "spacing": "trailing", "guidance": 1.0}
+        sampling = {"sampler": "lcm", "steps": 4, "spacing": "lcm", "guidance": 1.0}
+    if sampling is None and unet_config.addition_time_embed_dim:
+        sampling = {**SDXL_SAMPLING, "spacing": scheduler.get("timestep_spacing", "leading")}
     return {
         "unet": (unet_config, unet_state),
         "vae": (vae_config, vae_state),
@@ -297,6 +304,31 @@ def _from_diffusers(src: Path, work: Path, opts: dict) -> dict:
         "notes": notes,
         "format": "diffusers",
     }
+
+
+def _sdxl_text_encoders(src: Path, work: Path, allow_pickle: bool, notes: list[str]) -> dict:
+    """SDXL's text_encoder (CLIP ViT-L; none in the refiner) and text_encoder_2 (OpenCLIP
+    bigG with its projection) with their tokenizers, copied; model_index.json's pipeline
+    flags recorded. Returns the model folder's text_encoder block."""
+    index = src / "model_index.json"
+    flags = _read_json(index) if index.is_file() else {}
+    text = {
+        "type": "sdxl",
+        "path_2": "text_encoder_2",
+        "tokenizer_2": "tokenizer_2",
+        "force_zeros_for_empty_prompt": bool(flags.get("force_zeros_for_empty_prompt", True)),
+        "requires_aesthetics_score": bool(flags.get("requires_aesthetics_score", False)),
+    }
+    pairs = [("text_encoder_2", "tokenizer_2")]
+    if (src / "text_encoder" / "config.json").is_file():
+        text |= {"path": "text_encoder", "tokenizer": "tokenizer"}
+        pairs.insert(0, ("text_encoder", "tokenizer"))
+    for encoder, tokenizer in pairs:
+        _copy_text_encoder(src / encoder, work / encoder, allow_pickle)
+        if not (src / tokenizer).is_dir():
+            raise UserError(f"{src}: no {tokenizer}/ folder for {encoder}/")
+        shutil.copytree(src / tokenizer, work / tokenizer)
+    return text
 
 
 def _fresh_work_dir(dst: Path) -> Path:
@@ -435,6 +467,33 @@ def _alternatives(meta: ModelMeta, config: UNetConfig) -> str:
     )
 
 
+def _export_sdxl_text(native: Path, work: Path, text: dict) -> dict:
+    """SDXL's text encoders and tokenizers copied out; model_index.json's entries for them:
+    StableDiffusionXLPipeline, or StableDiffusionXLImg2ImgPipeline for the refiner (bigG
+    alone, aesthetic-score ids), as diffusers saves them."""
+    refiner = not text.get("path")
+    entries = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline"
+        if refiner
+        else "StableDiffusionXLPipeline",
+        "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": text.get("force_zeros_for_empty_prompt", True),
+    }
+    if refiner:
+        entries["requires_aesthetics_score"] = text.get("requires_aesthetics_score", False)
+    pairs = [("path_2", "text_encoder_2"), ("tokenizer_2", "tokenizer_2")]
+    if not refiner:
+        pairs += [("path", "text_encoder"), ("tokenizer", "tokenizer")]
+    for key, name in pairs:
+        shutil.copytree(native / text.get(key, name), work / name)
+    return entries
+
+
 def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers") -> dict:
     """A native diffusion model folder -> a diffusers folder (fmt "diffusers") that
     `from_pretrained` loads, or one LDM-named `.safetensors` (fmt "single-file").
@@ -522,6 +581,9 @@ def export_model(native_dir: str | Path, dst: str | Path, fmt: str = "diffusers"
                     "requires_safety_checker": False,
                 }
             )
+            write_json_atomic(work / "model_index.json", index)
+        elif text.get("type") == "sdxl" and vae is not None:
+            index.update(_export_sdxl_text(native, work, text))
             write_json_atomic(work / "model_index.json", index)
         else:
             notes.append(

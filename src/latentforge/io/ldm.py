@@ -36,6 +36,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+# SDXL: conditioner.embedders.I.transformer. CLIP ViT-L (HF layout), .I.model. OpenCLIP bigG
+_SDXL_TEXT = re.compile(r"conditioner\.embedders\.\d+\.(transformer|model)\.(.+)")
+SDXL_PARTS = {"transformer": "xl_clip", "model": "xl_openclip"}
+SDXL_SCALING = 0.13025  # SDXL's VAE latent scaling factor (its fp16-fix VAE's too)
 EXPECTED = (
     f"a Stable Diffusion single file holds {UNET_PREFIX}* (U-Net), {VAE_PREFIX}* (VAE) and "
     "optionally cond_stage_model.* (CLIP text encoder)"
@@ -75,6 +79,8 @@ _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
     "class_embedding": "label_emb",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's added text-time embedding
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
@@ -204,12 +210,13 @@ def _indices(keys, pattern: str) -> list[int]:
 
 
 def infer_unet_config(
-    shapes: Mapping[str, tuple[int, ...]], num_heads: int | tuple[int, ...] | None = None
+    shapes: Mapping[str, tuple[int, ...]],
+    num_heads: int | tuple[int, ...] | None = None,
+    addition_time_embed_dim: int = 256,
 ) -> UNetConfig:
-    """UNetConfig from un-prefixed LDM U-Net shapes (no config file travels with the weights)."""
+    """UNetConfig from un-prefixed LDM U-Net shapes (no config file travels with the weights).
+    An SDXL label embedding (label_emb.0) takes `addition_time_embed_dim` (SDXL's 256)."""
     keys = list(shapes)
-    if "label_emb.0.0.weight" in shapes:
-        raise UserError("this U-Net has an ADM/SDXL label embedding (label_emb.0): unsupported")
     if "input_blocks.0.0.weight" not in shapes or "out.2.weight" not in shapes:
         raise UserError("no Stable Diffusion U-Net found (model.diffusion_model.input_blocks.0.0)")
     n_inputs = len(_indices(keys, r"input_blocks\.(\d+)\."))
@@ -225,13 +232,14 @@ def infer_unet_config(
     ctx = [s[1] for k, s in shapes.items() if k.endswith("transformer_blocks.0.attn2.to_k.weight")]
     proj = [s for k, s in shapes.items() if k.endswith(".proj_in.weight")]
     linear = bool(proj) and len(proj[0]) == 2
-    depth = len(_indices(keys, r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.")) or 1
+    depth = _depths(keys, firsts, attn)
     cross = ctx[0] if ctx else None
     if num_heads is None:
         # SD 1.x: 8 heads everywhere; SD 2.x (OpenCLIP context, linear projections): 64-d heads
         sd2 = linear or cross == 1024
         num_heads = tuple(max(1, ch // 64) for ch in chans) if sd2 else 8
     label = shapes.get("label_emb.weight")
+    added = shapes.get("label_emb.0.0.weight")
     return UNetConfig(
         in_channels=shapes["input_blocks.0.0.weight"][1],
         out_channels=shapes["out.2.weight"][0],
@@ -245,7 +253,24 @@ def infer_unet_config(
         num_classes=label[0] - 1 if label else 0,
         norm_groups=32,
         mid_attention="middle_block.1.norm.weight" in shapes,
+        addition_time_embed_dim=addition_time_embed_dim if added else 0,
+        projection_class_embeddings_input_dim=added[1] if added else 0,
     )
+
+
+def _depths(keys: list[str], firsts: list[int], attn: tuple[bool, ...]) -> int | tuple[int, ...]:
+    """Transformer blocks per level (SDXL: 1, 2, 10): counted in each attention level's first
+    input block and the mid block (which uses the last level's); one int when they agree."""
+    blocks = r"\.1\.transformer_blocks\.(\d+)\."
+    mid = len(_indices(keys, "middle_block" + blocks))
+    depths = [
+        len(_indices(keys, rf"input_blocks\.{f}{blocks}")) if a else 1
+        for f, a in zip(firsts, attn, strict=True)
+    ]
+    if mid:
+        depths[-1] = mid
+    used = {d for d, a in zip(depths, attn, strict=True) if a} | ({mid} if mid else set())
+    return used.pop() if len(used) == 1 else tuple(depths) if used else 1
 
 
 def infer_vae_config(
@@ -379,7 +404,8 @@ def hf_to_openclip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def split_checkpoint(state: Mapping[str, LazyTensor]) -> dict[str, LazyState]:
     """Group a single-file checkpoint's keys by network, prefixes removed.
 
-    Returns {"unet", "vae", "clip" | "openclip", "bookkeeping"}; keys under no known prefix make
+    Returns {"unet", "vae", "clip" | "openclip" (SDXL: "xl_clip", "xl_openclip"),
+    "bookkeeping"}; keys under no known prefix make
     a one-line error naming the first few (strict: nothing is silently dropped).
     """
     parts: dict[str, LazyState] = {"unet": {}, "vae": {}, "bookkeeping": {}}
@@ -387,6 +413,9 @@ def split_checkpoint(state: Mapping[str, LazyTensor]) -> dict[str, LazyState]:
     for key, t in state.items():
         if _BOOKKEEPING.match(key):
             parts["bookkeeping"][key] = t
+            continue
+        if m := _SDXL_TEXT.fullmatch(key):
+            parts.setdefault(SDXL_PARTS[m[1]], {})[m[2]] = t
             continue
         for part, prefix in (
             ("unet", UNET_PREFIX),
@@ -462,8 +491,38 @@ def unet_from_checkpoint(
     """(inferred config, native-named lazy state) of a split checkpoint's U-Net."""
     unet = parts["unet"]
     shapes = {k: v.shape for k, v in unet.items()}
-    config = _inferred(infer_unet_config, shapes, "U-Net", check_unet_config, num_heads)
+    args = (num_heads, _sdxl_time_dim(parts, shapes))
+    config = _inferred(infer_unet_config, shapes, "U-Net", check_unet_config, *args)
     return config, rename(unet, unet_ldm_names(config), _meta_shapes(lambda: UNet(config)))
+
+
+def _sdxl_time_dim(parts: Mapping[str, LazyState], shapes: Mapping) -> int:
+    """The width of each SDXL time id's features: what the added embedding's input holds
+    beside bigG's pooled output, over 6 ids (base: sizes, crop) or 5 (refiner: bigG alone,
+    sizes, crop, aesthetic score); SDXL's 256 when the file holds no text projection."""
+    added, proj = shapes.get("label_emb.0.0.weight"), parts.get("xl_openclip", {})
+    if not added or "text_projection" not in proj:
+        return 256
+    ids = 6 if "xl_clip" in parts else 5
+    width, rem = divmod(added[1] - proj["text_projection"].shape[1], ids)
+    return width if width > 0 and not rem else 256
+
+
+def sdxl_text_to_ldm(
+    clip: Mapping[str, torch.Tensor] | None, bigg: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """SDXL's text encoders (HF CLIPTextModel, CLIPTextModelWithProjection state dicts) ->
+    single-file keys: CLIP-L as embedder 0 in HF layout, bigG in OpenCLIP layout after it
+    (the refiner: bigG alone, embedder 0), its projection as OpenCLIP's (width, proj) matrix."""
+    out, i = {}, 0
+    if clip is not None:
+        clip = canonical_clip_names(clip)
+        out = {f"conditioner.embedders.0.transformer.{k}": v for k, v in clip.items()}
+        i = 1
+    tower = canonical_clip_names({k: v for k, v in bigg.items() if k != "text_projection.weight"})
+    tower = {**hf_to_openclip(tower), "text_projection": bigg["text_projection.weight"].T}
+    out.update({f"conditioner.embedders.{i}.model.{k}": v for k, v in tower.items()})
+    return out
 
 
 def vae_from_checkpoint(
@@ -477,14 +536,20 @@ def vae_from_checkpoint(
     return config, rename(vae, vae_ldm_names(config), _meta_shapes(lambda: AutoencoderKL(config)))
 
 
-def _write_clip(text: LazyState, hidden_act: str, dst: Path, dtype) -> None:
-    """An HF-named CLIP text state -> a transformers folder (config.json + model.safetensors)."""
+def _write_clip(text: LazyState, hidden_act: str, dst: Path, dtype, projection: int = 0) -> None:
+    """An HF-named CLIP text state -> a transformers folder (config.json + model.safetensors);
+    projection > 0: a CLIPTextModelWithProjection of that width (SDXL's bigG), pooling at the
+    highest token id as OpenCLIP does (transformers' rule for eos_token_id 2, the ids of the
+    SDXL release's config)."""
     from ..models.text import _transformers
 
     tf = _transformers()
-    config = tf.CLIPTextConfig(**clip_config(text, hidden_act))
+    ids = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1} if projection else {}
+    config = tf.CLIPTextConfig(
+        **clip_config(text, hidden_act), projection_dim=projection or 512, **ids
+    )
     with torch.device("meta"):
-        model = tf.CLIPTextModel(config)
+        model = (tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel)(config)
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         holder = torch.nn.Module()  # newer transformers drop the prefix from their own names
         holder.text_model = model
@@ -549,13 +614,15 @@ def read_single_file(src: Path, work: Path, opts: dict) -> dict:
     opts = {**hints, **{k: v for k, v in opts.items() if v is not None}}
     parts = split_checkpoint(state)
     unet_config, unet_state = unet_from_checkpoint(parts, opts.get("num_heads"))
-    vae_config, vae_state = vae_from_checkpoint(parts, opts.get("scaling_factor", 0.18215))
+    sdxl = bool(unet_config.addition_time_embed_dim)
+    scaling = opts.get("scaling_factor", SDXL_SCALING if sdxl else 0.18215)
+    vae_config, vae_state = vae_from_checkpoint(parts, scaling)
     with torch.device("meta"):
         check_strict(UNet(unet_config), unet_state, f"U-Net from {src}")
         check_strict(AutoencoderKL(vae_config), vae_state, f"VAE from {src}")
     sd2 = unet_config.cross_attention_dim == 1024  # OpenCLIP-H context: SD 2.x
     prediction = opts.get("prediction") or ("v" if sd2 else "eps")
-    image_size = opts.get("image_size") or (768 if sd2 else 512)
+    image_size = opts.get("image_size") or (768 if sd2 else 1024 if sdxl else 512)
     if image_size % vae_config.downsample_factor:
         raise UserError(f"image size {image_size} is not a multiple of the VAE's factor "
                         f"{vae_config.downsample_factor}")  # fmt: skip
@@ -573,7 +640,9 @@ def read_single_file(src: Path, work: Path, opts: dict) -> dict:
             "the checkpoint also holds EMA weights (model_ema.*): the plain ones were used"
         )
     text = None
-    if "clip" in parts or "openclip" in parts:
+    if sdxl:
+        text = _sdxl_single_file_text(parts, work, opts, notes)
+    elif "clip" in parts or "openclip" in parts:
         if "clip" in parts:  # SD 1.x: CLIP ViT-L/14 in HF layout
             state, act = canonical_clip_names(parts["clip"]), "quick_gelu"
         else:  # SD 2.x: OpenCLIP ViT-H/14, penultimate layer
@@ -598,6 +667,50 @@ def read_single_file(src: Path, work: Path, opts: dict) -> dict:
         "notes": notes,
         "format": "single-file",
     }
+
+
+def _sdxl_single_file_text(
+    parts: Mapping[str, LazyState], work: Path, opts: dict, notes: list[str]
+) -> dict:
+    """SDXL's text encoders out of a single file into transformers folders (CLIP-L, if any, as
+    it is; bigG from OpenCLIP names with all its layers, whose penultimate states SDXL reads,
+    and its projection); the tokenizers from --tokenizer DIR's tokenizer/ and tokenizer_2/.
+    Returns the model folder's text_encoder block."""
+    if "xl_openclip" not in parts:
+        raise UserError("an SDXL single file without its OpenCLIP bigG text encoder "
+                        "(conditioner.embedders.*.model.*)")  # fmt: skip
+    bigg = openclip_to_hf(parts["xl_openclip"], drop_last=False)
+    proj = parts["xl_openclip"].get("text_projection")
+    if proj is None:
+        raise UserError("the SDXL single file's bigG text encoder has no text_projection")
+    read = proj.read
+    bigg["text_projection.weight"] = LazyTensor(
+        lambda: read().T.contiguous(), (proj.shape[1], proj.shape[0]), proj.dtype
+    )  # OpenCLIP's x @ P is HF's Linear with weight P.T
+    refiner = "xl_clip" not in parts
+    text = {
+        "type": "sdxl",
+        "path_2": "text_encoder_2",
+        "tokenizer_2": "tokenizer_2",
+        "force_zeros_for_empty_prompt": not refiner,
+        "requires_aesthetics_score": refiner,
+    }
+    if not refiner:
+        clip = canonical_clip_names(parts["xl_clip"])
+        _write_clip(clip, "quick_gelu", work / "text_encoder", opts.get("dtype"))
+        text |= {"path": "text_encoder", "tokenizer": "tokenizer"}
+    _write_clip(bigg, "gelu", work / "text_encoder_2", opts.get("dtype"), proj.shape[1])
+    tok = Path(opts["tokenizer"]) if opts.get("tokenizer") else None
+    names = ["tokenizer_2"] if refiner else ["tokenizer", "tokenizer_2"]
+    if tok is not None and all((tok / n).is_dir() for n in names):
+        for n in names:
+            shutil.copytree(tok / n, work / n)
+    else:
+        notes.append(
+            f"an SDXL single file holds no tokenizers: copy {' and '.join(names)} folders to "
+            "DST (or pass --tokenizer DIR holding them, e.g. an SDXL diffusers folder)"
+        )
+    return text
 
 
 def single_file_blockers(meta: ModelMeta, vae: ModelMeta | None) -> list[str]:

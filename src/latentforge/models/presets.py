@@ -18,7 +18,7 @@ class UNetConfig:
     layers_per_block: int = 1
     attention_levels: tuple[bool, ...] = (False, True, True)
     num_heads: int | tuple[int, ...] = 2  # per level when a tuple (SD 2.x), else everywhere
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # per level when a tuple (SDXL), else everywhere
     cross_attention_dim: int | None = None  # None: self-attention only (no text)
     linear_projection: bool = False  # SD 2.x projects in/out of attention with Linear
     num_classes: int = 0  # > 0: learned class embedding with one extra null class
@@ -38,6 +38,19 @@ class UNetConfig:
     # which is what binds attributes to objects. 0: the encoder's tokens as they are.
     context_refiner: int = 0
     context_refiner_width: int = 128
+    # SDXL's added conditioning (diffusers' addition_embed_type "text_time", Podell et al.
+    # 2023): > 0 adds `add_embedding`, an MLP from the pooled text embedding concatenated with
+    # sinusoidal features (addition_time_embed_dim wide each) of the size / crop (/ aesthetic
+    # score) ids, added to the time embedding. projection_class_embeddings_input_dim is the MLP's
+    # input width: pooled width + ids x addition_time_embed_dim (SDXL: 1280 + 6 x 256 = 2816).
+    addition_time_embed_dim: int = 0
+    projection_class_embeddings_input_dim: int = 0
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per attention layer at `level` (the mid block uses the last)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[level]
 
     def heads_at(self, level: int) -> int:
         if isinstance(self.num_heads, int):
@@ -120,6 +133,36 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         num_heads=(5, 10, 20, 20),
         cross_attention_dim=1024,
         linear_projection=True,
+    ),
+    # SDXL base U-Net (Podell et al. 2023): 2,567,463,684 parameters; no attention at the
+    # first level, 1 / 2 / 10 transformer blocks per level, OpenCLIP-bigG pooled + size ids.
+    "sdxl": UNetConfig(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        attention_levels=(False, True, True),
+        num_heads=(5, 10, 20),
+        transformer_depth=(1, 2, 10),
+        cross_attention_dim=2048,
+        linear_projection=True,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    # SDXL refiner U-Net: 2,259,526,660 parameters; context is bigG's alone (1280), the ids
+    # are (size, crop, aesthetic score): 1280 + 5 x 256 = 2560.
+    "sdxl-refiner": UNetConfig(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(384, 768, 1536, 1536),
+        layers_per_block=2,
+        attention_levels=(False, True, True, False),
+        num_heads=(6, 12, 24, 24),
+        transformer_depth=4,
+        cross_attention_dim=1280,
+        linear_projection=True,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
     ),
 }
 

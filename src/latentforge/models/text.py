@@ -39,6 +39,7 @@ class TextEncoder(nn.Module):
     spec: dict
     phrases: int = 0
     phrase_only: bool = False
+    pooled_dim: int = 0  # > 0: `encode_pooled` gives a pooled prompt embedding (SDXL)
 
     @property
     def context_length(self) -> int:
@@ -363,7 +364,9 @@ class CLIPTextEncoder(TextEncoder):
 
     clip_skip=k takes the k-th last hidden layer (k=1: the last) and applies the final layer
     norm, as diffusers does. SD ignores the padding mask in cross-attention, so the returned
-    mask is all True unless use_mask=True.
+    mask is all True unless use_mask=True. final_norm=False takes the hidden layer as it is
+    (SDXL's penultimate states); projection=True loads `CLIPTextModelWithProjection`, whose
+    projected pooled output `pooled` returns (OpenCLIP bigG in SDXL).
     """
 
     def __init__(
@@ -373,6 +376,8 @@ class CLIPTextEncoder(TextEncoder):
         *,
         clip_skip: int = 1,
         use_mask: bool = False,
+        final_norm: bool = True,
+        projection: bool = False,
     ):
         super().__init__()
         tf = _transformers()
@@ -384,13 +389,17 @@ class CLIPTextEncoder(TextEncoder):
         if clip_skip < 1:
             raise UserError(f"clip_skip must be >= 1, got {clip_skip}")
         self.tokenizer = tf.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        self.model = tf.CLIPTextModel.from_pretrained(
+        cls = tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel
+        self.model = cls.from_pretrained(
             text_encoder_dir, local_files_only=True, use_safetensors=True
         ).eval()
         self.model.requires_grad_(False)
         self.dim = self.model.config.hidden_size
         self.max_length = self.tokenizer.model_max_length
         self.clip_skip, self.use_mask, self.masked = clip_skip, use_mask, use_mask
+        self.final_norm = final_norm
+        if projection:
+            self.pooled_dim = self.model.config.projection_dim
         self.spec = {"type": "clip", "clip_skip": clip_skip}
         self._vectors: dict[int, list[int]] = {}  # a multi-vector trigger's id -> all its ids
 
@@ -407,11 +416,20 @@ class CLIPTextEncoder(TextEncoder):
         )
         if self.clip_skip == 1:
             hidden = out.last_hidden_state
+        elif not self.final_norm:
+            hidden = out.hidden_states[-self.clip_skip]
         else:
             text_model = getattr(self.model, "text_model", self.model)  # transformers 4 vs 5
             hidden = text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
         mask = attention_mask.bool()
         return hidden.float(), mask if self.use_mask else torch.ones_like(mask)
+
+    @torch.no_grad()
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        """The projected pooled output (B, projection_dim) of each prompt's first window, as
+        diffusers (which truncates to one window) and A1111 take it."""
+        ids = torch.tensor([self.prompt_chunks(p)[0][0] for p in prompts])
+        return self.model(input_ids=ids.to(self.model.device)).text_embeds.float()
 
     def add_embedding(self, token: str, vectors: torch.Tensor, source: str = "") -> None:
         """Teach the tokenizer `token` and the token embedding its vectors ((n, D) or (D,)), as
@@ -449,6 +467,69 @@ class CLIPTextEncoder(TextEncoder):
 
     def _token_groups(self, text):
         return [self._vectors.get(i, [i]) for g in super()._token_groups(text) for i in g]
+
+
+class SDXLTextEncoder(TextEncoder):
+    """SDXL's text conditioning (Podell et al. 2023): CLIP ViT-L and OpenCLIP bigG (with its
+    projection), each one's penultimate hidden states (no final layer norm) concatenated on the
+    feature axis, and bigG's projected pooled output of the prompt (`encode_pooled`). The
+    refiner has bigG alone (`first` None). Prompt syntax and 75-token windows work per encoder
+    as for SD; both tokenizers split a prompt alike (one vocabulary), so windows line up.
+
+    force_zeros_for_empty_prompt (diffusers' pipeline config): an empty negative prompt is
+    all zeros (states and pooled) rather than the encoding of "" (`pipelines.common`).
+    requires_aesthetics_score: the U-Net's time ids are (size, crop, aesthetic score) rather
+    than (size, crop, target size): the refiner."""
+
+    masked = False
+
+    def __init__(
+        self,
+        first: CLIPTextEncoder | None,
+        second: CLIPTextEncoder,
+        *,
+        force_zeros_for_empty_prompt: bool = True,
+        requires_aesthetics_score: bool = False,
+    ):
+        super().__init__()
+        self.encoders = nn.ModuleList([e for e in (first, second) if e is not None])
+        self.dim = sum(e.dim for e in self.encoders)
+        self.max_length = second.max_length
+        self.tokenizer = second.tokenizer
+        self.pooled_dim = second.pooled_dim
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.requires_aesthetics_score = requires_aesthetics_score
+        self.spec = {"type": "sdxl"}
+        self._pooled: dict[str, torch.Tensor] = {}
+
+    def _encode(self, prompts):
+        return self._joined([e.encode(prompts) for e in self.encoders])
+
+    def _run(self, input_ids, attention_mask):
+        return self._joined([e._run(input_ids, attention_mask) for e in self.encoders])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._joined([e.encode_prompts(prompts) for e in self.encoders])
+
+    @staticmethod
+    def _joined(outs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each encoder's (hidden (B, T, D_i), mask) -> (B, T, sum D_i); T must agree."""
+        lengths = {h.shape[1] for h, _ in outs}
+        if len(lengths) > 1:
+            raise UserError(f"SDXL's two tokenizers split the prompt differently ({lengths})")
+        return torch.cat([h for h, _ in outs], -1), outs[-1][1]
+
+    @torch.no_grad()
+    def encode_pooled(self, prompts: list[str]) -> torch.Tensor:
+        """(B, pooled_dim): bigG's projected pooled output (cached per prompt)."""
+        if len(self._pooled) > 50_000:
+            self._pooled.clear()
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._pooled]
+        if missing:
+            for p, row in zip(missing, self.encoders[-1].pooled(missing), strict=True):
+                self._pooled[p] = row
+        return torch.stack([self._pooled[p] for p in prompts])
 
 
 def emphasize(hidden: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -533,12 +614,31 @@ def build_text_encoder(spec: dict, folder: str | Path | None = None) -> TextEnco
         return MiniLMEncoder(
             spec.get("max_length", 32), spec.get("phrases", 0), spec.get("phrase_only", False)
         )
+    base = Path(folder or ".")
     if kind == "clip":
-        base = Path(folder or ".")
         return CLIPTextEncoder(
             base / spec.get("path", "text_encoder"),
             base / spec.get("tokenizer", "tokenizer"),
             clip_skip=spec.get("clip_skip", 1),
             use_mask=spec.get("use_mask", False),
         )
-    raise UserError(f"unknown text encoder {kind!r}; use 'minilm' or 'clip'")
+    if kind == "sdxl":  # CLIP-L at path / tokenizer (absent: the refiner), bigG at path_2
+        first = None
+        if spec.get("path"):
+            first = CLIPTextEncoder(
+                base / spec["path"], base / spec.get("tokenizer", "tokenizer"),
+                clip_skip=2, final_norm=False,
+            )  # fmt: skip
+        second = CLIPTextEncoder(
+            base / spec.get("path_2", "text_encoder_2"),
+            base / spec.get("tokenizer_2", "tokenizer_2"),
+            clip_skip=2, final_norm=False, projection=True,
+        )  # fmt: skip
+        encoder = SDXLTextEncoder(
+            first, second,
+            force_zeros_for_empty_prompt=spec.get("force_zeros_for_empty_prompt", True),
+            requires_aesthetics_score=spec.get("requires_aesthetics_score", False),
+        )  # fmt: skip
+        encoder.spec = dict(spec)
+        return encoder
+    raise UserError(f"unknown text encoder {kind!r}; use 'minilm', 'clip' or 'sdxl'")

@@ -72,6 +72,11 @@ class UNet(nn.Module):
             nn.init.zeros_(self.time_embedding.cond_proj.weight)
         # Class embedding with one extra row: index num_classes is the null (unconditional) class.
         self.class_embedding = nn.Embedding(c.num_classes + 1, temb_dim) if c.num_classes else None
+        self.add_embedding = None
+        if c.addition_time_embed_dim:  # SDXL: pooled text + size / crop ids (diffusers' names)
+            self.add_embedding = TimestepEmbedding(
+                c.projection_class_embeddings_input_dim, temb_dim
+            )
         self.context_refiner = None
         if c.context_refiner:
             if c.cross_attention_dim is None:
@@ -89,7 +94,7 @@ class UNet(nn.Module):
                 ch,
                 c.heads_at(level),
                 context_dim=c.cross_attention_dim,
-                depth=c.transformer_depth,
+                depth=c.depth_at(level),
                 groups=c.norm_groups,
                 linear_projection=c.linear_projection,
             )
@@ -145,6 +150,8 @@ class UNet(nn.Module):
         extra_emb: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
         control: Residuals | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) fractional timesteps; class_labels: (B,), num_classes = null;
         context: (B, tokens, D) text hidden states; context_mask: (B, tokens), True = keep;
@@ -152,10 +159,13 @@ class UNet(nn.Module):
         guidance: (B,) guidance scales g for a network with `time_cond_proj_dim` (default: its
         `guidance`); a network without one has no such input and ignores it; control: a
         ControlNet's residuals (one per skip connection, then the mid block's), added to the
-        skips and the mid block's output as in Zhang et al. 2023."""
+        skips and the mid block's output as in Zhang et al. 2023; text_embeds (B, P) pooled
+        text embedding and time_ids (B, N) size / crop (/ aesthetic score) ids: SDXL's added
+        conditioning (`embed_time`)."""
         temb = self.embed_time(
-            x, t, class_labels=class_labels, extra_emb=extra_emb, guidance=guidance
-        )
+            x, t, class_labels=class_labels, extra_emb=extra_emb, guidance=guidance,
+            text_embeds=text_embeds, time_ids=time_ids,
+        )  # fmt: skip
         if context is not None:
             context = self.refine_context(context, context_mask)
         h, skips = self.encode(self.stem(x), temb, context, context_mask)
@@ -185,8 +195,11 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         extra_emb: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The embedding every ResNet block adds: timestep (+ guidance scale, class, extra)."""
+        """The embedding every ResNet block adds: timestep (+ guidance scale, class, SDXL's
+        added text-time embedding, extra)."""
         c = self.config
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -204,9 +217,36 @@ class UNet(nn.Module):
             if class_labels is None:  # no label given: the null class
                 class_labels = torch.full_like(t, c.num_classes, dtype=torch.long)
             temb = temb + self.class_embedding(class_labels)
+        if self.add_embedding is not None:
+            temb = temb + self.embed_added(text_embeds, time_ids).to(temb.dtype)
         if extra_emb is not None:
             temb = temb + extra_emb
         return temb
+
+    def embed_added(
+        self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SDXL's added embedding (Podell et al. 2023, sec. 2.2): each of the N size / crop
+        (/ aesthetic score) ids through the timestep's sinusoidal features, concatenated after
+        the pooled text embedding, through `add_embedding`. (B, P), (B, N) -> (B, temb_dim)."""
+        c = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this U-Net (SDXL) needs text_embeds and time_ids")
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim
+        if text_embeds.ndim != 2 or width != c.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} "
+                f"give {width} added features; this U-Net takes "
+                f"{c.projection_class_embeddings_input_dim}"
+            )
+        ids = timestep_embedding(
+            time_ids.flatten(),
+            c.addition_time_embed_dim,
+            flip_sin_to_cos=c.flip_sin_to_cos,
+            freq_shift=c.freq_shift,
+        ).reshape(len(text_embeds), -1)  # (B, N * addition_time_embed_dim)
+        proj = self.add_embedding
+        return proj(torch.cat([text_embeds.float(), ids], -1).to(proj.linear_1.weight.dtype))
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """conv_in (and the learned position map, if any)."""

@@ -21,7 +21,7 @@ from ..guidance import CFGDenoiser, Region, RegionalDenoiser, parse_interval, re
 from ..io.model_folder import LoadedModel, ModelFolder, check_dtype
 from ..prompt_syntax import plain_text
 from .layout import plan_layout
-from .settings import SampleSettings, per_image
+from .settings import SampleSettings, per_image, resolve_micro
 
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -73,6 +73,7 @@ def conditioning(
     guidance_interval: Sequence[float | None] | None = None,
     regions: list[list[Region]] | None = None,
     grid: tuple[int, int] | None = None,
+    time_ids: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> tuple[nn.Module, dict]:
     """The denoiser to sample (CFG-wrapped when guidance != 1) and its per-image cond dict.
 
@@ -85,13 +86,72 @@ def conditioning(
     branch stays as it is. grid: the denoiser's (height, width) the regions are laid on
     (default: the model's training size). A model with a guidance embedding (`fast`) takes the
     scale as a network input instead (cond["guidance"]): one pass, no negative prompt.
+    time_ids: SDXL's (positive, negative) size / crop ids (`sdxl_time_ids`; default: SDXL's
+    defaults for the grid's output size).
     """
     if model.meta.guidance_embedding:
         denoiser, cond = _conditioning(model, num, labels, prompts, None, 1.0, None, regions, grid)
         cond["guidance"] = torch.full((num,), float(guidance), device=model.device)
         return denoiser, cond
-    return _conditioning(model, num, labels, prompts, negative, guidance, guidance_interval,
-                         regions, grid)  # fmt: skip
+    denoiser, cond = _conditioning(model, num, labels, prompts, negative, guidance,
+                                   guidance_interval, regions, grid)  # fmt: skip
+    if model.text_encoder is None or not model.text_encoder.pooled_dim:
+        return denoiser, cond
+    if time_ids is None:
+        f = model.output_shape[-1] // model.image_shape[-1]
+        h, w = tuple(model.image_shape[1:]) if grid is None else grid
+        defaults = resolve_micro(SampleSettings(), model, (h * f, w * f))
+        time_ids = sdxl_time_ids(model, SampleSettings(**defaults))
+    return _added_conditioning(model, denoiser, cond, num, prompts, negative, time_ids)
+
+
+def sdxl_time_ids(model: LoadedModel, settings: SampleSettings) -> tuple[list[float], list[float]]:
+    """SDXL's added time ids (positive, negative) from resolved settings: original size, crop
+    and target size (6 numbers), or the aesthetic score in place of the target size (the
+    refiner, 5), as diffusers' `_get_add_time_ids`."""
+    last = "aesthetic_score" if model.text_encoder.requires_aesthetics_score else "target_size"
+
+    def ids(prefix: str) -> list[float]:
+        parts = [getattr(settings, prefix + k) for k in ("original_size", "crops_coords_top_left")]
+        parts.append(getattr(settings, prefix + last))
+        return [float(v) for p in parts for v in (p if isinstance(p, tuple) else (p,))]
+
+    return ids(""), ids("negative_")
+
+
+def _added_conditioning(
+    model: LoadedModel,
+    denoiser: nn.Module,
+    cond: dict,
+    num: int,
+    prompts: list[str] | None,
+    negative: str | list[str] | None,
+    time_ids: tuple[Sequence[float], Sequence[float]],
+) -> tuple[nn.Module, dict]:
+    """SDXL's added conditioning in the cond dict: the pooled prompt embedding (`text_embeds`)
+    and the size / crop ids (`time_ids`); the negative prompts' and negative ids in the
+    unconditional half. With `force_zeros_for_empty_prompt`, an empty negative prompt is
+    zeros (its token states and pooled embedding), as in diffusers' SDXL pipelines."""
+    encoder, device = model.text_encoder, model.device
+    prompts = per_image(prompts or [""], num, "prompts")
+
+    def ids(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor([list(values)] * num, dtype=torch.float32, device=device)
+
+    cond = {**cond, "text_embeds": encoder.encode_pooled(prompts).to(device),
+            "time_ids": ids(time_ids[0])}  # fmt: skip
+    if isinstance(denoiser, CFGDenoiser):
+        negatives = per_image([negative] if isinstance(negative, str) else negative or [""],
+                              num, "negative prompts")  # fmt: skip
+        uncond = {**denoiser.uncond, "text_embeds": encoder.encode_pooled(negatives).to(device),
+                  "time_ids": ids(time_ids[1])}  # fmt: skip
+        if encoder.force_zeros_for_empty_prompt:
+            empty = torch.tensor([n == "" for n in negatives], device=device)
+            for key in ("context", "text_embeds"):
+                rows = empty.view(-1, *[1] * (uncond[key].ndim - 1))
+                uncond[key] = uncond[key].masked_fill(rows, 0.0)
+        denoiser.uncond = uncond
+    return denoiser, cond
 
 
 def _conditioning(
@@ -225,6 +285,7 @@ def condition(
         guidance=settings.guidance, guidance_interval=settings.guidance_interval,
         regions=plan_regions(model, prompts, num, settings),
         grid=settings.latent_size(model),
+        time_ids=sdxl_time_ids(model, settings) if settings.original_size else None,
     )  # fmt: skip
 
 
