@@ -88,3 +88,31 @@ def test_multi_controlnet_sums_and_shape_errors(pair):
         assert add_residuals([]) is None
         with pytest.raises(ValueError, match="does not match"):
             ours_cn(x, t, image[..., :16, :16], context=ctx)
+
+
+def test_sdxl_controlnet_reads_the_added_embedding():
+    """A ControlNet copied from an SDXL U-Net carries its text-time embedding: residuals equal
+    diffusers' with the same text_embeds and time_ids."""
+    from test_sdxl_unet import TINY_SDXL_UNET
+
+    torch.manual_seed(0)
+    unet = perturbed(diffusers.UNet2DConditionModel(**TINY_SDXL_UNET), 1)
+    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    perturbed(cn, 2)
+    config = unet_config_from_diffusers(dict(unet.config))
+    ours = ControlNet(ControlNetConfig(unet=config, embedding_channels=(8, 16))).eval()
+    ours.load_state_dict(cn.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999.0, 250.0])
+    ctx, image = torch.randn(2, 5, 64, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 48, 4, 2, 64, 64]])
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": ids}
+    with torch.no_grad():
+        down_ref, mid_ref = cn(x, t, encoder_hidden_states=ctx, controlnet_cond=image,
+                               added_cond_kwargs=added, return_dict=False)  # fmt: skip
+        down, mid = ours(x, t, image, context=ctx, **added)
+        _, other = ours(x, t, image, context=ctx, text_embeds=added["text_embeds"] * 0,
+                        time_ids=ids)  # fmt: skip
+    for a, b in zip([*down, mid], [*down_ref, mid_ref], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (other - mid).abs().max() > 1e-4  # the pooled text reaches the residuals

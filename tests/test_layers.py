@@ -12,7 +12,7 @@ SRC = Path(__file__).parents[1] / "src" / "latentforge"
 # lowest first: a module may import its own layer and the ones before it
 LAYERS = [
     ("errors",),
-    ("schedules", "sampling", "analytic", "models", "prompt_syntax"),
+    ("schedules", "sampling", "analytic", "models", "prompt_syntax", "preprocess"),
     ("denoisers", "guidance"),
     ("io",),
     ("data",),
@@ -23,7 +23,16 @@ LAYERS = [
     ("cli", "__init__"),
     ("__main__",),  # `python -m latentforge`: the CLI
 ]
-GENERIC = ("schedules", "denoisers", "sampling", "guidance", "models", "io", "pipelines")
+GENERIC = (
+    "schedules",
+    "denoisers",
+    "sampling",
+    "guidance",
+    "models",
+    "io",
+    "pipelines",
+    "preprocess",
+)
 
 
 def _module_name(path: Path) -> str:

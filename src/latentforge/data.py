@@ -120,6 +120,18 @@ class ImageDataset(torch.utils.data.Dataset):
         what item i holds, by the data's own reader; None for data without one."""
         return None
 
+    def control_source(self, i: int, kind: str) -> Image.Image | None:
+        """The picture `train controlnet` turns into item i's control image with the
+        preprocessor `kind` (preprocess.py); None (the default): the item's own image. A wing
+        may draw one instead (shapes: a hand-drawn outline of the scene for scribble)."""
+        return None
+
+    def control_caption(self, i: int, kind: str) -> str | None:
+        """Item i's caption for `train controlnet` with the preprocessor `kind`: None (the
+        default) for its own; a wing may leave out what the control says (shapes: where the
+        sketched objects are and how large), so the ControlNet has to learn it."""
+        return None
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(spec={self.spec!r}, n={len(self)}, "

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .common import parse_label, progress, resolved_steps, save_images
 from .options import (
+    control_options,
+    control_request,
     device_options,
     embedding_options,
     guidance_interval_option,
@@ -47,6 +49,7 @@ _edit_options = stack(
     device_options,
     lora_option,
     embedding_options,
+    control_options,
     out_option(),
     quiet_option,
 )
@@ -99,12 +102,14 @@ def img2img(image, prompt, strength, model_dir, negative, out, quiet, **opts) ->
     """Redraw IMAGE towards PROMPT (SDEdit); a rough sketch works as IMAGE."""
     from ..pipelines.img2img import img2img as run
 
+    control = control_request(opts)
     model, cond, what, shape = _model_and_cond(model_dir, prompt, opts)
     picture = _load(image, shape)
+    controls, records = _controls(model, control)
     with progress(_tail_steps(model, opts["steps"], strength), "img2img", quiet) as callback:
         images = run(model, picture, strength=strength, negative=negative or None,
-                     callback=callback, **cond, **opts)  # fmt: skip
-    save_images(images, out, prompt=prompt, strength=strength, **_meta(opts))
+                     callback=callback, controls=controls, **cond, **opts)  # fmt: skip
+    save_images(images, out, prompt=prompt, strength=strength, **_meta(opts), **records)
     click.echo(f"wrote {len(images)} image(s) ({what}, strength {strength}) to {out}")
 
 
@@ -122,16 +127,28 @@ def inpaint(image, mask, prompt, model_dir, negative, out, quiet, **opts) -> Non
     """Regenerate the white part of MASK in IMAGE (training-free; kept pixels stay exact)."""
     from ..pipelines.inpaint import inpaint as run
 
+    control = control_request(opts)
     model, cond, what, shape = _model_and_cond(model_dir, prompt, opts)
     picture = _load(image, shape)
     masks = _load_mask(mask, shape[1:])
+    controls, records = _controls(model, control)
     # RePaint runs every step of the tail `resample` times, calling back each time
     total = _tail_steps(model, opts["steps"], opts["strength"]) * opts["resample"]
     with progress(total, "inpainting", quiet) as callback:
         images = run(model, picture, masks, negative=negative or None, callback=callback,
-                     **cond, **opts)  # fmt: skip
-    save_images(images, out, prompt=prompt, **_meta(opts))
+                     controls=controls, **cond, **opts)  # fmt: skip
+    save_images(images, out, prompt=prompt, **_meta(opts), **records)
     click.echo(f"wrote {len(images)} image(s) ({what}) to {out}")
+
+
+def _controls(model, control) -> tuple[list, dict]:
+    """The ControlNets of a `control_request` and their PNG metadata ({} for none)."""
+    import json
+
+    if control is None:
+        return [], {}
+    controls, records = control.build(model)
+    return controls, {"controlnets": json.dumps(records)}
 
 
 def _meta(opts: dict) -> dict:

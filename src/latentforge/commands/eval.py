@@ -1,5 +1,5 @@
-"""`latentforge eval prompts|digits|superres|fid|vae|inversion|inpaint`: score a model with the
-project's evaluators."""
+"""`latentforge eval prompts|digits|superres|fid|vae|inversion|inpaint|control`: score a model
+with the project's evaluators."""
 
 from __future__ import annotations
 
@@ -413,3 +413,44 @@ def inpaint_cmd(n, mode, data, data_seed, steps, resample, jump, feather, guidan
     if result["skipped"]:
         lines.append(f"{'skipped scenes':<24}{result['skipped']} (objects too close)")
     click.echo("\n".join(lines))
+
+
+@eval_group.command("control")
+@click.option("--controlnet", type=click.Path(file_okay=False), default=None,
+              help="ControlNet folder (default: the model's own, sampling.controlnet)")  # fmt: skip
+@click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True,
+              help="held-out scenes")  # fmt: skip
+@click.option("--data", default=None, help="shapes data spec (default: the model's training data)")
+@click.option("--data-seed", type=int, default=1, show_default=True,
+              help="stream of held-out scenes (models train on stream 0)")  # fmt: skip
+@click.option("--control-scale", type=float, default=1.0, show_default=True,
+              help="multiplies the ControlNet's residuals")  # fmt: skip
+@click.option("--figure", type=click.Path(dir_okay=False), default=None,
+              help="PNG of the first 8 scenes: sketch, image, baseline, wrong sketch")  # fmt: skip
+@steps_option(help="steps (model default)")
+@_common_options
+def control_cmd(controlnet, n, data, data_seed, control_scale, figure, steps, model_dir, sampler,
+                guidance, seed, batch, device, dtype, as_json, quiet) -> None:  # fmt: skip
+    """Sketch to image: draw held-out shapes scenes as sketches, generate from sketch + caption
+    and check that shape, position and size follow the sketch and colours the prompt, against
+    the prompt alone and a sketch of another shape (issue 25)."""
+    from ..io.model_folder import load_diffusion_model
+    from ..shapes.control_eval import evaluate_control
+
+    model = load_diffusion_model(model_dir, device=device, dtype=dtype)
+    result = evaluate_control(
+        model, controlnet, n=n, data=data, data_seed=data_seed, scale=control_scale,
+        figure=figure, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+        batch=batch, progress=not quiet,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    c, b, w = result["control"], result["baseline"], result["wrong_sketch"]
+    click.echo(
+        f"sketch to image, {n} held-out scenes: shape {c['shape']:.1%}, position "
+        f"{c['position']:.1%}, size {c['size']:.1%}, colour {c['colour']:.1%} "
+        f"(prompt alone: {b['shape']:.1%}, {b['position']:.1%}, {b['size']:.1%}, "
+        f"{b['colour']:.1%}); wrong sketch: shape follows the sketch "
+        f"{w['shape_follows_sketch']:.1%}"
+    )

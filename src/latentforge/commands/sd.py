@@ -59,11 +59,25 @@ def _heads(value: str | None) -> int | tuple[int, ...] | None:
 )
 def import_cmd(src, dst, allow_pickle, dtype, prediction, image_size, tokenizer, num_heads) -> None:
     """Import Stable Diffusion weights (a diffusers folder or a single .safetensors) into a
-    native latent model folder DST."""  # fmt: skip
+    native latent model folder DST; a ControlNet (a diffusers ControlNetModel folder or an
+    original control_*.safetensors) into a ControlNet folder."""  # fmt: skip
     import torch
 
+    from ..io.controlnet import import_controlnet, is_controlnet
     from ..io.diffusers_format import import_model
 
+    if is_controlnet(src, allow_pickle):
+        info = import_controlnet(
+            src, dst, allow_pickle=allow_pickle, num_heads=_heads(num_heads),
+            dtype=getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else None,
+        )  # fmt: skip
+        click.echo(
+            f"imported {info['format']} ControlNet: {info['parameters']:,} parameters, "
+            f"preprocess {info['preprocess']} -> {dst}"
+        )
+        for note in info["notes"]:
+            click.echo(f"note: {note}")
+        return
     info = import_model(
         src, dst, allow_pickle,
         dtype=getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else None,
@@ -84,10 +98,18 @@ def import_cmd(src, dst, allow_pickle, dtype, prediction, image_size, tokenizer,
               default="diffusers", show_default=True)  # fmt: skip
 @click.argument("dst", type=click.Path())
 def export(src, fmt, dst) -> None:
-    """Export the native model folder SRC as a diffusers folder (or one LDM .safetensors) DST."""
+    """Export the native model folder SRC as a diffusers folder (or one LDM .safetensors) DST;
+    a ControlNet folder as a diffusers ControlNetModel folder."""
+    from ..io.controlnet import export_controlnet
     from ..io.diffusers_format import export_model
+    from ..io.model_folder import read_model_meta
 
-    info = export_model(src, dst, fmt)
+    if read_model_meta(src).kind == "controlnet":
+        if fmt != "diffusers":
+            raise UserError(f"a ControlNet exports to --format diffusers only, not {fmt}")
+        info = export_controlnet(src, dst)
+    else:
+        info = export_model(src, dst, fmt)
     click.echo(f"exported {src} as {fmt} -> {dst}")
     for note in info["notes"]:
         click.echo(f"note: {note}")

@@ -39,7 +39,7 @@ FORMAT = "latentforge"
 DEVICE_ENV = "LATENTFORGE_DEVICE"
 # --dtype names: weights (and, through the settings' precision, compute) of a loaded model
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-KINDS = ("diffusion", "vae")
+KINDS = ("diffusion", "vae", "controlnet")
 TASKS = ("generate", "superres", "inpaint")
 DEFAULT_MODEL = "default"
 
@@ -254,7 +254,19 @@ def check_unet_config(config: Any, where: str) -> None:
         raise UserError(f"{w}: attention_levels must be {len(chans)} true/false flags (one per "
                         f"block_out_channels entry), got {levels!r}")  # fmt: skip
     _int(d, "layers_per_block", w, minimum=1, maximum=MAX_DEPTH)
-    _int(d, "transformer_depth", w, minimum=1, maximum=MAX_DEPTH)
+    depth = d["transformer_depth"]
+    if isinstance(depth, (list, tuple)):  # per level (SDXL)
+        if len(depth) != len(chans):
+            raise UserError(f"{w}: transformer_depth must be one integer or one per level, got "
+                            f"{list(depth)!r}")  # fmt: skip
+        for v in depth:
+            _int({"transformer_depth": v}, "transformer_depth", w, minimum=1, maximum=MAX_DEPTH)
+    else:
+        _int(d, "transformer_depth", w, minimum=1, maximum=MAX_DEPTH)
+    if _int(d, "addition_time_embed_dim", w, maximum=MAX_WIDTH):  # SDXL's added embedding
+        if d["addition_time_embed_dim"] % 2:
+            raise UserError(f"{w}: addition_time_embed_dim must be even")
+        _int(d, "projection_class_embeddings_input_dim", w, minimum=1, maximum=MAX_WIDTH)
     if d["cross_attention_dim"] is not None:
         _int(d, "cross_attention_dim", w, minimum=1, maximum=MAX_WIDTH)
     _int(d, "num_classes", w, maximum=MAX_CLASSES)
@@ -354,8 +366,25 @@ def _check_text_encoder(t: Mapping, where: str) -> None:
         _subfolder(t, "tokenizer", w, "tokenizer")
         _int(t, "clip_skip", w, minimum=1, maximum=MAX_DEPTH)
         _bool(t, "use_mask", w)
+    elif t.get("type") == "sdxl":  # CLIP-L (path; none in the refiner) + OpenCLIP bigG (path_2)
+        if t.get("path") is not None:
+            _subfolder(t, "path", w, "text_encoder")
+            _subfolder(t, "tokenizer", w, "tokenizer")
+        _subfolder(t, "path_2", w, "text_encoder_2")
+        _subfolder(t, "tokenizer_2", w, "tokenizer_2")
+        _bool(t, "force_zeros_for_empty_prompt", w)
+        _bool(t, "requires_aesthetics_score", w)
     else:
-        raise UserError(f"{w}.type {t.get('type')!r} is not one of minilm, clip")
+        raise UserError(f"{w}.type {t.get('type')!r} is not one of minilm, clip, sdxl")
+
+
+def text_encoder_dirs(text: Mapping) -> list[str]:
+    """The sub-folders holding a text_encoder block's transformers weights (CLIP, SDXL)."""
+    if text.get("type") == "clip":
+        return [text.get("path", "text_encoder")]
+    if text.get("type") == "sdxl":
+        return [p for p in (text.get("path"), text.get("path_2", "text_encoder_2")) if p]
+    return []
 
 
 def _check_guidance_embedding(g: Mapping, where: str) -> None:
@@ -421,10 +450,11 @@ class SamplingDefaults:
     guidance_interval: tuple | None = None  # (lo, hi), None for an open end (model.json: null)
     layout: str | None = None
     noise_level: float | None = None  # super-resolution models: the low-res image's noise
+    controlnet: str | None = None  # the sub-folder of the ControlNet `--control` uses alone
     extra: dict = field(default_factory=dict)
 
     _KEYS = ("sampler", "steps", "spacing", "guidance", "guidance_interval", "layout",
-             "noise_level")  # fmt: skip
+             "noise_level", "controlnet")  # fmt: skip
 
     @classmethod
     def from_json(cls, d: Mapping, where: str) -> SamplingDefaults:
@@ -446,6 +476,7 @@ class SamplingDefaults:
             guidance=_number(d, "guidance", w, 1.0, minimum=0.0, maximum=MAX_GUIDANCE),
             guidance_interval=None if interval is None else tuple(interval),
             layout=_str(d, "layout", w),
+            controlnet=_subfolder(d, "controlnet", w, "") if "controlnet" in d else None,
             noise_level=_number(d, "noise_level", w, minimum=0.0, maximum=1.0),
             extra=_extra(d, cls._KEYS),
         )
@@ -454,7 +485,7 @@ class SamplingDefaults:
         interval = None if self.guidance_interval is None else list(self.guidance_interval)
         out = {"sampler": self.sampler, "steps": self.steps, "spacing": self.spacing,
                "guidance": self.guidance, "guidance_interval": interval, "layout": self.layout,
-               "noise_level": self.noise_level}  # fmt: skip
+               "noise_level": self.noise_level, "controlnet": self.controlnet}  # fmt: skip
         return {**_drop_none(out), **copy.deepcopy(self.extra)}
 
 
@@ -499,6 +530,28 @@ def _check_depth(d: Any, where: str, limit: int = 64) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
+PREPROCESS_NAME = 64  # longest preprocessor name a ControlNet folder may record
+
+
+def _check_controlnet(c: Mapping, where: str) -> None:
+    """A ControlNet folder's `controlnet` section: `ControlNetConfig.to_dict()` plus `base` (the
+    model it was made for, free text) and `preprocess` (its control images' preprocessor)."""
+    from ..models.controlnet import ControlNetConfig
+
+    w = f"{where}: controlnet"
+    config = {k: v for k, v in c.items() if k not in ("base", "preprocess")}
+    _int(config, "conditioning_channels", w, 3, minimum=1, maximum=MAX_CHANNELS)
+    if "embedding_channels" in config:
+        _ints(config, "embedding_channels", w, MAX_WIDTH)
+    _bool(config, "global_pool", w)
+    _str(c, "base", w)
+    name = _str(c, "preprocess", w, "none")
+    if not name or len(name) > PREPROCESS_NAME or not name.replace("-", "_").isidentifier():
+        raise UserError(f"{w}.preprocess must be a preprocessor name, got {name!r}")
+    _config(ControlNetConfig, config, "controlnet", lambda cfg, _: check_unet_config(cfg.unet, w),
+            where)  # fmt: skip
+
+
 def _check_networks(meta: ModelMeta, where: str) -> None:
     """The network config against the data it runs on: channels in and out, a resolution the
     U-Net can halve, a latent size the VAE's power-of-two factor reaches, a text encoder for
@@ -507,6 +560,9 @@ def _check_networks(meta: ModelMeta, where: str) -> None:
     from ..models.vae import VAEConfig
 
     data = meta.data
+    if meta.kind == "controlnet":
+        _check_controlnet(meta.controlnet, where)
+        return
     if meta.kind == "vae":
         config = _config(VAEConfig, meta.vae, "vae", check_vae_config, where)
         if data.resolution % config.downsample_factor:
@@ -557,7 +613,7 @@ def _check_networks(meta: ModelMeta, where: str) -> None:
 _TOP_KEYS = (
     "format", "version", "kind", "cond", "task", "unet", "vae", "parameterization", "data",
     "sampling", "latent", "text_encoder", "scale", "concat_channels", "scaling_factor",
-    "latent_rgb", "source", "init_from", "eval", "training", "guidance_embedding",
+    "latent_rgb", "source", "init_from", "eval", "training", "guidance_embedding", "controlnet",
 )  # fmt: skip
 
 
@@ -573,7 +629,7 @@ class ModelMeta:
     """
 
     kind: str
-    data: DataInfo
+    data: DataInfo | None  # None only for a ControlNet folder (it runs at any size)
     unet: dict | None = None
     vae: dict | None = None
     parameterization: dict | None = None
@@ -589,6 +645,8 @@ class ModelMeta:
     # {"time_cond_proj_dim": N, "guidance": G}: the U-Net embeds the guidance scale (diffusers'
     # time_cond_proj_dim; LCM and distilled models), run at G where a call gives none
     guidance_embedding: dict | None = None
+    # ControlNet folders: ControlNetConfig.to_dict() + base (what it was made for) + preprocess
+    controlnet: dict | None = None
     source: dict | None = None
     init_from: dict | None = None
     eval: dict | None = None
@@ -618,8 +676,9 @@ class ModelMeta:
             if not isinstance(param.get("type"), str):
                 raise UserError(f"{where}: parameterization.type must be a string")
             _check_parameterization(param, where)
-        vae = _section(d, "vae", where, required=not diffusion)
-        data = _section(d, "data", where, required=True)
+        vae = _section(d, "vae", where, required=kind == "vae")
+        data = _section(d, "data", where, required=kind != "controlnet")
+        control = _section(d, "controlnet", where, required=kind == "controlnet")
         sampling = _section(d, "sampling", where)
         latent = _section(d, "latent", where)
         text = _section(d, "text_encoder", where)
@@ -637,7 +696,7 @@ class ModelMeta:
             raise UserError(f"{where}: latent_rgb must be a list")
         meta = cls(
             kind=kind,
-            data=DataInfo.from_json(data, where),  # type: ignore[arg-type]
+            data=None if data is None else DataInfo.from_json(data, where),
             unet=copy.deepcopy(unet),
             vae=copy.deepcopy(vae),
             parameterization=copy.deepcopy(param),
@@ -653,6 +712,7 @@ class ModelMeta:
             scaling_factor=_number(d, "scaling_factor", where, positive=True),
             latent_rgb=copy.deepcopy(rgb),
             guidance_embedding=copy.deepcopy(embedding),
+            controlnet=copy.deepcopy(control),
             source=copy.deepcopy(_section(d, "source", where)),
             init_from=copy.deepcopy(_section(d, "init_from", where)),
             eval=copy.deepcopy(_section(d, "eval", where)),
@@ -670,13 +730,13 @@ class ModelMeta:
             "format": self.format, "version": self.version, "kind": self.kind, "cond": self.cond,
             "task": None if self.task == "generate" else self.task,
             "unet": self.unet, "vae": self.vae, "parameterization": self.parameterization,
-            "data": self.data.to_json(),
+            "data": None if self.data is None else self.data.to_json(),
             "sampling": None if self.sampling is None else self.sampling.to_json(),
             "latent": None if self.latent is None else self.latent.to_json(),
             "text_encoder": self.text_encoder, "scale": self.scale,
             "concat_channels": self.concat_channels, "scaling_factor": self.scaling_factor,
             "latent_rgb": self.latent_rgb, "guidance_embedding": self.guidance_embedding,
-            "source": self.source, "init_from": self.init_from,
+            "controlnet": self.controlnet, "source": self.source, "init_from": self.init_from,
             "eval": self.eval, "training": self.training,
         }  # fmt: skip
         return copy.deepcopy({**_drop_none(out), **self.extra})
@@ -997,8 +1057,8 @@ def load_diffusion_model(
         vae_meta = read_model_meta(folder / meta.latent.vae)
         _check_vae_fits(meta, vae_meta, folder / meta.latent.vae)
     text = meta.text_encoder or {}
-    if text.get("type") == "clip":
-        for f in sorted((folder / text.get("path", "text_encoder")).glob("*.safetensors")):
+    for sub in text_encoder_dirs(text):
+        for f in sorted((folder / sub).glob("*.safetensors")):
             check_float_weights(open_safetensors(f)[0], f"text encoder {f}")
     state, _ = open_safetensors(folder / MODEL_WEIGHTS)
     model = LoadedModel(

@@ -131,14 +131,17 @@ class ControlNet(UNet):
         context_mask: torch.Tensor | None = None,
         extra_emb: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> Residuals:
         """x, t and the conditioning as for `UNet.forward`; image: (B, C, H*f, W*f) control
         image in [0, 1] (f = `config.downscale`). scale multiplies every residual (a float or a
         (B,) tensor); guess mode scales them from 0.1 (first skip) to 1 (mid block),
         log-spaced, as diffusers does."""
         temb = self.embed_time(
-            x, t, class_labels=class_labels, extra_emb=extra_emb, guidance=guidance
-        )
+            x, t, class_labels=class_labels, extra_emb=extra_emb, guidance=guidance,
+            text_embeds=text_embeds, time_ids=time_ids,
+        )  # fmt: skip
         if context is not None:
             context = self.refine_context(context, context_mask)
         control = self.controlnet_cond_embedding(image.to(x.dtype))

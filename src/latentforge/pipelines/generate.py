@@ -16,7 +16,8 @@ from ..io.embeddings import load_embeddings
 from ..io.lora import load_model_with_loras
 from ..io.model_folder import LoadedModel
 from ..io.model_folder import model_dir as named_model_dir
-from .common import condition, decode, describe_conditioning, make_sigmas, precision_context
+from .common import decode, describe_conditioning, make_sigmas, precision_context
+from .control import Control, ControlRequest, condition
 from .settings import SampleSettings
 
 
@@ -29,6 +30,7 @@ def generate(
     prompts: list[str] | None = None,
     callback: sampling.Callback = None,
     noise: torch.Tensor | None = None,
+    controls: Sequence[Control] = (),
     **overrides: Any,
 ) -> torch.Tensor:
     """Sample `settings.num` images (B, C, H, W) in [-1, 1]; image i uses seed `seed + i`.
@@ -47,6 +49,7 @@ def generate(
     seeds' draw (the seeds still drive stochastic samplers); it is scaled to the prior std as
     drawn noise is. For an imported SD model it is what diffusers' pipelines take as `latents=`
     (with DDIM, or Euler under leading spacing: tests/test_sd_pipeline.py).
+    controls: ControlNets with their control images (`pipelines.control.Control`).
     bf16 (precision "bf16"): run the denoiser and the decoder under bf16 autocast (the text
     encoder, the noise and the sampler's arithmetic stay fp32). About 1.5x the images/s on a CPU
     with AVX512-BF16 or AMX (docs/text-to-image.md); CPUs without bf16 units emulate it slowly.
@@ -59,7 +62,7 @@ def generate(
     # drawn on the CPU and moved: a seed gives the same noise on every device
     x = sampling.prior_noise(model.denoiser, shape, float(sigmas[0]), gen, noise)
     x = x.to(model.device)
-    denoiser, cond = condition(model, s.num, s, labels=labels, prompts=prompts)
+    denoiser, cond = condition(model, s.num, s, controls, sigmas, labels=labels, prompts=prompts)
     with precision_context(model, s):
         out = sampling.sample(
             s.sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **s.knobs
@@ -80,6 +83,7 @@ def generate_to_png(
     dtype: str = "fp32",
     embeddings: Sequence[str] = (),
     embeddings_dir: str | Path | None = None,
+    control: ControlRequest | None = None,
     **overrides: Any,
 ) -> dict:
     """Generate, write a grid PNG whose text chunks hold the prompt and the resolved settings
@@ -88,7 +92,11 @@ def generate_to_png(
     every step after the preview's frame (the CLI's progress bar). settings.loras: LoRA files
     (FILE[:SCALE]) fused into the model, recorded as NAME:SCALE. embeddings / embeddings_dir:
     textual-inversion files (`io.embeddings.load_embeddings`; the model's embeddings/ folder
-    by default). overrides: as for `generate`."""
+    by default). control: ControlNets and control images, recorded as JSON in the
+    "controlnets" chunk (names, hashes, scales; the images are not stored, so --from-png
+    does not bring them back). overrides: as for `generate`."""
+    import json
+
     from ..io.images import save_grid
 
     s = SampleSettings.build(settings, **overrides)
@@ -108,11 +116,14 @@ def generate_to_png(
             callback(step, sigma, x, denoised)
 
     steps_cb = each_step if preview or callback is not None else None
-    images = generate(model, s, **cond_kwargs, callback=steps_cb)
+    controls, records = control.build(model) if control is not None else ([], [])
+    images = generate(model, s, **cond_kwargs, callback=steps_cb, controls=controls)
     meta = {
         "prompt": prompt or "", **s.to_png_meta(), "model": model.sha256,
         "model_path": "" if model_dir is None else str(named_model_dir(model_dir).resolve()),
     }  # fmt: skip
+    if records:
+        meta["controlnets"] = json.dumps(records)
     save_grid(images, out, **meta)
     if preview:
         from ..io.images import save_gif

@@ -9,6 +9,7 @@ would see in text-to-image, and runs round(strength * steps) steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,13 +18,13 @@ from .. import sampling
 from ..io.model_folder import LoadedModel
 from .common import (
     batch_images,
-    condition,
     decode,
     on_device,
     precision_context,
     schedule_tail,
     start_point,
 )
+from .control import Control, condition
 from .settings import SampleSettings
 
 
@@ -37,6 +38,7 @@ def img2img(
     labels: list[int | None] | None = None,
     prompts: list[str] | None = None,
     callback: sampling.Callback = None,
+    controls: Sequence[Control] = (),
     **overrides: Any,
 ) -> torch.Tensor:
     """SDEdit: images (B, C, H, W) in [-1, 1] -> edited images (max(B, num), C, H, W).
@@ -44,7 +46,8 @@ def img2img(
     Image i is noised with seed `seed + i` to the level where round(strength * steps) steps of
     the full schedule remain, then denoised by `sampler` over those steps. strength 0 returns
     the input unchanged (no model call); strength 1 is `generate` with the same seed.
-    settings / keyword overrides: as for `generate` (regional prompting included).
+    settings / keyword overrides: as for `generate` (regional prompting included); controls:
+    ControlNets (`pipelines.control`), whose start / end count the steps that run.
     """
     s = SampleSettings.build(settings, **overrides).resolve(model)
     images = on_device(
@@ -57,7 +60,7 @@ def img2img(
     gen = sampling.BatchGenerator(range(s.seed, s.seed + n))
     z = model.encode(images)
     x, _ = start_point(model, z, sigmas, len(sigmas) == s.steps + 1, gen)
-    denoiser, cond = condition(model, n, s, labels=labels, prompts=prompts)
+    denoiser, cond = condition(model, n, s, controls, sigmas, labels=labels, prompts=prompts)
     with precision_context(model, s):
         out = sampling.sample(
             s.sampler, denoiser, x, sigmas, cond=cond, generator=gen, callback=callback, **s.knobs

@@ -17,6 +17,7 @@ is handled, and everything else (strength, resampling, the paste-back) is shared
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,6 @@ from ..io.model_folder import LoadedModel
 from ..models.conditioned import inpaint_condition, masked_image
 from .common import (
     batch_images,
-    condition,
     decode,
     on_device,
     precision_context,
@@ -37,6 +37,7 @@ from .common import (
     start_point,
     with_image_cond,
 )
+from .control import Control, condition
 from .settings import SampleSettings
 
 
@@ -140,6 +141,7 @@ def inpaint(
     jump: int = 1,
     feather: int = 0,
     callback: sampling.Callback = None,
+    controls: Sequence[Control] = (),
     **overrides: Any,
 ) -> torch.Tensor:
     """Regenerate the masked region (mask 1 = regenerate, 0 = keep) of images (B, C, H, W) in
@@ -151,7 +153,8 @@ def inpaint(
     settings / keyword overrides: as for `generate`; regional prompting (the model's layout
     by default) lets a prompt naming the kept object and the new one draw each in its box.
     A `task: inpaint` model gets the mask and the masked image as inputs; any other model is
-    inpainted training-free through `KnownRegionDenoiser`.
+    inpainted training-free through `KnownRegionDenoiser`. controls: ControlNets
+    (`pipelines.control`), whose start / end count the steps that run.
     """
     s = SampleSettings.build(settings, **overrides).resolve(model)
     resample = _positive_int(resample, "resample")
@@ -168,7 +171,7 @@ def inpaint(
     gen = sampling.BatchGenerator(range(s.seed, s.seed + n))
     z = model.encode(images)
     x, eps = start_point(model, z, sigmas, len(sigmas) == s.steps + 1, gen)
-    denoiser, cond = condition(model, n, s, labels=labels, prompts=prompts)
+    denoiser, cond = condition(model, n, s, controls, sigmas, labels=labels, prompts=prompts)
     if model.task == "inpaint":  # the model sees the mask and the masked image
         concat = inpaint_condition(masks, model.encode(masked_image(images, masks)))
         denoiser, cond = with_image_cond(denoiser, cond, {"concat": concat})

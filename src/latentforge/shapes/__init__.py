@@ -6,8 +6,9 @@ It imports the generic layers and no generic module imports it. Importing it plu
 dataset in through the generic registries, as a user's own dataset would: the `shapes` data
 spec (`data.register_data_kind`), the "shapes" layout planner
 (`pipelines.layout.register_layout`) and the prompt scorer of `report trilemma`
-(`metrics.fid_eval.register_prompt_scorer`). `latentforge/__init__.py` imports it, so both are there
-whenever latentforge is.
+(`metrics.fid_eval.register_prompt_scorer`); the dataset's `control_source` and
+`control_caption` hooks draw hand-drawn sketches of its scenes and their prompts (`sketch`).
+`latentforge/__init__.py` imports it, so all are there whenever latentforge is.
 """
 
 from ..data import register_data_kind

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..data import DataKind, ImageDataset, parse_res_length_flag
 from ..errors import UserError
 from ..io.images import from_pil
+from . import sketch
 from .scenes import (
     BACKGROUND_COLOURS,
     COLOURS,
@@ -82,6 +84,14 @@ class ShapesDataset(ImageDataset):
             "label": -1,
             "caption": sample_caption(record, i, self.seed),
         }
+
+    def control_source(self, i: int, kind: str) -> Image.Image | None:
+        """`train controlnet --control scribble`: a hand-drawn sketch of scene i (sketch.py)."""
+        return sketch.control_source(self, i, kind)
+
+    def control_caption(self, i: int, kind: str) -> str | None:
+        """The sketched scene's prompt without where or how large (sketch.py)."""
+        return sketch.control_caption(self, i, kind)
 
     def read_back(self, images: torch.Tensor) -> dict | None:
         """Scene accuracy of the analyser (evaluate.py) on round-tripped RGB images, all and by

@@ -241,18 +241,32 @@ class DiffusionTrainer(Trainer):
         text = self.text_encoder is not None and cfg.cache_text
         if not cfg.cache_dir or not (latents or text):
             return None
-        from ..io.checkpoint import MODEL_WEIGHTS
-        from ..io.model_folder import file_digest
 
         key = {
             "version": 1,
             "data": cfg.data,
             "seed": cfg.seed,
-            "vae": file_digest(Path(cfg.vae) / MODEL_WEIGHTS) if latents else None,
+            "vae": self._vae_digest() if latents else None,
             "text": self.text_encoder.spec if text else None,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return Path(cfg.cache_dir) / f"{digest}.safetensors"
+
+    def _vae_digest(self) -> str:
+        """The --cache-dir key of the VAE: its file's digest, or (a trainer that took the VAE
+        from a base model folder: lora, controlnet) a hash of its weights."""
+        import hashlib
+
+        from ..io.checkpoint import MODEL_WEIGHTS
+        from ..io.model_folder import file_digest
+
+        if self.cfg.vae:
+            return file_digest(Path(self.cfg.vae) / MODEL_WEIGHTS)
+        h = hashlib.sha256()
+        for name, t in sorted(self.vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _store_cache(self, path: Path | None, cache: dict | None) -> None:
         import json
