@@ -114,6 +114,7 @@ def test_settings_from_an_a1111_png(tmp_path):
         sampler="dpmpp_2m", spacing="karras", steps=20, guidance=7.0, seed=1234567890,
         width=512, height=768, negative="blurry, lowres\nbad hands", layout="none",
         loras=("add_detail:0.5",),
+        embeddings=("easynegative:c74b4e810b03", "bad-hands:9a2b1c0d3e4f"),
     )  # fmt: skip
     assert text["strength"] == "0.7"
     assert a1111.parse_parameters(text["parameters"])["Version"] == "v1.10.1"  # kept

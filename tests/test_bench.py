@@ -5,7 +5,7 @@ import pytest
 from latentforge.cli import main
 
 BENCHMARKS = {"samplers": "samplers", "latent-vs-pixel": "latent_pixel", "unet": "unet",
-              "generate": "generate", "sd": "sd"}  # fmt: skip
+              "generate": "generate", "sd": "sd", "lora": "lora"}  # fmt: skip
 
 
 def test_bench_samplers_help_shows_its_options(capsys):

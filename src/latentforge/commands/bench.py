@@ -15,6 +15,7 @@ import click
 BENCHMARKS = {
     "generate": "generate",
     "latent-vs-pixel": "latent_pixel",
+    "lora": "lora",
     "samplers": "samplers",
     "sd": "sd",
     "unet": "unet",

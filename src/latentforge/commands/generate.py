@@ -9,6 +9,8 @@ import click
 from ..errors import UserError
 from .common import parse_label, progress
 from .options import (
+    control_options,
+    control_request,
     device_options,
     embedding_options,
     guidance_interval_option,
@@ -20,6 +22,7 @@ from .options import (
     out_option,
     quiet_option,
     sampling_options,
+    sdxl_options,
     size_options,
 )
 
@@ -71,6 +74,7 @@ def sample(model_dir, label, guidance, guidance_interval, width, height, vae_til
               help="draw PROMPT inside the box (fractions of the side, origin top left); "
               "repeat for more regions; replaces --layout")  # fmt: skip
 @size_options
+@sdxl_options
 @device_options
 @out_option()
 @click.option("--preview", type=click.Path(dir_okay=False), default=None,
@@ -80,12 +84,14 @@ def sample(model_dir, label, guidance, guidance_interval, width, height, vae_til
               "its embedded parameters")  # fmt: skip
 @lora_option
 @embedding_options
+@control_options
 @sampling_options
 @quiet_option
 def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, regions, device,
              dtype, out, preview, from_png, quiet, **opts) -> None:  # fmt: skip
     """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
     from ..guidance import Region
+    from ..io.embeddings import embedding_records, used_embeddings
     from ..io.lora import LoraSpec, find_lora_files
     from ..io.model_folder import ModelFolder, default_model_dir
     from ..pipelines.generate import generate_to_png, settings_from_png
@@ -93,6 +99,7 @@ def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, r
 
     loras = opts.pop("loras")
     embeddings, embeddings_dir = opts.pop("embeddings"), opts.pop("embeddings_dir")
+    control = control_request(opts)
     if from_png:  # everything but --model, --out and --preview comes from the PNG
         prompt, settings, png_model = settings_from_png(from_png)
         model_dir = model_dir or png_model
@@ -110,9 +117,22 @@ def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, r
     settings = settings.replace(loras=tuple(f.text for f in files))  # applied where it loads
     # the steps as generate_to_png will resolve them, read from model.json before it loads
     folder = ModelFolder.read(default_model_dir() if model_dir is None else model_dir)
+    records = embedding_records(folder, embeddings, embeddings_dir)
+    missing = sorted(set(settings.embeddings) - {e.label for e in records})
+    if from_png and missing:
+        names = ", ".join(missing)
+        click.echo(
+            f"latentforge: warning: {from_png} was made with the embedding(s) {names}, "
+            "not loaded now (pass --embedding FILE)",
+            err=True,
+        )
+    # the embeddings the prompts use, recorded as TRIGGER:HASH
+    used = used_embeddings(records, prompt or "", settings.negative)
+    settings = settings.replace(embeddings=tuple(used))
     with progress(settings.resolve(folder).steps, "sampling", quiet) as callback:
         info = generate_to_png(
             model_dir, out, prompt=prompt, preview=preview, settings=settings, callback=callback,
             device=device, dtype=dtype, embeddings=embeddings, embeddings_dir=embeddings_dir,
+            control=control,
         )  # fmt: skip
     click.echo(f"wrote {info['num']} image(s) ({info['conditioning']}) to {out}")

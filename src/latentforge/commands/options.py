@@ -109,6 +109,56 @@ def embedding_options(f: F) -> F:
     )(f)  # fmt: skip
 
 
+def control_options(f: F) -> F:
+    """--controlnet DIR / --control IMAGE (repeatable, paired in order) and their knobs ->
+    `controlnets`, `controls`, `control_scales`, `control_starts`, `control_ends`,
+    `control_preprocess`, `guess_mode` (`control_request` turns them into a request)."""
+    one_or_each = "; one value for all ControlNets or one per ControlNet"
+    for name, dest, default, what in (
+        ("--control-end", "control_ends", "1", "fraction of the steps after which it stops"),
+        ("--control-start", "control_starts", "0", "fraction of the steps before it starts"),
+        ("--control-scale", "control_scales", "1", "ControlNet strength"),
+    ):
+        f = click.option(name, dest, type=float, multiple=True,
+                         help=f"{what} (default {default}){one_or_each}")(f)  # fmt: skip
+    f = click.option(
+        "--guess-mode", is_flag=True,
+        help="the ControlNets act on the conditional half of guidance only (diffusers' guess "
+        "mode: follow the control image with an empty prompt)",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--control-preprocess", "control_preprocess", multiple=True,
+        type=click.Choice(["canny", "scribble", "sketch", "none"]),
+        help="turn the control image into the ControlNet's input (default: the preprocessor "
+        f"the ControlNet was trained with; none: use it as it is){one_or_each}",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--control", "controls", multiple=True, type=click.Path(dir_okay=False),
+        metavar="IMAGE",
+        help="control image (any size: resized to the output), repeatable; pairs with the "
+        "--controlnet of the same position (none: the model's default ControlNet)",
+    )(f)  # fmt: skip
+    return click.option(
+        "--controlnet", "controlnets", multiple=True, type=click.Path(file_okay=False),
+        metavar="DIR", help="a ControlNet folder (see docs/editing.md), repeatable",
+    )(f)  # fmt: skip
+
+
+def control_request(opts: dict) -> Any:
+    """Take the `control_options` values out of `opts`: a `ControlRequest`, or None when no
+    --control / --controlnet was given."""
+    from ..pipelines.control import ControlRequest, open_control_image
+
+    images, folders = opts.pop("controls"), opts.pop("controlnets")
+    knobs = {k: tuple(opts.pop(f"control_{k}")) for k in ("scales", "starts", "ends")}
+    preprocess, guess = tuple(opts.pop("control_preprocess")), opts.pop("guess_mode")
+    if not images and not folders:
+        return None
+    pictures = tuple(open_control_image(p, f"--control {p}") for p in images)
+    return ControlRequest(pictures, tuple(folders), preprocess=preprocess,
+                          guess_mode=(True,) if guess else (), **knobs)  # fmt: skip
+
+
 def sampler_knobs_option(f: F) -> F:
     """--opt KEY=VALUE (repeatable) -> `options`, a dict of sampler knobs or None."""
     return click.option(
@@ -145,6 +195,31 @@ def size_options(f: F) -> F:
         f = click.option(
             f"--{side}", type=click.IntRange(min=1), default=None,
             help=f"output {side} in pixels, a multiple of the model's grid (model default)",
+        )(f)  # fmt: skip
+    return f
+
+
+def sdxl_options(f: F) -> F:
+    """SDXL's micro-conditioning (SampleSettings fields; other models refuse them): the sizes
+    and crop the base is told about, and the refiner's aesthetic scores."""
+    pairs = (
+        ("original-size", "W H", "the image size the model is told the picture had"),
+        ("crops-coords-top-left", "X Y", "the crop's top-left corner the model is told of"),
+        ("target-size", "W H", "the size the model is told to aim for"),
+    )
+    for name, metavar, what in reversed(pairs):
+        f = click.option(
+            f"--negative-{name}", type=(int, int), default=None, metavar=metavar,
+            help=f"SDXL, the guidance's negative half: {what}",
+        )(f)  # fmt: skip
+        f = click.option(
+            f"--{name}", type=(int, int), default=None, metavar=metavar,
+            help=f"SDXL: {what} (default: the output size; crop 0 0)",
+        )(f)  # fmt: skip
+    for name, default in (("negative-aesthetic-score", 2.5), ("aesthetic-score", 6.0)):
+        f = click.option(
+            f"--{name}", type=float, default=None,
+            help=f"SDXL refiner: the {name.replace('-', ' ')} conditioned on (default {default})",
         )(f)  # fmt: skip
     return f
 

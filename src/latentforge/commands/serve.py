@@ -67,11 +67,14 @@ from .options import device_options, model_option
 @click.option("--embeddings-dir", default=None, type=click.Path(file_okay=False),
               help="embeddings listed by /sdapi/v1/embeddings (default: embeddings/ in "
               "--models-dir)")  # fmt: skip
+@click.option("--controlnets-dir", default=None, type=click.Path(file_okay=False),
+              help="ControlNet folders requests may name (default: controlnets/ in "
+              "--models-dir)")  # fmt: skip
 @device_options
 @click.option("--quiet", is_flag=True, help="no access log")
 def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_steps, max_num,
           max_image_pixels, max_job_work, job_timeout, body_timeout, allowed_hosts, api_auth,
-          loras_dir, embeddings_dir, device, dtype, quiet) -> None:  # fmt: skip
+          loras_dir, embeddings_dir, controlnets_dir, device, dtype, quiet) -> None:  # fmt: skip
     """Serve the HTTP API (/v1/..., schema at /openapi.json), the web UI (/) and the drop-in
     A1111 (/sdapi/v1) and OpenAI (/v1/images) APIs (docs/clients.md)."""
     try:
@@ -94,7 +97,7 @@ def serve(host, port, model_dir, models_dir, max_queue, workers, api_key, max_st
         max_image_pixels=max_image_pixels, max_job_work=max_job_work,
         job_timeout=job_timeout or None, body_timeout=body_timeout, host=host,
         allowed_hosts=allowed_hosts, api_auth=api_auth, loras_dir=loras_dir,
-        embeddings_dir=embeddings_dir,
+        embeddings_dir=embeddings_dir, controlnets_dir=controlnets_dir,
     )  # fmt: skip
     app = create_app(config)
     names = app.state.store.names()

@@ -7,7 +7,7 @@ by ", ", a value holding a comma, colon or newline written as a JSON string
 prompt itself as `<lora:NAME:SCALE>`. `format_parameters` writes that chunk from latentforge's
 own PNG metadata (the keys of `SampleSettings.to_png_meta`, and those the server adds), and
 `parse_parameters` / `to_png_meta` read one back, whoever wrote it; keys neither side knows
-are kept.
+are kept. Embeddings the prompts use are A1111's `TI hashes: "TRIGGER: HASH, ..."`.
 
 Sampler names: A1111 names a sampler (`Sampler: DPM++ 2M`) and, since v1.9, its noise schedule
 apart (`Schedule type: Karras`); older versions fold the schedule into the name
@@ -245,9 +245,17 @@ def format_parameters(meta: Mapping[str, Any]) -> str | None:
         "Model": name,
         "Denoising strength": _number(meta.get("strength")),
         "Batch size": num if num > 1 else None,
+        "TI hashes": ", ".join(_embedding_hashes(meta.get("embeddings"))) or None,
     }
     prompt = str(meta.get("prompt") or "") + lora_tags(tuple(loras))
     return join_parameters(prompt.strip(), str(meta.get("negative") or ""), fields)
+
+
+def _embedding_hashes(records: Any) -> list[str]:
+    """Recorded embeddings ("TRIGGER:HASH", a list or its JSON) -> A1111's "TRIGGER: HASH"."""
+    if isinstance(records, str):
+        records = json.loads(records) if records else ()
+    return [": ".join(str(r).rsplit(":", 1)) for r in records or ()]
 
 
 def _number(value: Any) -> Any:
@@ -266,6 +274,9 @@ def to_png_meta(params: Mapping[str, str], where: str = "PNG") -> dict[str, str]
     out = {"prompt": prompt, "negative": params.get("Negative prompt", "")}
     if loras:
         out["loras"] = json.dumps(list(loras))
+    if params.get("TI hashes"):  # "TRIGGER: HASH, ..."
+        records = [e.strip().replace(": ", ":") for e in params["TI hashes"].split(",")]
+        out["embeddings"] = json.dumps([e for e in records if e])
     try:
         if "Sampler" in params:
             sampler, spacing, knobs = sampler_from_a1111(

@@ -22,6 +22,8 @@ import json
 import math
 import re
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,12 +202,9 @@ def _alphas(meta: Mapping[str, str], path: Path) -> dict[str, float]:
     return out
 
 
-def read_lora(
-    path: str | Path, names: Mapping[str, tuple[str, str]]
-) -> dict[tuple[str, str], LoraFactors]:
-    """A LoRA file -> {(part, module name): factors}, every key checked against `names`
-    (`key_names`): keys matching no layer, a missing half or a non-LoRA format are one error."""
-    path = Path(path)
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata; a pickle or a non-LoRA format is an error before
+    any tensor is read."""
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: LoRA files are read as .safetensors (pickles are refused)")
     state, meta = open_safetensors(path)
@@ -213,6 +212,58 @@ def read_lora(
         for part in key.split("."):
             if part in _UNSUPPORTED:
                 raise UserError(f"{path}: not supported: {_UNSUPPORTED[part]} (key {key})")
+    return {k: t.load() for k, t in state.items()}, meta
+
+
+class LoraFileCache:
+    """Read LoRA files kept by (path, size, mtime), so a repeat request reads nothing (the
+    server's); at most `max_bytes` of tensors, the least recently used file dropped first.
+    Thread-safe; a changed file is read again."""
+
+    def __init__(self, max_bytes: int = 2**30):
+        self.max_bytes = max_bytes
+        self._files: OrderedDict[tuple, tuple[dict[str, torch.Tensor], dict[str, str], int]]
+        self._files = OrderedDict()
+        self._lock = threading.Lock()
+        self.reads = 0  # files read from disk (tests, benchmarks)
+
+    def read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        try:
+            st = path.stat()
+        except OSError:
+            raise UserError(f"LoRA file not found: {path}") from None
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._files:
+                self._files.move_to_end(key)
+                return self._files[key][:2]
+        state, meta = _read_file(path)
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        with self._lock:
+            self.reads += 1
+            self._files[key] = (state, meta, size)
+            while len(self._files) > 1 and sum(f[2] for f in self._files.values()) > self.max_bytes:
+                self._files.popitem(last=False)
+        return state, meta
+
+
+def lora_files(folder: str | Path | None) -> dict[str, Path]:
+    """{NAME: file} of the LoRAs in a folder (its *.safetensors, NAME the file name without
+    .safetensors, as A1111's `<lora:NAME>`); none when there is no such folder."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    files = sorted(Path(folder).glob("*.safetensors"))
+    return {p.name.removesuffix(".safetensors"): p for p in files if p.is_file()}
+
+
+def read_lora(
+    path: str | Path, names: Mapping[str, tuple[str, str]], cache: LoraFileCache | None = None
+) -> dict[tuple[str, str], LoraFactors]:
+    """A LoRA file -> {(part, module name): factors}, every key checked against `names`
+    (`key_names`): keys matching no layer, a missing half or a non-LoRA format are one error.
+    `cache`: read the file through it (unchanged files are not read again)."""
+    path = Path(path)
+    state, meta = _read_file(path) if cache is None else cache.read(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in state.items():
@@ -237,25 +288,25 @@ def read_lora(
             half = "up" if "down" in g else "down"
             raise UserError(f"{path}: {base} has no {half} weight")
         target = names[base]
-        alpha = float(g["alpha"].load().item()) if "alpha" in g else alphas.get(target[0])
+        alpha = float(g["alpha"].item()) if "alpha" in g else alphas.get(target[0])
         if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
             raise UserError(f"{path}: {base} has alpha {alpha}; it must be a positive number")
         if target in out:
             raise UserError(f"{path}: two entries for the layer {target[1]} ({base})")
-        out[target] = LoraFactors(g["down"].load(), g["up"].load(), alpha)
+        out[target] = LoraFactors(g["down"], g["up"], alpha)
     return out
 
 
 # ----- applying ----------------------------------------------------------------------------------
 def lora_layers(
-    roots: Mapping[str, nn.Module], specs: Iterable[LoraSpec]
+    roots: Mapping[str, nn.Module], specs: Iterable[LoraSpec], cache: LoraFileCache | None = None
 ) -> dict[str, dict[str, list[tuple[LoraFactors, float]]]]:
     """{part: {module name: [(factors, scale), ...]}} of several LoRA files, every file read and
     every layer's factors checked against its weight before anything is changed."""
     names = key_names(roots)
     layers: dict[str, dict[str, list[tuple[LoraFactors, float]]]] = {}
     for spec in specs:
-        for (part, name), factors in read_lora(spec.path, names).items():
+        for (part, name), factors in read_lora(spec.path, names, cache).items():
             try:
                 factors.check(roots[part].get_submodule(name).weight.shape)
             except ValueError as e:
@@ -265,19 +316,25 @@ def lora_layers(
 
 
 def _clear_text_cache(model: LoadedModel) -> None:
-    # the encoder memoises prompts (models/text.py); its states change with its weights
+    # the encoder memoises prompts, plain and weighted (models/text.py); its states change with
+    # its weights
     if model.text_encoder is not None:
         model.text_encoder._cache.clear()
+        model.text_encoder._prompt_cache.clear()
 
 
 def apply_loras(
-    model: LoadedModel, specs: Iterable[str | Path | LoraSpec], keep: bool = True
+    model: LoadedModel,
+    specs: Iterable[str | Path | LoraSpec],
+    keep: bool = True,
+    cache: LoraFileCache | None = None,
 ) -> AppliedLoras:
     """Fuse LoRAs (FILE[:SCALE] each) into `model` in place; undo with `remove_loras` (unless
-    keep=False, which keeps no original weights: for a model loaded for one use)."""
+    keep=False, which keeps no original weights: for a model loaded for one use). `cache`:
+    read the files through it."""
     specs = [LoraSpec.parse(s) for s in specs]
     roots = lora_roots(model)
-    layers = lora_layers(roots, specs)
+    layers = lora_layers(roots, specs, cache)
     applied = AppliedLoras([s.label for s in specs])
     for part, items in layers.items():
         applied.saved[part] = fuse(roots[part], items, keep)

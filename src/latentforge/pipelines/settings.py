@@ -30,6 +30,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: GPUs only (checked where the mode
 VAE_TILING = ("auto", "on", "off")
 MAX_SIDE = 4096  # output pixels on a side, whatever the model
 MAX_SCALE = 8  # ... and at most this many times the model's training resolution (memory guard)
+# SDXL's micro-conditioning settings (`resolve_micro`)
+MICRO_SIZES = (
+    "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+    "negative_crops_coords_top_left", "negative_target_size",
+)  # fmt: skip
+MICRO_SCORES = ("aesthetic_score", "negative_aesthetic_score")
+MAX_MICRO_SIZE = 65536  # pixels: SDXL saw at most a few thousand; anything past this is a typo
 
 
 class SettingsError(UserError):
@@ -57,7 +64,9 @@ class SampleSettings:
     sampler may be an A1111 name ("DPM++ 2M Karras", "Euler a"): `resolve` turns it into
     latentforge's sampler, spacing (unless set) and knobs (`io.a1111`); spacing may be an A1111
     schedule type ("Karras"). loras: "NAME:SCALE" strings, recorded here (PNG metadata, A1111's
-    `<lora:NAME:SCALE>`) and applied where the model is loaded.
+    `<lora:NAME:SCALE>`) and applied where the model is loaded. embeddings: "TRIGGER:HASH" of
+    the textual-inversion embeddings the prompts use (`io.embeddings.used_embeddings`), recorded
+    only (PNG metadata, A1111's `TI hashes`); embeddings are loaded with the model.
     """
 
     sampler: str | None = None
@@ -76,10 +85,27 @@ class SampleSettings:
     knobs: Mapping[str, Any] = field(default_factory=dict)
     vae_tiling: str = "auto"
     loras: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()
+    # SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2), sizes (height, width) and the
+    # crop's (top, left) in pixels. Resolved for an SDXL model: original = target = the output
+    # size and crop (0, 0) where unset (SDXL's defaults), each negative one as its positive
+    # one (diffusers differs in one case: given negative sizes, its negative crop is (0, 0)),
+    # the refiner's aesthetic scores 6.0 and 2.5 (diffusers' defaults); other models take
+    # none of them (`resolve_micro`).
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
 
     FIELDS = (
         "sampler", "steps", "spacing", "guidance", "guidance_interval", "negative", "layout",
         "regions", "seed", "num", "precision", "width", "height", "knobs", "vae_tiling", "loras",
+        "embeddings",
+        *(MICRO_SIZES + MICRO_SCORES),
     )  # fmt: skip
 
     # ----- building -----------------------------------------------------------------------
@@ -102,7 +128,7 @@ class SampleSettings:
                     changes[key] = value
             else:
                 knobs[key] = value
-        for key in ("regions", "loras"):
+        for key in ("regions", "loras", "embeddings"):
             if key in changes:
                 changes[key] = tuple(changes[key])
         if "guidance_interval" in changes:
@@ -181,7 +207,7 @@ class SampleSettings:
         return dataclasses.replace(
             self, sampler=sampler, steps=steps, spacing=spacing or d.spacing,
             guidance=float(guidance), guidance_interval=(lo, hi), layout=layout, width=width,
-            height=height, knobs=knobs,
+            height=height, knobs=knobs, **resolve_micro(self, model, (height, width)),
         )  # fmt: skip
 
     @property
@@ -208,6 +234,7 @@ class SampleSettings:
         out["regions"] = [r.to_json() for r in self.regions]
         out["knobs"] = dict(self.knobs)
         out["loras"] = list(self.loras)
+        out["embeddings"] = list(self.embeddings)
         return out
 
     def to_png_meta(self) -> dict[str, str]:
@@ -227,6 +254,9 @@ class SampleSettings:
             "height": "" if self.height is None else str(self.height),
             "vae_tiling": self.vae_tiling,
             "loras": json.dumps(list(self.loras)) if self.loras else "",
+            "embeddings": json.dumps(list(self.embeddings)) if self.embeddings else "",
+            **{k: json.dumps(getattr(self, k)) for k in MICRO_SIZES + MICRO_SCORES
+               if getattr(self, k) is not None},  # SDXL's: only where set
         }  # fmt: skip
 
     @classmethod
@@ -262,9 +292,59 @@ class SampleSettings:
                 knobs=json.loads(text["options"]) if text.get("options") else {},
                 vae_tiling=text.get("vae_tiling") or "auto",
                 loras=tuple(str(x) for x in json.loads(text["loras"])) if text.get("loras") else (),
+                embeddings=tuple(str(x) for x in json.loads(text["embeddings"]))
+                if text.get("embeddings")
+                else (),
+                **{k: json.loads(text[k]) for k in MICRO_SCORES if text.get(k)},
+                **{k: tuple(json.loads(text[k])) for k in MICRO_SIZES if text.get(k)},
             )
         except (ValueError, TypeError, KeyError) as e:
             raise UserError(f"{where}: unreadable generate parameters ({e})") from None
+
+
+def resolve_micro(s: SampleSettings, model: ModelFolder, size: tuple[int, int]) -> dict:
+    """SDXL's micro-conditioning fields resolved (see the fields' comment); a SettingsError
+    for one the model does not take or out of range."""
+    text = model.meta.text_encoder or {}
+    sdxl, refiner = text.get("type") == "sdxl", bool(text.get("requires_aesthetics_score"))
+    takes: set[str] = set()
+    if sdxl:
+        takes = {"original_size", "crops_coords_top_left", "negative_original_size",
+                 "negative_crops_coords_top_left"}  # fmt: skip
+        takes |= set(MICRO_SCORES) if refiner else {"target_size", "negative_target_size"}
+    out: dict[str, Any] = {}
+    for key in MICRO_SIZES + MICRO_SCORES:
+        value = getattr(s, key)
+        if value is None:
+            continue
+        if key not in takes:
+            raise SettingsError(key, f"{key} is SDXL's " + (
+                "refiner's" if key in MICRO_SCORES else "base model's") + " conditioning; "
+                "this model does not take it")  # fmt: skip
+        if key in MICRO_SCORES:
+            bad = isinstance(value, bool) or not isinstance(value, (int, float))
+            if bad or not math.isfinite(value):
+                raise SettingsError(key, f"{key} must be a finite number, got {value!r}")
+            out[key] = float(value)
+            continue
+        low = 0 if "crops" in key else 1
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+            or not all(low <= v <= MAX_MICRO_SIZE for v in value)
+        ):
+            raise SettingsError(key, f"{key} must be two integers (height, width) in "
+                                f"{low}..{MAX_MICRO_SIZE}, got {value!r}")  # fmt: skip
+        out[key] = tuple(value)
+    if not sdxl:
+        return out
+    defaults = {"original_size": size, "crops_coords_top_left": (0, 0)}
+    defaults |= {"aesthetic_score": 6.0} if refiner else {"target_size": size}
+    for key, value in defaults.items():
+        out.setdefault(key, value)
+        out.setdefault(f"negative_{key}", 2.5 if key == "aesthetic_score" else out[key])
+    return out
 
 
 def size_multiple(model: ModelFolder) -> int:

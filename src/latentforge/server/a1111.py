@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter
@@ -23,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import sampling
 from ..errors import UserError
 from ..io import a1111 as infotext
+from ..io.embeddings import embedding_files
 from ..io.images import with_a1111
+from ..io.lora import lora_files
 from ..schedules import SPACINGS
 from . import dispatch, schemas
 from .dispatch import Context, Refused
@@ -41,6 +42,8 @@ RENAMES = {
     "image": "init_images",
     "feather": "mask_blur",
     "model": "sd_model_checkpoint",
+    "loras": "prompt",  # A1111 names LoRAs in the prompt (<lora:NAME:SCALE>)
+    "controls": "alwayson_scripts",  # the sd-webui-controlnet extension's units
 }
 NAME = Annotated[str, Field(max_length=128)]
 
@@ -82,6 +85,7 @@ class _Request(BaseModel):
     width: int | None = Field(None, ge=1, le=schemas.MAX_SIDE)
     height: int | None = Field(None, ge=1, le=schemas.MAX_SIDE)
     override_settings: dict[NAME, Any] = Field(default_factory=dict, max_length=64)
+    alwayson_scripts: dict[NAME, Any] = Field(default_factory=dict, max_length=64)
 
 
 class Txt2Img(_Request):
@@ -111,6 +115,47 @@ def _model_name(title: str | None) -> str | None:
     return None if title in (None, "", "None") else str(title).split(" [")[0]
 
 
+def _module(name: Any) -> str:
+    """An sd-webui-controlnet preprocessor ("module") -> ours: canny, the scribble family,
+    none; anything else is refused by name."""
+    name = str(name or "none").lower()
+    if name in ("none", "canny"):
+        return name
+    if name.startswith(("scribble", "sketch", "invert")):
+        return "scribble"
+    raise Refused(422, f"ControlNet module {name!r} is not available; use none, canny or "
+                  "scribble", "alwayson_scripts")  # fmt: skip
+
+
+def _controls(req: _Request, init_image: str | None = None) -> list[dict]:
+    """The sd-webui-controlnet extension's `alwayson_scripts.controlnet.args` units -> our
+    `controls`: input_image (or image, or the init image), module, model ("name [hash]"; none
+    for the model's default), weight, guidance_start, guidance_end; disabled units skipped."""
+    script = req.alwayson_scripts.get("controlnet") or req.alwayson_scripts.get("ControlNet")
+    if not script:
+        return []
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
+        raise Refused(422, "alwayson_scripts.controlnet.args must be a list of units",
+                      "alwayson_scripts")  # fmt: skip
+    units = []
+    for unit in args:
+        if unit.get("enabled", True) is False:
+            continue
+        image = unit.get("input_image") or unit.get("image") or init_image
+        if isinstance(image, dict):  # newer versions: {"image": ..., "mask": ...}
+            image = image.get("image")
+        if not image:
+            raise Refused(422, "a ControlNet unit needs input_image", "alwayson_scripts")
+        units.append({
+            "image": image, "controlnet": _model_name(unit.get("model")),
+            "preprocess": _module(unit.get("module")),
+            "scale": unit.get("weight", 1.0), "start": unit.get("guidance_start", 0.0),
+            "end": unit.get("guidance_end", 1.0),
+        })  # fmt: skip
+    return units
+
+
 def _settings(ctx: Context, req: _Request) -> dict[str, Any]:
     """latentforge request fields for an A1111 request's sampling fields."""
     num = req.batch_size * req.n_iter
@@ -123,9 +168,14 @@ def _settings(ctx: Context, req: _Request) -> dict[str, Any]:
         except UserError as e:
             raise Refused(422, str(e), "scheduler") from None
     checkpoint = req.override_settings.get("sd_model_checkpoint")
+    try:  # A1111 takes LoRAs from the prompt's <lora:NAME:SCALE> tags, and drops the tags
+        prompt, loras = infotext.extract_loras(req.prompt)
+    except UserError as e:
+        raise Refused(422, str(e), "prompt") from None
     return {
         "model": _model_name(checkpoint) or ctx.state.get("a1111_model"),
-        "prompt": req.prompt,
+        "prompt": prompt,
+        "loras": list(loras),
         "negative_prompt": req.negative_prompt,
         "sampler": req.sampler_name or req.sampler_index,
         "spacing": spacing,
@@ -218,8 +268,9 @@ def make_router(ctx: Context) -> APIRouter:
         async def go():
             fields = _settings(ctx, req)
             ours = dispatch.build(
-                schemas.Txt2ImgRequest, RENAMES, width=req.width, height=req.height, **fields
-            )
+                schemas.Txt2ImgRequest, RENAMES, width=req.width, height=req.height,
+                controls=_controls(req), **fields,
+            )  # fmt: skip
             return await _run(ctx, "txt2img", req, ours)
 
         return await refused(go())
@@ -229,6 +280,7 @@ def make_router(ctx: Context) -> APIRouter:
         async def go():
             fields = _settings(ctx, req)
             image = req.init_images[0]
+            fields["controls"] = _controls(req, image)
             if req.mask is None:
                 ours = dispatch.build(
                     schemas.Img2ImgRequest,
@@ -451,8 +503,8 @@ def make_router(ctx: Context) -> APIRouter:
     @r.get("/loras")
     def loras() -> list[dict]:
         return [
-            {"name": n, "alias": n, "path": f, "metadata": {}}
-            for n, f in _files(ctx.config.loras_folder())
+            {"name": n, "alias": n, "path": f.name, "metadata": {}}
+            for n, f in lora_files(ctx.config.loras_folder()).items()
         ]
 
     @r.get("/embeddings")
@@ -465,7 +517,7 @@ def make_router(ctx: Context) -> APIRouter:
             "vectors": None,
         }
         return {
-            "loaded": {n: empty for n, _ in _files(ctx.config.embeddings_folder())},
+            "loaded": {f.stem: empty for f in embedding_files(ctx.config.embeddings_folder())},
             "skipped": {},
         }
 
@@ -474,12 +526,3 @@ def make_router(ctx: Context) -> APIRouter:
         return {"txt2img": [], "img2img": []}
 
     return r
-
-
-def _files(folder: Path | None) -> list[tuple[str, str]]:
-    """(name, file name) of the .safetensors files in `folder` (none if it does not exist)."""
-    if folder is None or not folder.is_dir():
-        return []
-    return sorted(
-        (p.stem, p.name) for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file()
-    )

@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import sampling
 from ..errors import UserError
-from ..io.model_folder import ModelFolder
+from ..io.controlnet import controlnet_folders
+from ..io.model_folder import ModelFolder, read_model_meta
 from ..pipelines.settings import max_side, size_multiple
 from . import a1111, dispatch, openai_api, schemas, tasks
 from .config import ServerConfig, is_loopback
@@ -328,6 +329,21 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             }
             for name, fn in sorted(sampling.SAMPLERS.items())
         ]
+
+    @app.get(
+        "/v1/controlnets",
+        response_model=list[schemas.ControlNetInfo],
+        tags=["models"],
+        dependencies=[auth],
+    )
+    def controlnets() -> list[dict]:
+        """The ControlNets of the server's controlnets folder (`serve --controlnets-dir`)."""
+        out = []
+        for name, folder in controlnet_folders(config.controlnets_folder()).items():
+            section = read_model_meta(folder).controlnet
+            out.append({"name": name, "preprocess": section.get("preprocess", "none"),
+                        "base": section.get("base")})  # fmt: skip
+        return out
 
     # ----- jobs --------------------------------------------------------------------------------
     def submit(kind: str, req) -> JSONResponse:

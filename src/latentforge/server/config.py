@@ -47,6 +47,7 @@ class ServerConfig:
     api_auth: str | None = None  # "USER:PASS": HTTP basic auth on /sdapi/* (A1111's --api-auth)
     loras_dir: str | Path | None = None  # LoRA files listed by /sdapi/v1/loras
     embeddings_dir: str | Path | None = None  # ... embeddings by /sdapi/v1/embeddings
+    controlnets_dir: str | Path | None = None  # ControlNet folders requests name
 
     def __post_init__(self):
         if not 1 <= self.max_steps <= MAX_STEPS:
@@ -83,6 +84,11 @@ class ServerConfig:
         """Where embeddings are listed from: `embeddings_dir`, else `embeddings/` in
         `models_dir`."""
         return self._beside_models(self.embeddings_dir, "embeddings")
+
+    def controlnets_folder(self) -> Path | None:
+        """Where ControlNet folders are listed from: `controlnets_dir`, else `controlnets/` in
+        `models_dir`."""
+        return self._beside_models(self.controlnets_dir, "controlnets")
 
     def _beside_models(self, folder: str | Path | None, name: str) -> Path | None:
         if folder is not None:

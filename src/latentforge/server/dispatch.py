@@ -54,8 +54,7 @@ def enqueue(ctx: Context, kind: str, req: BaseModel) -> Job:
     nothing), then the request's checks, cheapest first (`tasks`), images decoded last."""
     try:
         with ctx.queue.reserve() as put:
-            images = {} if kind == "txt2img" else {"images": ctx.decoder}
-            return put(tasks.BUILDERS[kind](req, ctx.store, ctx.config, **images))
+            return put(tasks.BUILDERS[kind](req, ctx.store, ctx.config, images=ctx.decoder))
     except QueueFull as e:
         raise Refused(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
     except tasks.FieldError as e:
@@ -72,8 +71,9 @@ def enqueue(ctx: Context, kind: str, req: BaseModel) -> Job:
 
 async def submit(ctx: Context, kind: str, req: BaseModel) -> Job:
     """`enqueue` from an event loop: txt2img on the loop itself (nothing to decode, no thread
-    handoff), requests with images in a worker thread (their decoding would block the loop)."""
-    if kind == "txt2img":
+    handoff), requests with images (control images too) in a worker thread (their decoding
+    would block the loop)."""
+    if kind == "txt2img" and not getattr(req, "controls", None):
         return enqueue(ctx, kind, req)
     return await asyncio.to_thread(enqueue, ctx, kind, req)
 

@@ -58,6 +58,7 @@ class Task:
     run: Callable
     seeds: list[int] | None = None  # per-image seed for each image's metadata
     preview: bool = True  # live previews while sampling (the request's `preview`)
+    loras: list = field(default_factory=list)  # io.lora.LoraSpec files fused for this job
 
 
 @dataclass(eq=False)  # identity: the queue finds a job by `is`, not by comparing every field

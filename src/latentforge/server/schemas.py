@@ -116,7 +116,55 @@ class PromptParams(_Request):
     negative_prompt: PromptText = Field("", max_length=2000)
 
 
-class Txt2ImgRequest(SamplingParams, PromptParams):
+MAX_LORAS = 8  # LoRAs in one request
+
+
+class LoraParams(_Request):
+    loras: list[Annotated[Text, Field(max_length=160)]] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRAs as 'NAME' or 'NAME:SCALE' (default scale 1), NAME from "
+        "/sdapi/v1/loras (the server's loras folder); applied for this job only",
+    )
+
+
+MAX_CONTROLS = 4  # ControlNets in one request
+PREPROCESSORS = ("canny", "scribble", "sketch", "none")
+
+
+class ControlUnit(_Request):
+    image: Base64Image = Field(description="the control image, any size (resized to the output)")
+    controlnet: Annotated[Text, Field(max_length=160)] | None = Field(
+        None,
+        description="a ControlNet folder's name in the server's controlnets folder; default: "
+        "the model's own (model.json sampling.controlnet)",
+    )
+    scale: float = Field(1.0, ge=0, le=4, description="ControlNet strength")
+    start: float = Field(0.0, ge=0, le=1, description="fraction of the steps before it acts")
+    end: float = Field(1.0, ge=0, le=1, description="fraction of the steps after which it stops")
+    preprocess: Literal[PREPROCESSORS] | None = Field(
+        None,
+        description="turn the image into the ControlNet's input; default: the preprocessor the "
+        "ControlNet was trained with; none: as it is",
+    )
+    guess_mode: bool = Field(False, description="act on the conditional half of guidance only")
+
+    @model_validator(mode="after")
+    def _span(self) -> ControlUnit:
+        if self.start >= self.end:
+            raise ValueError(f"start {self.start:g} must be below end {self.end:g}")
+        return self
+
+
+class ControlParams(_Request):
+    controls: list[ControlUnit] = Field(
+        default_factory=list,
+        max_length=MAX_CONTROLS,
+        description="ControlNets with their control images (docs/editing.md), summed",
+    )
+
+
+class Txt2ImgRequest(SamplingParams, PromptParams, LoraParams, ControlParams):
     num: int = Field(1, ge=1, le=MAX_NUM, description="batch size")
     width: int | None = Field(
         None, ge=1, le=MAX_SIDE,
@@ -143,13 +191,13 @@ class Txt2ImgRequest(SamplingParams, PromptParams):
     )
 
 
-class Img2ImgRequest(SamplingParams, PromptParams):
+class Img2ImgRequest(SamplingParams, PromptParams, LoraParams, ControlParams):
     image: Base64Image
     strength: float = Field(0.6, ge=0, le=1, description="0 keeps the image, 1 ignores it")
     num: int = Field(1, ge=1, le=MAX_NUM)
 
 
-class InpaintRequest(SamplingParams, PromptParams):
+class InpaintRequest(SamplingParams, PromptParams, LoraParams, ControlParams):
     image: Base64Image
     mask: Base64Image = Field(description="base64 PNG; white = regenerate, black = keep")
     strength: float = Field(1.0, ge=0, le=1, description="below 1: start from the noised image")
@@ -244,6 +292,12 @@ class BrokenModelInfo(BaseModel):
     status: Literal["broken"] = "broken"
     default: bool = False
     error: str
+
+
+class ControlNetInfo(BaseModel):
+    name: str = Field(description="what a request's controls[].controlnet names")
+    preprocess: str = Field(description="the preprocessor its control images went through")
+    base: str | None = Field(None, description="the base model it was made for")
 
 
 class SamplerInfo(BaseModel):

@@ -20,7 +20,8 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ from PIL import Image
 
 from .. import sampling
 from ..errors import UserError
+from ..io.embeddings import Embedding, add_embeddings, embedding_files, used_embeddings
 from ..io.images import from_pil, make_grid, png_info, to_pil
+from ..io.lora import AppliedLoras, LoraFileCache, LoraSpec, apply_loras, lora_files, remove_loras
 from ..io.model_folder import LoadedModel, ModelFolder
 from ..pipelines import generate as p_generate
 from ..pipelines import img2img as p_img2img
@@ -36,6 +39,7 @@ from ..pipelines import inpaint as p_inpaint
 from ..pipelines import interpolate as p_interpolate
 from ..pipelines import superres as p_superres
 from ..pipelines.common import describe_conditioning, labels_from_prompt
+from ..pipelines.control import ControlRequest
 from ..pipelines.settings import SampleSettings, SettingsError
 from . import schemas
 from .config import ServerConfig
@@ -43,6 +47,7 @@ from .jobs import Job, JobCancelled, Task
 from .store import BrokenModel, ModelStore
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+PROMPTS = ("prompt", "negative", "prompt_a", "prompt_b")  # job parameters holding prompt text
 PREVIEW_COST_RATIO = 20  # a preview that took c seconds waits >= 20 c for the next one
 
 
@@ -202,12 +207,14 @@ class _Prepared:
             raise FieldError("steps", f"steps must be <= {config.max_steps} on this server")
         if steps is None and self.view.defaults.steps > config.max_steps:
             steps = config.max_steps  # the model's default, capped to the server's limit
+        self.loras = lora_specs(getattr(req, "loras", ()), config)
         settings = SampleSettings.build(
             sampler=req.sampler, steps=steps, spacing=req.spacing,
             guidance=req.guidance if req.guidance is not None else guidance,
             guidance_interval=req.guidance_interval, knobs=req.knobs, num=num,
             seed=random.randrange(2**31) if req.seed is None else req.seed,
-            negative=getattr(req, "negative_prompt", ""), **fields,
+            negative=getattr(req, "negative_prompt", ""),
+            loras=[spec.label for spec in self.loras], **fields,
         )  # fmt: skip
         try:
             self.settings = settings.resolve(self.view)
@@ -219,6 +226,7 @@ class _Prepared:
             "spacing": s.spacing or "", "guidance": s.guidance,
             "guidance_interval": list(s.guidance_interval), "seed": s.seed,
             **({"knobs": dict(s.knobs)} if s.knobs else {}),
+            **({"loras": list(s.loras)} if s.loras else {}),
         }  # fmt: skip
 
     @property
@@ -244,27 +252,114 @@ class _Prepared:
         self.check_work(steps, runs, tuple(self.view.image_shape[1:]), what)
 
 
+def lora_specs(names: list[str] | tuple[str, ...], config: ServerConfig) -> list[LoraSpec]:
+    """A request's LoRAs ('NAME[:SCALE]') -> files of the server's loras folder: looked up by
+    name in its listing, never a path the client chooses (a FieldError naming the others)."""
+    if not names:
+        return []
+    available = lora_files(config.loras_folder())
+    specs = []
+    for text in names:
+        try:
+            spec = LoraSpec.parse(text)
+        except UserError as e:
+            raise FieldError("loras", str(e)) from None
+        name = str(spec.path)
+        if name not in available or any(c in name for c in "/\\") or ".." in name:
+            choices = ", ".join(available) or "none: this server has no loras folder"
+            raise FieldError("loras", f"unknown LoRA {name!r}; choose one of {choices}")
+        specs.append(LoraSpec(available[name], spec.scale))
+    return specs
+
+
+def control_request(
+    req, name: str, view: ModelFolder, config: ServerConfig, images: ImageDecoder
+) -> tuple[ControlRequest | None, list[dict]]:
+    """A request's `controls` -> (a ControlRequest, their records for the job's parameters),
+    checked before the job is queued: ControlNets by name from the server's controlnets
+    folder, never a path the client chooses (or the model's default), each fitting the model;
+    images header-checked and decoded. (None, []) for no controls."""
+    from ..io.checkpoint import MODEL_WEIGHTS, file_digest
+    from ..io.controlnet import controlnet_config, controlnet_folders, default_controlnet
+    from ..io.model_folder import read_model_meta
+    from ..pipelines.control import check_fit, image_digest
+
+    units = getattr(req, "controls", None) or []
+    if not units:
+        return None, []
+    available = controlnet_folders(config.controlnets_folder())
+    folders, records, pictures = [], [], []
+    for i, unit in enumerate(units):
+        if unit.controlnet is None:
+            folder = default_controlnet(view.path, view.meta) if view.path else None
+            if folder is None:
+                raise FieldError("controls", f"controls[{i}]: no controlnet named, and model "
+                                 f"{name!r} names no default ControlNet")  # fmt: skip
+        elif unit.controlnet in available:
+            folder = available[unit.controlnet]
+        else:
+            choices = ", ".join(available) or "none: this server has no controlnets folder"
+            raise FieldError("controls", f"unknown ControlNet {unit.controlnet!r}; choose one "
+                             f"of {choices}")  # fmt: skip
+        try:
+            meta = read_model_meta(folder)
+            if meta.kind != "controlnet":
+                raise UserError(f"{folder.name} is not a ControlNet")
+            check_fit(view, controlnet_config(meta), f"ControlNet {folder.name!r}")
+        except UserError as e:
+            raise FieldError("controls", f"controls[{i}]: {e}") from None
+        picture = to_pil(images.image(unit.image, f"controls[{i}].image", None, 3)[0])
+        folders.append(folder)
+        pictures.append(picture)
+        records.append({
+            "controlnet": folder.name, "sha256": file_digest(folder / MODEL_WEIGHTS),
+            "image": image_digest(picture),
+            "preprocess": unit.preprocess or meta.controlnet.get("preprocess", "none"),
+            "scale": unit.scale, "start": unit.start, "end": unit.end,
+            "guess_mode": unit.guess_mode,
+        })  # fmt: skip
+    request = ControlRequest(
+        tuple(pictures), tuple(folders), scales=tuple(u.scale for u in units),
+        starts=tuple(u.start for u in units), ends=tuple(u.end for u in units),
+        preprocess=tuple(r["preprocess"] for r in records),
+        guess_mode=tuple(u.guess_mode for u in units),
+    )  # fmt: skip
+    return request, records
+
+
+def _controls(model: LoadedModel, request: ControlRequest | None) -> list:
+    """The request's ControlNets loaded for `model` (none for no request)."""
+    return [] if request is None else request.build(model, option="controls")[0]
+
+
 def _conditioning(model: ModelFolder, prompt: str) -> dict:
     """generate's labels / prompts for a request's prompt (the negative is in the settings)."""
     return describe_conditioning(model, prompt)[0]
 
 
-def txt2img(req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig) -> Task:
+def txt2img(
+    req: schemas.Txt2ImgRequest, store: ModelStore, config: ServerConfig, images: ImageDecoder
+) -> Task:
     p = _Prepared(req, store, config, layout=req.layout, bf16=req.bf16, width=req.width,
                   height=req.height, vae_tiling=req.vae_tiling)  # fmt: skip
     p.check_work(p.settings.steps, p.settings.num, p.settings.latent_size(p.view), "images")
     prompt = req.prompt  # the closures keep fields, never the request (it may hold images)
+    control, records = control_request(req, p.name, p.view, config, images)
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
         cond = _conditioning(model, prompt)
-        return p_generate.generate(model, p.settings, **cond, callback=callback)
+        return p_generate.generate(model, p.settings, **cond, callback=callback,
+                                   controls=_controls(model, control))  # fmt: skip
 
     # stored resolved, so `generate --from-png` reproduces the image whatever the default
     params = {"prompt": req.prompt, "negative": req.negative_prompt, "num": req.num,
               "layout": p.settings.layout, "precision": p.settings.precision,
               "width": p.settings.width, "height": p.settings.height,
               "vae_tiling": p.settings.vae_tiling, **p.params}  # fmt: skip
-    return Task("txt2img", p.name, params, p.settings.steps, run, p.seeds, preview=req.preview)
+    if records:
+        params["controlnets"] = records
+    return Task("txt2img", p.name, params, p.settings.steps, run, p.seeds, preview=req.preview,
+                loras=p.loras)  # fmt: skip
 
 
 def img2img(
@@ -276,12 +371,12 @@ def img2img(
     shape = p.view.output_shape
     image = images.image(req.image, "image", shape, shape[0])
     prompt, strength = req.prompt, req.strength
+    control, records = control_request(req, p.name, p.view, config, images)
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
         cond = _conditioning(model, prompt)
-        return p_img2img.img2img(
-            model, image, p.settings, strength=strength, callback=callback, **cond
-        )
+        return p_img2img.img2img(model, image, p.settings, strength=strength, callback=callback,
+                                 controls=_controls(model, control), **cond)  # fmt: skip
 
     params = {
         "prompt": req.prompt,
@@ -289,8 +384,9 @@ def img2img(
         "num": req.num,
         "strength": req.strength,
         **p.params,
+        **({"controlnets": records} if records else {}),
     }
-    return Task("img2img", p.name, params, total, run, p.seeds, preview=req.preview)
+    return Task("img2img", p.name, params, total, run, p.seeds, preview=req.preview, loras=p.loras)
 
 
 def inpaint(
@@ -311,11 +407,12 @@ def inpaint(
         "feather": req.feather,
     }
     prompt = req.prompt
+    control, records = control_request(req, p.name, p.view, config, images)
 
     def run(model: LoadedModel, callback) -> torch.Tensor:
         cond = _conditioning(model, prompt)
         return p_inpaint.inpaint(model, image, mask, p.settings, callback=callback, **extra,
-                                 **cond)  # fmt: skip
+                                 controls=_controls(model, control), **cond)  # fmt: skip
 
     params = {
         "prompt": req.prompt,
@@ -323,8 +420,9 @@ def inpaint(
         "num": req.num,
         **extra,
         **p.params,
+        **({"controlnets": records} if records else {}),
     }
-    return Task("inpaint", p.name, params, total, run, p.seeds, preview=req.preview)
+    return Task("inpaint", p.name, params, total, run, p.seeds, preview=req.preview, loras=p.loras)
 
 
 def upscale(
@@ -418,8 +516,68 @@ def preview_base64(model: LoadedModel, denoised: torch.Tensor) -> str:
     return png_base64(grid, compress_level=1)  # shown once, for a moment: fast over small
 
 
+class _ModelState:
+    def __init__(self, embeddings: list[Embedding]):
+        self.embeddings = embeddings
+        self.loras: tuple[LoraSpec, ...] = ()  # fused now
+        self.applied: AppliedLoras | None = None
+        self.users = 0  # jobs running with those LoRAs
+
+
+class ModelAdapters:
+    """Adapters on the server's loaded models. Embeddings: every file of the embeddings folder,
+    added to a model's text encoder when the model is first used (as A1111 loads its folder; one
+    that does not fit the model is skipped). LoRAs: a job's files (read through one cache)
+    fused into the shared model for that job and restored bit for bit when the last job using
+    them ends; a job that needs other LoRAs waits for those jobs (`workers` > 1)."""
+
+    def __init__(self, config: ServerConfig):
+        self.folder = config.embeddings_folder()
+        self.cache = LoraFileCache()
+        self._cond = threading.Condition()
+        self._models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> state
+
+    def _state(self, model: LoadedModel) -> _ModelState:
+        """The model's state, its embeddings added on first use (call with _cond held)."""
+        state = self._models.get(model.denoiser)
+        if state is None:
+            files = [(f, None) for f in embedding_files(self.folder)]
+            state = self._models[model.denoiser] = _ModelState(
+                add_embeddings(model, files, skip=True)
+            )
+        return state
+
+    def embeddings(self, model: LoadedModel) -> list[Embedding]:
+        with self._cond:
+            return self._state(model).embeddings
+
+    @contextlib.contextmanager
+    def loras(self, model: LoadedModel, specs: list[LoraSpec]) -> Iterator[None]:
+        """`specs` fused into `model` while the block runs."""
+        want = tuple(specs)
+        with self._cond:
+            state = self._state(model)
+            while state.loras != want and state.users:
+                self._cond.wait()
+            if state.loras != want:  # the model is plain here: no job uses other LoRAs
+                if want:  # every file is read and checked before any weight changes
+                    state.applied = apply_loras(model, want, cache=self.cache)
+                state.loras = want
+            state.users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                state.users -= 1
+                if not state.users and state.applied is not None:
+                    remove_loras(model, state.applied)
+                    state.applied, state.loras = None, ()
+                self._cond.notify_all()
+
+
 def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list[dict]]:
     limit = math.inf if config.job_timeout is None else config.job_timeout
+    adapters = ModelAdapters(config)
 
     def runner(job: Job) -> list[dict]:
         task, t = job.task, job.timings
@@ -454,8 +612,13 @@ def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list
             job.report(step, preview)
 
         start = time.monotonic()
-        images = task.run(model, callback)
-        t["sample_s"] = time.monotonic() - start - preview_s
+        with adapters.loras(model, task.loras):
+            t["lora_s"] = time.monotonic() - start
+            images = task.run(model, callback)
+        t["sample_s"] = time.monotonic() - start - t["lora_s"] - preview_s
+        embeddings = used_embeddings(
+            adapters.embeddings(model), *(str(task.parameters.get(k) or "") for k in PROMPTS)
+        )
         t["preview_s"] = preview_s
         if not all(bool(torch.isfinite(image).all()) for image in images):
             raise UserError(
@@ -466,6 +629,8 @@ def make_runner(store: ModelStore, config: ServerConfig) -> Callable[[Job], list
         results = []
         for i, image in enumerate(images):
             meta = {**task.parameters, "model_sha256": model.sha256, "kind": task.kind}
+            if embeddings:
+                meta["embeddings"] = embeddings
             if task.seeds is not None and i < len(task.seeds):
                 # each image alone: seeds are per image, so (seed + i, num 1) redraws it
                 meta.update(seed=task.seeds[i], num=1)

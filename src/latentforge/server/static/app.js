@@ -5,7 +5,7 @@
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
-const state = { models: [], samplers: [], source: null, tab: "txt2img" };
+const state = { models: [], samplers: [], source: null, tab: "txt2img", loras: [], control: null };
 const FINAL = new Set(["done", "failed", "cancelled"]);
 
 // ----- API -----------------------------------------------------------------------------------
@@ -64,6 +64,61 @@ async function loadSamplers() {
   const sel = $("#sampler");
   sel.replaceChildren(new Option("model default", ""),
     ...r.data.map((s) => { const o = new Option(s.name, s.name); o.title = s.doc; return o; }));
+}
+
+// LoRAs by name from the server's loras folder (A1111's list), and its embeddings' trigger words
+async function loadAdapters() {
+  const [loras, embeddings] = await Promise.all([api("/sdapi/v1/loras"), api("/sdapi/v1/embeddings")]);
+  const names = loras.ok ? loras.data.map((l) => l.name) : [];
+  const words = embeddings.ok ? Object.keys(embeddings.data.loaded || {}) : [];
+  $("#lora-name").replaceChildren(...names.map((n) => new Option(n, n)));
+  $("#lora-name").closest(".row").hidden = !names.length;
+  $("#embeddings").textContent = words.length ? `embeddings: ${words.join(", ")}` : "";
+  $("#adapters").hidden = !names.length && !words.length;
+  state.loras = state.loras.filter((l) => names.includes(l.name));
+  showLoras();
+}
+
+// ControlNets by name from the server's controlnets folder; the control image, when one is chosen
+async function loadControlNets() {
+  const r = await api("/v1/controlnets");
+  const names = r.ok ? r.data.map((c) => c.name) : [];
+  $("#control-net").replaceChildren(new Option("model default", ""), ...names.map((n) => new Option(n, n)));
+}
+
+async function readControlImage() {
+  const file = $("#control-image").files[0];
+  state.control = file ? await fileToDataUrl(file) : null;
+}
+
+function controlParams() {
+  if (!state.control) return null;
+  const unit = { image: state.control, scale: Number($("#control-scale").value) || 0 };
+  if ($("#control-net").value) unit.controlnet = $("#control-net").value;
+  if ($("#control-preprocess").value) unit.preprocess = $("#control-preprocess").value;
+  return [unit];
+}
+
+function showLoras() {
+  $("#lora-list").replaceChildren(...state.loras.map((l, i) => {
+    const li = document.createElement("li");
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "×";
+    remove.title = `remove ${l.name}`;
+    remove.addEventListener("click", () => { state.loras.splice(i, 1); showLoras(); });
+    li.append(`${l.name}:${l.scale}`, remove);
+    return li;
+  }));
+}
+
+function addLora() {
+  const name = $("#lora-name").value;
+  const scale = Number($("#lora-scale").value);
+  if (!name || !Number.isFinite(scale)) return;
+  const same = state.loras.find((l) => l.name === name);  // one entry per LoRA: the new scale
+  if (same) same.scale = scale; else state.loras.push({ name, scale });
+  showLoras();
 }
 
 // which model tasks (model.json "task") each mode can run
@@ -229,6 +284,11 @@ function samplingParams(kind, withNum = true) {
     if (v !== null) body[key] = v;
   }
   if (withNum) body.num = numberOrNull($("#num")) || 1;
+  if (["txt2img", "img2img", "inpaint"].includes(kind) && state.loras.length) {
+    body.loras = state.loras.map((l) => `${l.name}:${l.scale}`);
+  }
+  const controls = ["txt2img", "img2img", "inpaint"].includes(kind) ? controlParams() : null;
+  if (controls) body.controls = controls;
   return body;
 }
 
@@ -364,7 +424,7 @@ async function pollJob(id, update, finish) {
 // ----- results -------------------------------------------------------------------------------
 function describeParams(p) {
   const keys = ["prompt", "negative", "seed", "sampler", "steps", "guidance", "layout", "precision",
-    "strength", "prompt_a", "prompt_b", "seed_a", "seed_b", "scale", "model"];
+    "strength", "prompt_a", "prompt_b", "seed_a", "seed_b", "scale", "loras", "model"];
   const hidden = { layout: "none", precision: "fp32" };  // the plain cases go unsaid
   const shown = (k) => p[k] !== undefined && p[k] !== "" && p[k] !== hidden[k];
   return keys.filter(shown).map((k) => `${k}: ${p[k]}`).join(" · ");
@@ -450,6 +510,14 @@ function sendPngInfo() {
   $("#num").value = p.num || 1;
   const size = `${p.width}x${p.height}`;
   if ([...$("#size").options].some((o) => o.value === size)) $("#size").value = size;
+  // the PNG's LoRAs ("NAME:SCALE"), those this server has
+  const have = new Set([...$("#lora-name").options].map((o) => o.value));
+  let recorded = [];
+  try { recorded = JSON.parse(p.loras || "[]"); } catch (e) { recorded = []; }
+  state.loras = recorded.map((t) => [t.slice(0, t.lastIndexOf(":")), Number(t.slice(t.lastIndexOf(":") + 1))])
+    .filter(([name, scale]) => have.has(name) && Number.isFinite(scale))
+    .map(([name, scale]) => ({ name, scale }));
+  showLoras();
   selectTab("txt2img");
 }
 
@@ -461,6 +529,7 @@ function init() {
     localStorage.setItem("latentforge-api-key", key.value.trim());
     loadModels();
     loadSamplers();
+    loadAdapters();
   });
   for (const b of $$("nav [role=tab]")) b.addEventListener("click", () => selectTab(b.dataset.tab));
   for (const form of $$(".panel")) {
@@ -491,8 +560,13 @@ function init() {
     if (e.dataTransfer.files[0]) readPngInfo(e.dataTransfer.files[0]);
   });
   setupPainting();
+  $("#lora-add").addEventListener("click", addLora);
+  $("#control-image").addEventListener("change", readControlImage);
+  $("#control-clear").addEventListener("click", () => { $("#control-image").value = ""; state.control = null; });
   loadModels();
   loadSamplers();
+  loadAdapters();
+  loadControlNets();
   pollHealth();
   setInterval(pollHealth, 5000);
 }
