@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     def bare(body: dict) -> float:
         """The same job without the server: the pipeline called directly, no callback."""
         req = schemas.Txt2ImgRequest(**body)
-        task = tasks.txt2img(req, store, config)
+        task = tasks.txt2img(req, store, config, tasks.ImageDecoder.for_config(config))
         loaded = store.get(task.model)
         start = time.monotonic()
         with torch.no_grad():

@@ -72,13 +72,18 @@ def test_other_preprocessors_read_the_image_itself(kind):
 
 
 def test_sketch_captions_leave_out_what_the_sketch_says():
-    ds = load_dataset("shapes:64:20")
+    ds = load_dataset("shapes:64:40")
+    named = 0
     for i in range(len(ds)):
         record, caption = ds.record(i), ds.control_caption(i, "sketch")
         said = parse_prompt(caption)
         assert said["background"] == record["background"] and said["relation"] in (None, "and")
-        assert said["objects"] == [{"shape": o["shape"], "colour": o["colour"]}
-                                   for o in record["objects"]]  # fmt: skip
+        with_shapes = [{"shape": o["shape"], "colour": o["colour"]} for o in record["objects"]]
+        shape_free = [{"colour": o["colour"]} for o in record["objects"]]
+        assert said["objects"] in (with_shapes, shape_free), caption
+        named += said["objects"] == with_shapes
+        assert caption == ds.control_caption(i, "sketch")  # fixed per scene
+    assert 0.25 < named / len(ds) < 0.75  # about half name their shapes (SHAPE_FREE)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +108,16 @@ def test_eval_control_with_a_zero_controlnet_is_the_baseline(zero_controlnet, tm
             "--batch", "2", "--figure", str(out), "--json", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    # zero residuals: the steered images are the prompt-alone ones, whatever the sketch
-    assert result["control"] == result["baseline"]
-    assert result["wrong_sketch"]["shape_follows_prompt"] == result["baseline"]["shape"]
+    # zero residuals: the steered images are the prompt-alone ones, whatever the sketch, once
+    # both run without the layout planner (which a ControlNet turns off: the sketch is the
+    # layout; the evaluator's baseline is the model as it runs, planner on)
+    from latentforge.io.model_folder import load_diffusion_model
+    from latentforge.shapes.control_eval import evaluate_control
+
+    plain = evaluate_control(load_diffusion_model(None), controlnet=zero_controlnet, n=3,
+                             batch=2, steps=2, layout="none", progress=False)  # fmt: skip
+    assert plain["control"] == plain["baseline"]
+    assert plain["wrong_sketch"]["shape_follows_prompt"] == plain["baseline"]["shape"]
     assert result["ground_truth"]["all"] == 1.0  # the analyser reads the scenes themselves
     assert result["preprocess"] == "scribble" and result["n"] == 3
     assert Image.open(out).size[0] > 400

@@ -100,15 +100,25 @@ def control_source(dataset: ImageDataset, i: int, kind: str) -> Image.Image | No
     return draw_sketch(record, SKETCH_SCALE * dataset.resolution, sketch_hand(dataset, i))
 
 
-def sketch_prompt(record: dict) -> str:
+SHAPE_FREE = 0.5  # share of sketch captions that name no shape (control_caption)
+
+
+def sketch_prompt(record: dict, shapes: bool = True) -> str:
     """What a prompt says of a sketched scene: colours, shapes and background, not where or how
-    large ("a red star and a green circle on a blue background"): the sketch says that."""
-    objects = [{"colour": o["colour"], "shape": o["shape"]} for o in record["objects"]]
+    large ("a red star and a green circle on a blue background"): the sketch says that.
+    shapes=False: "a red shape and a green shape on a blue background"."""
+    objects = [{"colour": o["colour"], "shape": o["shape"] if shapes else "shape"}
+               for o in record["objects"]]  # fmt: skip
     return canonical_caption({"objects": objects, "background": record["background"]})
 
 
 def control_caption(dataset: ImageDataset, i: int, kind: str) -> str | None:
     """`ImageDataset.control_caption` for shapes data: `sketch_prompt` of scene i for the
     scribble / sketch preprocessors (a caption naming the place would teach the ControlNet
-    nothing the text does not already say); None (its own caption) for the others."""
-    return sketch_prompt(dataset.record(i)) if kind in SKETCH_KINDS else None
+    nothing the text does not already say); None (its own caption) for the others. A share
+    SHAPE_FREE of the scenes (fixed by i) name no shape ("a red shape ..."), so the shape must
+    come from the sketch too, and a sketch that disagrees with the prompt's shape wins."""
+    if kind not in SKETCH_KINDS:
+        return None
+    shape_free = random.Random(f"shape-free {i}").random() < SHAPE_FREE
+    return sketch_prompt(dataset.record(i), shapes=not shape_free)
