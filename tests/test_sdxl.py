@@ -404,3 +404,22 @@ def test_cli_size_options_reach_the_settings(native, tmp_path):
     again = tmp_path / "b.png"
     assert cli.main(["generate", "--from-png", str(out), "--out", str(again), "--quiet"]) == 0
     assert SampleSettings.from_png_meta(read_png_metadata(again)) == s
+
+
+def test_cli_refiner_is_the_hand_off(native, refiner, tmp_path):
+    """generate --refiner DIR --refiner-start F writes what generate_refined makes (seed 0),
+    and records the refiner in the PNG."""
+    from latentforge import cli
+    from latentforge.io.images import load_image, read_png_metadata
+
+    out = tmp_path / "r.png"
+    argv = ["generate", PROMPT, "--model", str(native), "--refiner", str(refiner.path),
+            "--refiner-start", "0.6", "--steps", "4", "--sampler", "euler", "--seed", "0",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    want = generate_refined(load_diffusion_model(native), refiner, prompts=[PROMPT], steps=4,
+                            sampler="euler", seed=0, refiner_start=0.6)  # fmt: skip
+    got = load_image(out)
+    assert (got - want.clamp(-1, 1)).abs().max() <= 2 / 255 + 1e-6
+    assert json.loads(read_png_metadata(out)["refiner"])["start"] == 0.6
+    assert cli.main([*argv[:-3], "--preview", str(tmp_path / "p.gif"), "--out", str(out)]) == 2

@@ -82,13 +82,18 @@ def sample(model_dir, label, guidance, guidance_interval, width, height, vae_til
 @click.option("--from-png", type=click.Path(dir_okay=False), default=None,
               help="reproduce a PNG made by generate (or by A1111: its parameters chunk) from "
               "its embedded parameters")  # fmt: skip
+@click.option("--refiner", type=click.Path(file_okay=False), default=None,
+              help="SDXL: a refiner model folder that takes over the last steps")  # fmt: skip
+@click.option("--refiner-start", type=click.FloatRange(0, 1), default=0.8, show_default=True,
+              help="with --refiner: the share of the schedule the base runs")  # fmt: skip
 @lora_option
 @embedding_options
 @control_options
 @sampling_options
 @quiet_option
 def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, regions, device,
-             dtype, out, preview, from_png, quiet, **opts) -> None:  # fmt: skip
+             dtype, out, preview, from_png, refiner, refiner_start, quiet,
+             **opts) -> None:  # fmt: skip
     """Generate images for PROMPT, e.g. "a small red circle above a blue square"."""
     from ..guidance import Region
     from ..io.embeddings import embedding_records, used_embeddings
@@ -133,6 +138,6 @@ def generate(prompt, model_dir, negative, guidance, guidance_interval, layout, r
         info = generate_to_png(
             model_dir, out, prompt=prompt, preview=preview, settings=settings, callback=callback,
             device=device, dtype=dtype, embeddings=embeddings, embeddings_dir=embeddings_dir,
-            control=control,
+            control=control, refiner=refiner, refiner_start=refiner_start,
         )  # fmt: skip
     click.echo(f"wrote {info['num']} image(s) ({info['conditioning']}) to {out}")

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from .. import sampling
+from ..errors import UserError
 from ..io.embeddings import load_embeddings
 from ..io.lora import load_model_with_loras
-from ..io.model_folder import LoadedModel
+from ..io.model_folder import LoadedModel, load_diffusion_model
 from ..io.model_folder import model_dir as named_model_dir
 from .common import decode, describe_conditioning, make_sigmas, precision_context
 from .control import Control, ControlRequest, condition
+from .refine import generate_refined
 from .settings import SampleSettings
 
 
@@ -84,6 +86,8 @@ def generate_to_png(
     embeddings: Sequence[str] = (),
     embeddings_dir: str | Path | None = None,
     control: ControlRequest | None = None,
+    refiner: str | Path | None = None,
+    refiner_start: float = 0.8,
     **overrides: Any,
 ) -> dict:
     """Generate, write a grid PNG whose text chunks hold the prompt and the resolved settings
@@ -94,7 +98,9 @@ def generate_to_png(
     textual-inversion files (`io.embeddings.load_embeddings`; the model's embeddings/ folder
     by default). control: ControlNets and control images, recorded as JSON in the
     "controlnets" chunk (names, hashes, scales; the images are not stored, so --from-png
-    does not bring them back). overrides: as for `generate`."""
+    does not bring them back). refiner: an SDXL refiner folder that takes over at
+    `refiner_start` of the schedule (`refine.generate_refined`), recorded in the PNG (not read
+    back by --from-png). overrides: as for `generate`."""
     import json
 
     from ..io.images import save_grid
@@ -117,13 +123,23 @@ def generate_to_png(
 
     steps_cb = each_step if preview or callback is not None else None
     controls, records = control.build(model) if control is not None else ([], [])
-    images = generate(model, s, **cond_kwargs, callback=steps_cb, controls=controls)
+    if refiner is None:
+        images = generate(model, s, **cond_kwargs, callback=steps_cb, controls=controls)
+    else:
+
+        if controls or preview:
+            raise UserError("--refiner takes no --control and no --preview")
+        expert = load_diffusion_model(refiner, device=device, dtype=dtype)
+        images = generate_refined(model, expert, s, **cond_kwargs, refiner_start=refiner_start,
+                                  callback=steps_cb)  # fmt: skip
     meta = {
         "prompt": prompt or "", **s.to_png_meta(), "model": model.sha256,
         "model_path": "" if model_dir is None else str(named_model_dir(model_dir).resolve()),
     }  # fmt: skip
     if records:
         meta["controlnets"] = json.dumps(records)
+    if refiner is not None:
+        meta["refiner"] = json.dumps({"path": str(refiner), "start": refiner_start})
     save_grid(images, out, **meta)
     if preview:
         from ..io.images import save_gif
