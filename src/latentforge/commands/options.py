@@ -203,9 +203,9 @@ def sdxl_options(f: F) -> F:
     """SDXL's micro-conditioning (SampleSettings fields; other models refuse them): the sizes
     and crop the base is told about, and the refiner's aesthetic scores."""
     pairs = (
-        ("original-size", "W H", "the image size the model is told the picture had"),
-        ("crops-coords-top-left", "X Y", "the crop's top-left corner the model is told of"),
-        ("target-size", "W H", "the size the model is told to aim for"),
+        ("original-size", "H W", "the image size (height, width) the model is told of"),
+        ("crops-coords-top-left", "TOP LEFT", "the crop's top-left corner it is told of"),
+        ("target-size", "H W", "the size (height, width) it is told to aim for"),
     )
     for name, metavar, what in reversed(pairs):
         f = click.option(
