@@ -126,7 +126,6 @@ def generate_to_png(
     if refiner is None:
         images = generate(model, s, **cond_kwargs, callback=steps_cb, controls=controls)
     else:
-
         if controls or preview:
             raise UserError("--refiner takes no --control and no --preview")
         expert = load_diffusion_model(refiner, device=device, dtype=dtype)
