@@ -327,3 +327,33 @@ def test_eval_prompts_with_a_lora(native, loras, capsys):
     assert found[0] != found[1]
     assert cli.main([*argv, "--lora", "missing.safetensors"]) == 2
     assert capsys.readouterr().err.startswith("latentforge: error:")
+
+
+def test_an_lcm_lora_samples_as_diffusers_lcm_scheduler(native, reference_a, loras):
+    """LCM-LoRA's recipe (Luo et al. 2023): a LoRA on a plain SD model, sampled by the LCM
+    scheduler at guidance 1. Ours: --lora FILE, the `lcm` sampler and spacing; the same final
+    latents as diffusers' pipeline with LCMScheduler, from the same noise and step noise.
+    (The consistency boundary scalings diffusers applies are c_skip < 1e-8 at the LCM grid's
+    timesteps, so the plain model's x0 is the consistency output to well within 1e-4.)"""
+    import latentforge
+    from latentforge import sampling
+    from latentforge.pipelines.common import conditioning, make_sigmas
+
+    ours = latentforge.load(native, device="cpu", loras=[f"{loras['a']}:0.8"]).model
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    scheduler = reference_a.scheduler
+    reference_a.scheduler = diffusers.LCMScheduler.from_config(scheduler.config)
+    try:
+        want = reference_a(
+            "a red cat", num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
+            height=16, width=16, output_type="latent", generator=torch.Generator().manual_seed(9),
+        ).images  # fmt: skip
+    finally:
+        reference_a.scheduler = scheduler
+    sigmas = make_sigmas(ours, 4, "lcm")
+    denoiser, cond = conditioning(ours, 1, prompts=["a red cat"], guidance=1.0)
+    x = noise * (1 + float(sigmas[0]) ** 2) ** 0.5  # VP latents -> VE
+    got = sampling.sample("lcm", denoiser, x, sigmas, cond=cond,
+                          generator=torch.Generator().manual_seed(9))  # fmt: skip
+    assert _max_diff(got, want) <= 1e-4, _max_diff(got, want)
+    assert _max_diff(got, noise) > 0.1
