@@ -177,7 +177,10 @@ def seen_accuracy(model, per_prompt: int = 1) -> float:
     ]
 
 
-def demo(out: Path, steps: int = 150, images: int = 40, rank: int = 8, n: int = 50) -> dict:
+def demo(
+    out: Path, steps: int = 150, images: int = 40, rank: int = 8, n: int = 50, *,
+    target: str = "attn",
+) -> dict:  # fmt: skip
     """Train the hexagon LoRA into OUT/run and measure, before and after: the concept rate on n
     unseen hexagon prompts, and the accuracy on the 100 seen shapes prompts (one image each)."""
     from latentforge.io.lora import apply_loras, remove_loras
@@ -187,12 +190,13 @@ def demo(out: Path, steps: int = 150, images: int = 40, rank: int = 8, n: int = 
     out.mkdir(parents=True, exist_ok=True)
     data = hexagon_folder(out / "data", images)
     cfg = LoraTrainConfig(data=f"folder:{data}:64", out=str(out / "run"), rank=rank,
-                          max_steps=steps, batch_size=8, lr=2e-3, ckpt_every=50)  # fmt: skip
+                          max_steps=steps, batch_size=8, lr=2e-3, ckpt_every=50,
+                          lora_target=target)  # fmt: skip
     cpu, wall = time.process_time(), time.perf_counter()
     assert train_lora(cfg) == 0
     result = {"train_cpu_s": time.process_time() - cpu,
               "train_wall_s": time.perf_counter() - wall, "steps": steps, "images": images,
-              "rank": rank, "detector": detector_accuracy()}  # fmt: skip
+              "rank": rank, "target": target, "detector": detector_accuracy()}  # fmt: skip
     model = load_diffusion_model(None)
     result["concept_before"] = concept_rate(model, n)
     result["false_alarm_circles"] = concept_rate(model, n, word="circle")
@@ -260,8 +264,10 @@ def bench(rank: int = 32, repeats: int = 3, latent: int = 32) -> dict:
     return out
 
 
-if __name__ == "__main__":  # python tests/test_lora_demo.py OUT [STEPS IMAGES RANK] | bench
+if __name__ == "__main__":  # python tests/test_lora_demo.py OUT [STEPS IMAGES RANK] [conv] | bench
     if sys.argv[1] == "bench":
         print(json.dumps(bench(), indent=2))
     else:
-        print(json.dumps(demo(Path(sys.argv[1]), *map(int, sys.argv[2:])), indent=2))
+        args = sys.argv[2:]
+        target = args.pop() if args and args[-1] in ("attn", "conv") else "attn"
+        print(json.dumps(demo(Path(sys.argv[1]), *map(int, args), target=target), indent=2))
