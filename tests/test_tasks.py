@@ -447,9 +447,11 @@ print(code, int(hwm.split()[1]) * 1024)
 
 def test_upscale_peak_memory_does_not_grow_with_the_image(tmp_path):
     """x4 upscales of 128 and 256 px inputs with the embedded upscaler, each in its own process:
-    the 256 px one (4x the tiles, a 1024 px result) peaks within 64 MB of the 128 px one and
+    the 256 px one (4x the tiles, a 1024 px result) peaks within 128 MB of the 128 px one and
     under 1 GiB (468 MB both on an AVX-512 AMD EPYC, 2 threads; the 1000 px upscale that was
-    killed at 21 GB now peaks at 2.0 GB, most of it the result and its blend weights)."""
+    killed at 21 GB now peaks at 2.0 GB, most of it the result and its blend weights). The
+    margin is the allocator's noise: the 128 px peak ranged 479-524 MB over runs, the 256 px
+    one 537-559 MB; an untiled 1024 px U-Net pass would add gigabytes."""
     peaks = {}
     for side in (128, 256):
         folder = tmp_path / str(side)
@@ -461,5 +463,5 @@ def test_upscale_peak_memory_does_not_grow_with_the_image(tmp_path):
         with Image.open(folder / "out.png") as im:
             assert im.size == (4 * side, 4 * side)
         peaks[side] = int(peak)
-    assert peaks[256] < peaks[128] + 64 * 2**20, peaks
+    assert peaks[256] < peaks[128] + 128 * 2**20, peaks
     assert peaks[256] < 2**30, peaks
